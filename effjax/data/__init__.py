@@ -1,0 +1,1 @@
+"""Datasets (TFDS builders, no TensorFlow), tokenizers and grain input pipelines."""

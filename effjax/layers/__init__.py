@@ -1,0 +1,1 @@
+"""Flax Linen layers: the linear family, attention, MLP, norms and embeddings."""

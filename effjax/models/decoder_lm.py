@@ -1,0 +1,82 @@
+"""Decoder-only transformer LM: embed -> N x (RMSNorm, GQA+RoPE, RMSNorm, SwiGLU) -> RMSNorm -> head.
+
+Shapes in names: B batch, L length, D d_model, V vocab.
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from effjax.config import ModelConfig
+from effjax.layers.attention import Attention
+from effjax.layers.embeddings import Embed
+from effjax.layers.mlp import SwiGLU
+from effjax.layers.norms import RMSNorm
+
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+class Block(nn.Module):
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BLD, segment_ids_BL, positions_BL):
+    cfg = self.config
+    dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+    h_BLD = RMSNorm(cfg.norm_eps, dtype, param_dtype, name="attn_norm")(x_BLD)
+    h_BLD = Attention(cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim, cfg.rope_theta,
+                      cfg.attention_impl, cfg.linear, cfg.init_std, dtype, param_dtype,
+                      name="attn")(h_BLD, segment_ids_BL, positions_BL)
+    x_BLD = nn.with_logical_constraint(x_BLD + h_BLD, ("batch", "length", "embed"))
+    h_BLD = RMSNorm(cfg.norm_eps, dtype, param_dtype, name="mlp_norm")(x_BLD)
+    h_BLD = SwiGLU(cfg.d_ff, cfg.linear, cfg.init_std, dtype, param_dtype, name="mlp")(h_BLD)
+    x_BLD = nn.with_logical_constraint(x_BLD + h_BLD, ("batch", "length", "embed"))
+    return x_BLD, None
+
+
+class DecoderLM(nn.Module):
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, tokens_BL, segment_ids_BL=None, positions_BL=None):
+    """Logits [B, L, V] in float32. Without segment ids, the whole row is one sequence."""
+    cfg = self.config
+    dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+    if segment_ids_BL is None:
+      segment_ids_BL = jnp.ones_like(tokens_BL)
+    if positions_BL is None:
+      positions_BL = jnp.broadcast_to(jnp.arange(tokens_BL.shape[1]), tokens_BL.shape)
+
+    embed = Embed(cfg.vocab_size, cfg.d_model, cfg.init_std, dtype, param_dtype, name="embed")
+    x_BLD = nn.with_logical_constraint(embed(tokens_BL), ("batch", "length", "embed"))
+
+    block = Block
+    if cfg.remat != "none":
+      block = nn.remat(block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+    if cfg.scan_layers:
+      stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+                      in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_layers,
+                      metadata_params={nn.PARTITION_NAME: "layers"})
+      x_BLD, _ = stack(cfg, name="layers")(x_BLD, segment_ids_BL, positions_BL)
+    else:
+      for i in range(cfg.num_layers):
+        x_BLD, _ = block(cfg, name=f"layers_{i}")(x_BLD, segment_ids_BL, positions_BL)
+
+    x_BLD = RMSNorm(cfg.norm_eps, dtype, param_dtype, name="final_norm")(x_BLD)
+    if cfg.tie_embeddings:
+      logits_BLV = embed.attend(x_BLD)
+    else:
+      init = nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std), ("embed", "vocab"))
+      head_DV = self.param("head", init, (cfg.d_model, cfg.vocab_size), param_dtype)
+      logits_BLV = jnp.einsum("bld,dv->blv", x_BLD.astype(jnp.float32),
+                              head_DV.astype(jnp.float32))
+    return nn.with_logical_constraint(logits_BLV, ("batch", "length", "vocab"))
+
+
+def count_params(params) -> int:
+  return sum(x.size for x in jax.tree.leaves(params))

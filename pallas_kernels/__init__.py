@@ -1,0 +1,1 @@
+"""Pallas kernels for effjax's hot paths (attention, grouped matmul); each with a jnp reference."""

@@ -1,0 +1,134 @@
+import dataclasses
+import glob
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from effjax.train.checkpoint import CORRUPT_DIR, Checkpointer
+from effjax.train.loop import NonFiniteLossError, train_and_evaluate
+from effjax.train.metrics import read_metrics
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _with(cfg, **train):
+  return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **train))
+
+
+def _losses(workdir):
+  metrics = read_metrics(os.path.join(workdir, "metrics.jsonl"))
+  return {s: m["train_loss"] for s, m in sorted(metrics.items()) if "train_loss" in m}
+
+
+def test_stop_and_resume_reproduces_uninterrupted_losses_bit_exactly(test_config, tmp_path):
+  cfg = _with(test_config, num_steps=8, log_every=1, checkpoint_every=3)
+  straight = str(tmp_path / "straight")
+  train_and_evaluate(cfg, straight)
+  resumed = str(tmp_path / "resumed")
+  train_and_evaluate(cfg, resumed, should_stop=lambda step: step == 5)
+  assert max(_losses(resumed)) == 5
+  assert sorted(Checkpointer(os.path.join(resumed, "checkpoints")).all_steps()) == [3, 5]
+  train_and_evaluate(cfg, resumed)
+  assert _losses(resumed) == _losses(straight)  # exact float equality, data order included
+  final = read_metrics(os.path.join(resumed, "metrics.jsonl"))[8]
+  assert final["eval_loss"] == read_metrics(os.path.join(straight, "metrics.jsonl"))[8]["eval_loss"]
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_previous(test_config, tmp_path):
+  cfg = _with(test_config, num_steps=6, log_every=1, checkpoint_every=2, keep_checkpoints=3)
+  workdir = str(tmp_path / "run")
+  train_and_evaluate(cfg, workdir)
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  assert Checkpointer(ckpt_dir).all_steps() == [2, 4, 6]
+  # truncate every data file of the newest checkpoint's train state
+  files = [f for f in glob.glob(os.path.join(ckpt_dir, "6", "state", "**", "*"), recursive=True)
+           if os.path.isfile(f) and os.path.getsize(f) > 1000]
+  assert files
+  for f in files:
+    with open(f, "r+b") as fh:
+      fh.truncate(os.path.getsize(f) // 3)
+  expected = _losses(workdir)
+  train_and_evaluate(cfg, workdir)  # resumes from step 4 and redoes steps 5 and 6
+  moved = glob.glob(os.path.join(workdir, CORRUPT_DIR, "6.*"))
+  assert len(moved) == 1  # reported and kept, not deleted
+  metrics = read_metrics(os.path.join(workdir, "metrics.jsonl"))
+  assert _losses(workdir) == expected
+  assert Checkpointer(ckpt_dir).all_steps() == [2, 4, 6]
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    assert '{"step": 4, "event": "resumed"}' in f.read()
+  assert metrics[6]["train_loss"] == expected[6]
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(test_config, tmp_path):
+  workdir = str(tmp_path / "run")
+  good = _with(test_config, num_steps=8, log_every=1, checkpoint_every=4)
+  train_and_evaluate(good, workdir, should_stop=lambda step: step == 4)
+  ckpt = os.path.join(workdir, "checkpoints", "4")
+  before = {f: open(f, "rb").read() for f in glob.glob(os.path.join(ckpt, "**", "*"),
+                                                         recursive=True) if os.path.isfile(f)}
+  # An absurd learning rate overflows the weights, so a later loss is not finite.
+  exploding = dataclasses.replace(good, optim=dataclasses.replace(good.optim, learning_rate=1e38,
+                                                                  warmup_steps=0, grad_clip=0.0))
+  with pytest.raises(NonFiniteLossError, match=r"train_loss is (nan|inf) at step [5-8].*step 4"):
+    train_and_evaluate(exploding, workdir)
+  assert Checkpointer(os.path.join(workdir, "checkpoints")).all_steps() == [4]
+  after = {f: open(f, "rb").read() for f in before}
+  assert after == before
+
+
+def _launch(workdir, tfds_dir, *extra):
+  cmd = [sys.executable, "-m", "experiments.train", "--config=configs/lm.py:test",
+         f"--workdir={workdir}", f"--config.data.data_dir={tfds_dir}",
+         "--config.train.num_steps=40", "--config.train.log_every=1",
+         "--config.train.checkpoint_every=5", "--config.train.eval_every=0", *extra]
+  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+  return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_checkpoint(proc, workdir, step, timeout=120.0):
+  target = os.path.join(workdir, "checkpoints", str(step))
+  deadline = time.monotonic() + timeout
+  while not os.path.isdir(target):
+    if proc.poll() is not None:
+      raise AssertionError(f"training exited early ({proc.returncode}): {proc.stderr.read()}")
+    if time.monotonic() > deadline:
+      proc.kill()
+      raise AssertionError(f"no checkpoint {step} within {timeout}s")
+    time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_exits_cleanly_and_sigkill_resume_matches(tfds_dir, tmp_path):
+  straight = str(tmp_path / "straight")
+  proc = _launch(straight, tfds_dir)
+  assert proc.wait(timeout=300) == 0, proc.stderr.read()
+
+  drill = str(tmp_path / "drill")
+  proc = _launch(drill, tfds_dir)
+  try:
+    _wait_for_checkpoint(proc, drill, 5)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 0, proc.stderr.read()
+  finally:
+    proc.kill()
+  stopped_at = max(_losses(drill))
+  assert stopped_at < 40
+  assert os.path.isdir(os.path.join(drill, "checkpoints", str(stopped_at)))  # saved on SIGTERM
+
+  proc = _launch(drill, tfds_dir)  # resumes, then dies without warning
+  try:
+    _wait_for_checkpoint(proc, drill, (stopped_at // 5 + 2) * 5)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+  finally:
+    proc.kill()
+  proc = _launch(drill, tfds_dir)
+  assert proc.wait(timeout=300) == 0, proc.stderr.read()
+  assert _losses(drill) == _losses(straight)
+  np.testing.assert_equal(len(_losses(drill)), 40)
