@@ -18,6 +18,31 @@ import jax
 CORRUPT_DIR = "corrupt_checkpoints"
 
 
+class IncompatibleCheckpointError(ValueError):
+  """A readable checkpoint whose arrays do not match the current model and optimizer."""
+
+
+def _shapes_by_path(tree) -> dict[str, tuple[int, ...]]:
+  """'opt_state/1/0/mu/embed/embedding' -> shape, for dataclasses, dicts and orbax metadata."""
+  def part(key):
+    for attr in ("name", "key", "idx"):
+      if hasattr(key, attr):
+        return str(getattr(key, attr))
+    return str(key)
+  return {"/".join(part(k) for k in path): tuple(leaf.shape)
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _describe_mismatch(on_disk: dict, expected: dict, limit: int = 5) -> str:
+  missing = sorted(set(expected) - set(on_disk))[:limit]
+  extra = sorted(set(on_disk) - set(expected))[:limit]
+  reshaped = [f"{k}: {on_disk[k]} on disk vs {expected[k]} now"
+              for k in sorted(set(on_disk) & set(expected)) if on_disk[k] != expected[k]][:limit]
+  return "; ".join(f"{name}: {items}" for name, items in
+                   (("not in checkpoint", missing), ("only in checkpoint", extra),
+                    ("different shape", reshaped)) if items)
+
+
 class Checkpointer:
 
   def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
@@ -26,8 +51,10 @@ class Checkpointer:
     self.directory = os.path.abspath(directory)
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                            enable_async_checkpointing=async_save)
-    self._manager = ocp.CheckpointManager(self.directory, options=options,
-                                          item_names=("state", "data"))
+    self._manager = ocp.CheckpointManager(
+        self.directory, options=options,
+        item_handlers={"state": ocp.StandardCheckpointHandler(),
+                       "data": ocp.JsonCheckpointHandler()})
 
   def all_steps(self) -> list[int]:
     return sorted(self._manager.all_steps())
@@ -48,18 +75,40 @@ class Checkpointer:
     return restored["state"], restored["data"]
 
   def restore_latest(self, abstract_state):
-    """(step, state, data_state) from the newest readable checkpoint, or None if there is none."""
+    """(step, state, data_state) from the newest readable checkpoint, or None if there is none.
+
+    An unreadable checkpoint is moved aside and the previous one tried. A readable one whose
+    arrays do not match `abstract_state` (the config changed) raises IncompatibleCheckpointError
+    and is left exactly where it is.
+    """
     self.wait()
+    expected = _shapes_by_path(abstract_state)
     for step in reversed(self.all_steps()):
       try:
+        metadata = self._manager.item_metadata(step)["state"]
+        if metadata is None:
+          raise ValueError("no readable metadata for the train state")
+        on_disk = _shapes_by_path(metadata)
+      except Exception as e:  # orbax raises many kinds for damaged files
+        self._report_corrupt(step, e)
+        continue
+      if on_disk != expected:
+        raise IncompatibleCheckpointError(
+            f"the checkpoint at step {step} in {self.directory} does not match the current model "
+            f"and optimizer config ({_describe_mismatch(on_disk, expected)}). Use the config it "
+            "was written with, or a new --workdir.")
+      try:
         state, data_state = self.restore(step, abstract_state)
-      except Exception as e:  # orbax/tensorstore raise many kinds for damaged files
-        moved = self._move_aside(step)
-        logging.error("Checkpoint at step %d cannot be read (%s: %s). Moved it to %s; trying the "
-                      "previous checkpoint.", step, type(e).__name__, str(e)[:500], moved)
+      except Exception as e:  # damaged array data shows only when it is read
+        self._report_corrupt(step, e)
         continue
       return step, state, data_state
     return None
+
+  def _report_corrupt(self, step: int, error: Exception) -> None:
+    moved = self._move_aside(step)
+    logging.error("Checkpoint at step %d cannot be read (%s: %s). Moved it to %s; trying the "
+                  "previous checkpoint.", step, type(error).__name__, str(error)[:500], moved)
 
   def _move_aside(self, step: int) -> str:
     parent = os.path.dirname(self.directory)

@@ -154,9 +154,10 @@ def train_and_evaluate(cfg: ExperimentConfig, workdir: str, *, devices=None,
     for s, m in fetched:
       if not math.isfinite(float(m["train_loss"])):
         latest = checkpointer.latest_step()
+        kept = ("no checkpoint had been written" if latest is None else
+                f"the last checkpoint (step {latest}) was written before it and is untouched")
         raise NonFiniteLossError(
-            f"train_loss is {float(m['train_loss'])} at step {s}; training stopped. The last "
-            f"checkpoint (step {latest}) was written before it and is untouched.")
+            f"train_loss is {float(m['train_loss'])} at step {s}; training stopped and {kept}.")
     if not fetched:
       return {}
     elapsed = time.perf_counter() - interval_start

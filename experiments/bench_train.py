@@ -1,0 +1,148 @@
+"""Training throughput: the full loop vs a bare jitted step of the same model, side by side.
+
+  python -m experiments.bench_train                       # tiny and small, config shapes
+  python -m experiments.bench_train --variants=small --batch=4 --seq_len=256   # small on a CPU
+
+For each variant it times (a) the real loop, `train_and_evaluate` with evaluation off (data
+pipeline, host-to-device transfer, metric fetches, progress lines) over the last `--steps`
+steps of a 2 x `--steps` run, and (b) the bare compiled train step called `--steps` times on one
+resident batch after `--steps` warm-up calls. loop/bare > 1 is the loop's overhead. On a GPU it
+also prints model FLOPs utilisation against the device's dense bf16 peak.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+
+from configs import lm
+from effjax import config as config_lib
+from effjax.data import pipeline
+from effjax.models.decoder_lm import DecoderLM, count_params
+from effjax.parallel import build_mesh
+from effjax.train import step as step_lib
+from effjax.train.loop import train_and_evaluate
+from effjax.train.metrics import read_metrics
+
+_VARIANTS = flags.DEFINE_list("variants", ["tiny", "small"], "configs/lm.py variants to time.")
+_STEPS = flags.DEFINE_integer("steps", 20, "Timed steps (as many again are warm-up).")
+_BATCH = flags.DEFINE_integer("batch", 0, "Global batch size override (0: the config's).")
+_SEQ_LEN = flags.DEFINE_integer("seq_len", 0, "Sequence length override (0: the config's).")
+_DATA_DIR = flags.DEFINE_string("data_dir", "", "TFDS data dir (default: the TFDS default).")
+_OUT = flags.DEFINE_string("out", "", "Optional JSON file for the results.")
+
+# Dense bf16 peak FLOP/s by device kind, from the vendors' data sheets.
+PEAK_FLOPS = {"H100 80GB HBM3": 989e12, "NVIDIA H100 80GB HBM3": 989e12, "H100": 989e12,
+              "NVIDIA H200": 989e12, "H200": 989e12, "NVIDIA A100-SXM4-80GB": 312e12}
+
+
+def _peak_flops(device) -> float | None:
+  if device.platform != "gpu":
+    return None
+  kind = device.device_kind
+  for name, peak in PEAK_FLOPS.items():
+    if name in kind:
+      return peak
+  return None
+
+
+def train_flops_per_token(cfg: config_lib.ExperimentConfig, n_params: int) -> float:
+  """6 x (non-embedding params) + 12 x layers x heads x head_dim x seq_len (attention, PaLM)."""
+  m = cfg.model
+  embed = m.vocab_size * m.d_model * (1 if m.tie_embeddings else 2)
+  head_matmul = 6 * m.vocab_size * m.d_model  # the output projection runs even when tied
+  attention = 12 * m.num_layers * m.num_heads * m.resolved_head_dim * cfg.data.seq_len
+  return 6 * (n_params - embed) + head_matmul + attention
+
+
+def _config(variant: str) -> config_lib.ExperimentConfig:
+  c = lm.get_config(variant)
+  if _BATCH.value:
+    c.train.global_batch_size = _BATCH.value
+  if _SEQ_LEN.value:
+    c.data.seq_len = _SEQ_LEN.value
+  c.data.data_dir = _DATA_DIR.value
+  c.train.update(num_steps=2 * _STEPS.value, log_every=_STEPS.value, eval_every=0,
+                 checkpoint_every=0, async_checkpointing=False)
+  c.optim.warmup_steps = min(c.optim.warmup_steps, _STEPS.value)
+  return config_lib.from_config_dict(c)
+
+
+def time_bare_step(cfg: config_lib.ExperimentConfig) -> tuple[float, int]:
+  """(seconds per step, parameter count) of the compiled train step alone."""
+  mesh = build_mesh(cfg.mesh)
+  model = DecoderLM(cfg.model)
+  tx = step_lib.make_optimizer(cfg.optim, cfg.train.num_steps)
+  lr_fn = step_lib.learning_rate_fn(cfg.optim, cfg.train.num_steps)
+  state, shardings = step_lib.create_train_state(model, tx, mesh, cfg.train.seed,
+                                                 cfg.data.seq_len)
+  train_step, _ = step_lib.compile_steps(model, tx, lr_fn, mesh, state, shardings,
+                                         (cfg.train.global_batch_size, cfg.data.seq_len + 1))
+  batch = next(pipeline.train_batches(cfg.data, mesh, global_batch_size=cfg.train.global_batch_size,
+                                      seed=cfg.train.seed))  # real text, not zeros
+  for _ in range(_STEPS.value):
+    state, metrics = train_step(state, batch)
+  jax.block_until_ready((state, metrics))
+  start = time.perf_counter()
+  for _ in range(_STEPS.value):
+    state, metrics = train_step(state, batch)
+  jax.block_until_ready((state, metrics))
+  return (time.perf_counter() - start) / _STEPS.value, count_params(state.params)
+
+
+def time_loop(cfg: config_lib.ExperimentConfig) -> float:
+  """Seconds per step of the full loop over its last log interval (compilation excluded)."""
+  with tempfile.TemporaryDirectory() as workdir:
+    train_and_evaluate(cfg, workdir)
+    record = read_metrics(os.path.join(workdir, "metrics.jsonl"))[cfg.train.num_steps]
+  return record["step_time_sec"]
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)
+  device = jax.devices()[0]
+  peak = _peak_flops(device)
+  rows = []
+  for variant in _VARIANTS.value:
+    cfg = _config(variant)
+    bare, n_params = time_bare_step(cfg)
+    loop = time_loop(cfg)
+    tokens = cfg.train.global_batch_size * cfg.data.seq_len
+    flops = train_flops_per_token(cfg, n_params) * tokens
+    row = dict(variant=variant, params=n_params, batch=cfg.train.global_batch_size,
+               seq_len=cfg.data.seq_len, dtype=cfg.model.dtype, bare_step_s=bare,
+               bare_tokens_per_s=tokens / bare, loop_step_s=loop, loop_tokens_per_s=tokens / loop,
+               loop_over_bare=loop / bare, model_tflops_per_s=flops / bare / 1e12)
+    if peak:
+      row.update(mfu_bare=flops / bare / peak, mfu_loop=flops / loop / peak)
+    rows.append(row)
+
+  print(f"\ndevice: {jax.device_count()} x {device.device_kind} ({device.platform}), "
+        f"jax {jax.__version__}, {_STEPS.value} timed steps")
+  header = ["variant", "params", "batch x len", "dtype", "bare s/step", "bare tok/s",
+            "loop s/step", "loop tok/s", "loop/bare", "model TF/s"] + (
+                ["MFU bare", "MFU loop"] if peak else [])
+  print("| " + " | ".join(header) + " |")
+  print("|" + "---|" * len(header))
+  for r in rows:
+    cells = [r["variant"], f"{r['params'] / 1e6:.2f}M", f"{r['batch']} x {r['seq_len']}",
+             r["dtype"], f"{r['bare_step_s']:.4f}", f"{r['bare_tokens_per_s']:,.0f}",
+             f"{r['loop_step_s']:.4f}", f"{r['loop_tokens_per_s']:,.0f}",
+             f"{r['loop_over_bare']:.3f}", f"{r['model_tflops_per_s']:.3f}"]
+    if peak:
+      cells += [f"{r['mfu_bare']:.1%}", f"{r['mfu_loop']:.1%}"]
+    print("| " + " | ".join(cells) + " |")
+  if _OUT.value:
+    with open(_OUT.value, "w", encoding="utf-8") as f:
+      json.dump(dict(device=device.device_kind, jax=jax.__version__, rows=rows), f, indent=2)
+
+
+if __name__ == "__main__":
+  app.run(main)
