@@ -23,14 +23,30 @@ class _DropLibraryInfo(logging.logging.Filter):
     return record.levelno >= logging.WARNING or "/orbax/" not in record.pathname
 
 
+def parse_flags(argv):
+  """absl's parser, but a bad --config.* override ends with one line, not a traceback."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    raise SystemExit(f"{e}\nPass --helpfull to see all flags.") from None
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
+    while e.args and isinstance(e.args[0], BaseException):  # ml_collections nests a KeyError
+      e = e.args[0]
+    message = " ".join(str(e.args[0] if e.args else e).split())
+    raise SystemExit(f"config error: bad override: {message}") from None
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.INFO)
   logging.get_absl_handler().addFilter(_DropLibraryInfo())
-  cfg = config_lib.from_config_dict(_CONFIG.value)  # every check runs before any compilation
+  try:  # every config check runs here, before any data or compilation
+    cfg = config_lib.from_config_dict(_CONFIG.value)
+  except ValueError as e:
+    raise SystemExit(f"config error: {e}") from None
   train_and_evaluate(cfg, _WORKDIR.value)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

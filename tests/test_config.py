@@ -79,3 +79,22 @@ def test_dataclasses_are_frozen():
   cfg = config_lib.ExperimentConfig()
   with pytest.raises(dataclasses.FrozenInstanceError):
     cfg.model.d_model = 3  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--config.model.d_model=130", "config error: model.d_model=130 is not divisible"),
+    ("--config.model.d_modle=3", "d_modle"),
+])
+def test_command_line_rejects_bad_config_before_work(override, message, tmp_path):
+  import os
+  import subprocess
+  import sys
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  workdir = tmp_path / "run"
+  out = subprocess.run([sys.executable, "-m", "experiments.train", "--config=configs/lm.py:tiny",
+                        f"--workdir={workdir}", override], cwd=repo, capture_output=True,
+                       text=True, timeout=120, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert out.returncode != 0
+  assert message in out.stderr
+  assert "Traceback" not in out.stderr
+  assert not workdir.exists()  # nothing was started
