@@ -142,6 +142,9 @@ def train_and_evaluate(cfg: ExperimentConfig, workdir: str, *, devices=None,
       (tcfg.global_batch_size, cfg.data.seq_len + 1))
   _print_memory_analysis(train_step)
 
+  if start >= tcfg.num_steps:
+    logging.info("The checkpoint at step %d already completes train.num_steps=%d; nothing to "
+                 "do. Raise --config.train.num_steps to train further.", start, tcfg.num_steps)
   stop_flag = _StopFlag()
   previous_handler = signal.signal(signal.SIGTERM, stop_flag)
   last = {}

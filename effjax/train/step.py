@@ -80,7 +80,7 @@ def create_train_state(model, tx, mesh, seed: int, seq_len: int):
   return nn.meta.unbox(state), shardings
 
 
-def token_losses(model, params, batch):
+def token_losses(model, params, batch, rng=None):
   """Per-target cross-entropy [B, L] and the weights of the targets that count.
 
   A target counts when it continues the segment of its input token: the first token of a
@@ -90,15 +90,18 @@ def token_losses(model, params, batch):
   tokens, segments, positions = batch["tokens"], batch["segment_ids"], batch["positions"]
   inputs, targets = tokens[:, :-1], tokens[:, 1:]
   weights = ((segments[:, 1:] == segments[:, :-1]) & (segments[:, 1:] != 0)).astype(jnp.float32)
-  logits = model.apply({"params": params}, inputs, segments[:, :-1], positions[:, :-1])
+  rngs = {} if rng is None else {"noise": rng}  # for stochastic layers (router noise, gates)
+  logits = model.apply({"params": params}, inputs, segments[:, :-1], positions[:, :-1], rngs=rngs)
   nll = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
   return nll, weights, targets
 
 
 def make_train_step(model, tx, lr_fn):
   def train_step(state: TrainState, batch):
+    step_rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+
     def loss_fn(params):
-      nll, weights, _ = token_losses(model, params, batch)
+      nll, weights, _ = token_losses(model, params, batch, step_rng)
       return jnp.sum(nll * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
     loss, grads = jax.value_and_grad(loss_fn)(state.params)
