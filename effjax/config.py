@@ -9,8 +9,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
-ATTENTION_IMPLS = ("xla", "cudnn")
-LINEAR_KINDS = ("dense",)
+ATTENTION_IMPLS = ("xla", "cudnn", "pallas")
+LINEAR_KINDS = ("dense", "monarch")
+LINEAR_GROUPS = ("qkv", "attn_out", "mlp")  # projection groups that choose a kind
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 DTYPES = ("float32", "bfloat16")
 
@@ -30,11 +31,39 @@ def _positive(name: str, value: float) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class LinearConfig:
-  """Which linear layer the model's attention and MLP projections are built from."""
+  """Which linear layer the model's attention and MLP projections are built from.
+
+  `kind` applies to every projection group; `qkv` (attention query/key/value), `attn_out`
+  (attention output) and `mlp` (all three SwiGLU weights) override it per group ("" = use
+  `kind`). `nblocks` is the block count of Monarch layers (the paper uses 4).
+  """
   kind: str = "dense"
+  qkv: str = ""
+  attn_out: str = ""
+  mlp: str = ""
+  nblocks: int = 4
 
   def __post_init__(self):
     _one_of("model.linear.kind", self.kind, LINEAR_KINDS)
+    for group in LINEAR_GROUPS:
+      value = getattr(self, group)
+      if value:
+        _one_of(f"model.linear.{group}", value, LINEAR_KINDS)
+    _require(isinstance(self.nblocks, int) and self.nblocks >= 1,
+             f"model.linear.nblocks must be an integer >= 1, got {self.nblocks!r}")
+
+  def kind_for(self, group: str) -> str:
+    """The layer kind of projection group `group` (one of LINEAR_GROUPS)."""
+    _one_of("projection group", group, LINEAR_GROUPS)
+    return getattr(self, group) or self.kind
+
+  @property
+  def uses_monarch(self) -> bool:
+    return any(self.kind_for(g) == "monarch" for g in LINEAR_GROUPS)
+
+  def all_dense(self) -> "LinearConfig":
+    """The same config with every group dense (the model after reverse sparsification)."""
+    return dataclasses.replace(self, kind="dense", qkv="", attn_out="", mlp="")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +108,13 @@ class ModelConfig:
     _one_of("model.remat", self.remat, REMAT_POLICIES)
     _one_of("model.param_dtype", self.param_dtype, DTYPES)
     _one_of("model.dtype", self.dtype, DTYPES)
+    for group, shapes in self.projection_shapes().items():
+      if self.linear.kind_for(group) == "monarch":
+        narrowest = min(min(shape) for shape in shapes)
+        _require(self.linear.nblocks <= narrowest,
+                 f"model.linear.nblocks={self.linear.nblocks} is larger than the narrowest "
+                 f"{group!r} projection ({narrowest} wide; shapes {shapes}); Monarch needs "
+                 "at least one input and one output per block")
     if self.attention_impl == "cudnn":
       _require(self.dtype == "bfloat16",
                "model.attention_impl='cudnn' runs cuDNN flash attention, which needs "
@@ -87,6 +123,14 @@ class ModelConfig:
   @property
   def resolved_head_dim(self) -> int:
     return self.head_dim or self.d_model // self.num_heads
+
+  def projection_shapes(self) -> dict[str, list[tuple[int, int]]]:
+    """(in, out) of each projection of one layer, by projection group."""
+    d, h = self.d_model, self.resolved_head_dim
+    return {"qkv": [(d, self.num_heads * h), (d, self.num_kv_heads * h),
+                    (d, self.num_kv_heads * h)],
+            "attn_out": [(self.num_heads * h, d)],
+            "mlp": [(d, self.d_ff), (d, self.d_ff), (self.d_ff, d)]}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,6 +181,12 @@ class TrainConfig:
   checkpoint_every: int = 200  # also saves at the end; 0 saves only at the end
   keep_checkpoints: int = 3
   async_checkpointing: bool = True
+  # Reverse sparsification: after this many updates, multiply every Monarch layer out into a
+  # dense weight and continue dense (0 = never). See effjax/train/loop.py.
+  dense_from_step: int = 0
+  # Dense-to-sparse: a workdir (or its checkpoints/ dir) of a run with the same shapes; its
+  # latest params initialise this run, projected onto Monarch where this model uses Monarch.
+  init_from: str = ""
 
   def __post_init__(self):
     _positive("train.global_batch_size", self.global_batch_size)
@@ -145,6 +195,9 @@ class TrainConfig:
     _require(self.eval_every >= 0, f"train.eval_every must be >= 0, got {self.eval_every}")
     _require(self.checkpoint_every >= 0,
              f"train.checkpoint_every must be >= 0, got {self.checkpoint_every}")
+    _require(0 <= self.dense_from_step < self.num_steps,
+             f"train.dense_from_step must be in [0, train.num_steps={self.num_steps}) "
+             f"(0 = never), got {self.dense_from_step}")
     _require(self.keep_checkpoints >= 2,
              f"train.keep_checkpoints must be >= 2 so a corrupt latest checkpoint has a "
              f"fallback, got {self.keep_checkpoints}")
@@ -181,6 +234,9 @@ class ExperimentConfig:
       _require(self.model.vocab_size >= tokenizer.VOCAB_SIZE,
                f"model.vocab_size={self.model.vocab_size} is smaller than the byte tokenizer's "
                f"{tokenizer.VOCAB_SIZE} tokens")
+    _require(not self.train.dense_from_step or self.model.linear.uses_monarch,
+             f"train.dense_from_step={self.train.dense_from_step} converts Monarch layers to "
+             "dense, but model.linear uses no Monarch layer")
     _require(self.optim.warmup_steps < self.train.num_steps,
              f"optim.warmup_steps={self.optim.warmup_steps} exceeds train.num_steps="
              f"{self.train.num_steps}")

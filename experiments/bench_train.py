@@ -24,7 +24,7 @@ import jax
 from configs import lm
 from effjax import config as config_lib
 from effjax.data import pipeline
-from effjax.models.decoder_lm import DecoderLM, count_params
+from effjax.models.decoder_lm import DecoderLM, count_params, flops_per_token
 from effjax.parallel import build_mesh
 from effjax.train import step as step_lib
 from effjax.train.loop import train_and_evaluate
@@ -50,15 +50,6 @@ def _peak_flops(device) -> float | None:
     if name in kind:
       return peak
   return None
-
-
-def train_flops_per_token(cfg: config_lib.ExperimentConfig, n_params: int) -> float:
-  """6 x (non-embedding params) + 12 x layers x heads x head_dim x seq_len (attention, PaLM)."""
-  m = cfg.model
-  embed = m.vocab_size * m.d_model * (1 if m.tie_embeddings else 2)
-  head_matmul = 6 * m.vocab_size * m.d_model  # the output projection runs even when tied
-  attention = 12 * m.num_layers * m.num_heads * m.resolved_head_dim * cfg.data.seq_len
-  return 6 * (n_params - embed) + head_matmul + attention
 
 
 def _config(variant: str) -> config_lib.ExperimentConfig:
@@ -115,7 +106,7 @@ def main(argv):
     bare, n_params = time_bare_step(cfg)
     loop = time_loop(cfg)
     tokens = cfg.train.global_batch_size * cfg.data.seq_len
-    flops = train_flops_per_token(cfg, n_params) * tokens
+    flops = flops_per_token(cfg.model, cfg.data.seq_len)["train"] * tokens
     row = dict(variant=variant, params=n_params, batch=cfg.train.global_batch_size,
                seq_len=cfg.data.seq_len, dtype=cfg.model.dtype, bare_step_s=bare,
                bare_tokens_per_s=tokens / bare, loop_step_s=loop, loop_tokens_per_s=tokens / loop,

@@ -1,8 +1,13 @@
 """The linear factory: every attention and MLP projection in the model is built here.
 
-A projection is `[..., in] -> [..., features]` with a 2-D weight and logical names
-`(in_axis, out_axis)`. Later layer kinds (Monarch, SST, LoRA) register under a new
-`LinearConfig.kind` and are then selectable from config without touching the model.
+A projection is `[..., in] -> [..., features]`. Each call names its projection group (`qkv`,
+`attn_out` or `mlp`); `LinearConfig.kind_for(group)` picks the layer kind, so a kind is
+selectable per group from config without touching the model:
+
+  dense    DenseLinear: one [in, features] weight `kernel` with logical names (in_axis, out_axis).
+  monarch  MonarchLinear (effjax/layers/monarch.py): two block-diagonal factors `w1`, `w2`
+           with `config.nblocks` blocks; the block axis is named "blocks". Uses the paper's
+           uniform initialisation, not `init_std`.
 """
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from effjax.config import LinearConfig
+from effjax.layers.monarch import MonarchLinear
 
 
 class DenseLinear(nn.Module):
@@ -31,12 +37,14 @@ class DenseLinear(nn.Module):
     return jnp.einsum("...i,io->...o", x.astype(self.dtype), kernel.astype(self.dtype))
 
 
-_KINDS = {"dense": DenseLinear}
-
-
-def make_linear(config: LinearConfig, features: int, *, in_axis: str, out_axis: str, name: str,
-                init_std: float, dtype, param_dtype) -> nn.Module:
-  """The projection module of kind `config.kind` (validated in LinearConfig)."""
-  cls = _KINDS[config.kind]
-  return cls(features=features, in_axis=in_axis, out_axis=out_axis, init_std=init_std,
-             dtype=dtype, param_dtype=param_dtype, name=name)
+def make_linear(config: LinearConfig, features: int, *, group: str, in_axis: str,
+                out_axis: str, name: str, init_std: float, dtype, param_dtype) -> nn.Module:
+  """The projection module for projection group `group` (kinds validated in LinearConfig)."""
+  kind = config.kind_for(group)
+  if kind == "dense":
+    return DenseLinear(features=features, in_axis=in_axis, out_axis=out_axis,
+                       init_std=init_std, dtype=dtype, param_dtype=param_dtype, name=name)
+  if kind == "monarch":
+    return MonarchLinear(features=features, nblocks=config.nblocks, out_axis=out_axis,
+                         dtype=dtype, param_dtype=param_dtype, name=name)
+  raise ValueError(f"model.linear: no layer of kind {kind!r} for group {group!r}")

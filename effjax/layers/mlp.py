@@ -18,8 +18,9 @@ class SwiGLU(nn.Module):
   @nn.compact
   def __call__(self, x_BLD):
     def proj(features, in_axis, out_axis, name):
-      return make_linear(self.linear, features, in_axis=in_axis, out_axis=out_axis, name=name,
-                         init_std=self.init_std, dtype=self.dtype, param_dtype=self.param_dtype)
+      return make_linear(self.linear, features, group="mlp", in_axis=in_axis, out_axis=out_axis,
+                         name=name, init_std=self.init_std, dtype=self.dtype,
+                         param_dtype=self.param_dtype)
 
     gate_BLF = proj(self.d_ff, "embed", "mlp", "wi_gate")(x_BLD)
     up_BLF = proj(self.d_ff, "embed", "mlp", "wi_up")(x_BLD)

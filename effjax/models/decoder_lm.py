@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from effjax.config import ModelConfig
 from effjax.layers.attention import Attention
 from effjax.layers.embeddings import Embed
+from effjax.layers.monarch import monarch_param_count
 from effjax.layers.mlp import SwiGLU
 from effjax.layers.norms import RMSNorm
 
@@ -80,3 +81,28 @@ class DecoderLM(nn.Module):
 
 def count_params(params) -> int:
   return sum(x.size for x in jax.tree.leaves(params))
+
+
+def projection_macs_per_token(cfg: ModelConfig) -> int:
+  """Multiply-accumulates per token of all attention and MLP projections (= their weights)."""
+  total = 0
+  for group, shapes in cfg.projection_shapes().items():
+    for n_in, n_out in shapes:
+      if cfg.linear.kind_for(group) == "monarch":
+        total += monarch_param_count(n_in, n_out, cfg.linear.nblocks)
+      else:
+        total += n_in * n_out
+  return total * cfg.num_layers
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> dict[str, float]:
+  """Matmul FLOPs per token: forward, and training (3 x forward: backward costs two forwards).
+
+  Forward = 2 x (projection MACs + output head V x D) + attention 4 x L x N x H per layer
+  (scores and values over the full sequence, as in the PaLM formula). Norms, activations and
+  the softmax are left out.
+  """
+  head = cfg.vocab_size * cfg.d_model
+  attention = 4 * cfg.num_layers * seq_len * cfg.num_heads * cfg.resolved_head_dim
+  forward = 2 * (projection_macs_per_token(cfg) + head) + attention
+  return {"forward": float(forward), "train": 3.0 * forward}

@@ -28,6 +28,7 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("mlp", "tensor"),
     ("kv", None),
     ("expert", "expert"),
+    ("blocks", "tensor"),  # Monarch block axis (both factors)
     ("embed", "fsdp"),
     ("norm", None),
     ("layers", None),

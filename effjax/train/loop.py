@@ -4,6 +4,20 @@ Step numbering: step s is the s-th update. `train_loss` at step s is the loss of
 for that update; `eval_*` at step s is measured after s updates (step 0 = initialisation); the
 checkpoint at step s holds the state after s updates and the data iterator positioned for the
 next batch.
+
+Reverse sparsification (`train.dense_from_step = S > 0`): steps 1..S train the configured
+(Monarch) model. Right after update S every Monarch layer is multiplied out into its dense
+weight and training continues with all projections dense
+(`surgery.densify_train_state`: same function, step counts and unchanged params' moments kept,
+zero moments for the new dense kernels). Evaluation and the checkpoint at step S already see
+the dense model, so a checkpoint at step s holds the dense structure iff s >= S; resume picks
+its restore target by that rule. metrics.jsonl records at step S the training batch's loss
+before and after the conversion (`densify_loss_before` / `densify_loss_after`).
+
+Dense-to-sparse (`train.init_from = DIR`): a fresh run (no checkpoint in its own workdir)
+takes the params of DIR's latest checkpoint, written by a run of the same model with every
+projection dense, projects them onto this model's Monarch layers (`surgery.
+project_params_to_monarch`) and starts with fresh optimizer state and step 0.
 """
 from __future__ import annotations
 
@@ -22,10 +36,11 @@ import numpy as np
 from effjax import config as config_lib
 from effjax.config import ExperimentConfig
 from effjax.data import pipeline
-from effjax.models.decoder_lm import DecoderLM, count_params
+from effjax.models.decoder_lm import DecoderLM, count_params, flops_per_token
 from effjax.parallel import build_mesh
 from effjax.train import step as step_lib
-from effjax.train.checkpoint import Checkpointer
+from effjax.train import surgery
+from effjax.train.checkpoint import Checkpointer, IncompatibleCheckpointError
 from effjax.train.metrics import MetricsWriter
 
 
@@ -67,6 +82,13 @@ def _print_memory_analysis(compiled) -> None:
   logging.info("train step memory per device: %s", ", ".join(parts))
 
 
+def _describe_linear(model_cfg) -> str:
+  linear = model_cfg.linear
+  kinds = {g: linear.kind_for(g) for g in config_lib.LINEAR_GROUPS}
+  text = ", ".join(f"{g} {k}" for g, k in kinds.items())
+  return text + (f", nblocks {linear.nblocks}" if "monarch" in kinds.values() else "")
+
+
 def _write_config(workdir: str, cfg: ExperimentConfig, start_step: int) -> None:
   if jax.process_index() != 0:
     return
@@ -98,6 +120,51 @@ def evaluate(eval_step, params, cfg: ExperimentConfig, mesh) -> dict[str, float]
   return step_lib.eval_summary(jax.device_get(sums))
 
 
+def _restore_latest(checkpointer: Checkpointer, abstract_for_step: Callable[[int], object]):
+  """restore_latest with the target chosen by the checkpoint's step (structures differ across
+  the reverse-sparsification switch). When the newest checkpoint was unreadable and moved
+  aside, the next one may belong to the other phase, so the target is chosen again."""
+  while True:
+    latest = checkpointer.latest_step()
+    if latest is None:
+      return None
+    try:
+      return checkpointer.restore_latest(abstract_for_step(latest))
+    except IncompatibleCheckpointError:
+      if checkpointer.latest_step() == latest:
+        raise  # the newest readable checkpoint itself does not match
+
+
+def _init_from_dense(source: str, dense_model, model_abstract, model_shardings, tx, mesh,
+                     tcfg, seq_len: int):
+  """(params of this model projected from `source`'s latest checkpoint, its step, rel. error)."""
+  directory = os.path.join(source, "checkpoints")
+  if not os.path.isdir(directory):
+    directory = source
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"train.init_from={source!r}: no such directory")
+  source_ckpt = Checkpointer(directory, keep=tcfg.keep_checkpoints, async_save=False)
+  try:
+    step = source_ckpt.latest_step()
+    if step is None:
+      raise FileNotFoundError(f"train.init_from={source!r}: no checkpoint in {directory}")
+    dense_abstract, _ = step_lib.abstract_train_state(dense_model, tx, mesh, tcfg.seed, seq_len)
+    try:
+      dense_state, _ = source_ckpt.restore(step, dense_abstract)
+    except Exception as e:  # orbax reports structure mismatches in many ways
+      raise IncompatibleCheckpointError(
+          f"train.init_from={source!r}: the checkpoint at step {step} does not restore into "
+          f"this model with every projection dense ({type(e).__name__}: {str(e)[:300]})") from e
+  finally:
+    source_ckpt.close()
+  with step_lib.sharding_context(mesh):
+    params = jax.jit(surgery.project_params_to_monarch,
+                     out_shardings=model_shardings.params)(dense_state.params,
+                                                           model_abstract.params)
+    rel = float(jax.jit(surgery.projection_error)(dense_state.params, model_abstract.params))
+  return params, step, rel
+
+
 def train_and_evaluate(cfg: ExperimentConfig, workdir: str, *, devices=None,
                        should_stop: Callable[[int], bool] | None = None) -> dict[str, float]:
   """Trains `cfg` in `workdir`, resuming from its latest readable checkpoint.
@@ -109,23 +176,44 @@ def train_and_evaluate(cfg: ExperimentConfig, workdir: str, *, devices=None,
   os.makedirs(workdir, exist_ok=True)
   mesh = build_mesh(cfg.mesh, devices)
   pipeline.per_process_batch_size(tcfg.global_batch_size, mesh)  # fail early on a bad batch
-  model = DecoderLM(cfg.model)
   lr_fn = step_lib.learning_rate_fn(cfg.optim, tcfg.num_steps)
   tx = step_lib.make_optimizer(cfg.optim, tcfg.num_steps)
   logging.info("mesh %s over %d devices (%s)", dict(mesh.shape), mesh.size,
                jax.devices()[0].device_kind)
+  switch = tcfg.dense_from_step
+  dense_model_cfg = dataclasses.replace(cfg.model, linear=cfg.model.linear.all_dense())
+  phases = {}  # dense? -> (model config, model, abstract state, shardings)
+
+  def phase(dense: bool):
+    if dense not in phases:
+      model_cfg = dense_model_cfg if dense else cfg.model
+      model = DecoderLM(model_cfg)
+      abstract, shardings = step_lib.abstract_train_state(model, tx, mesh, tcfg.seed,
+                                                          cfg.data.seq_len)
+      phases[dense] = (model_cfg, model, abstract, shardings)
+    return phases[dense]
+
+  def dense_at(step: int) -> bool:
+    return bool(switch) and step >= switch
 
   train_iter = pipeline.train_batches(cfg.data, mesh, global_batch_size=tcfg.global_batch_size,
                                       seed=tcfg.seed)
   checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=tcfg.keep_checkpoints,
                               async_save=tcfg.async_checkpointing)
-  abstract, shardings = step_lib.abstract_train_state(model, tx, mesh, tcfg.seed,
-                                                      cfg.data.seq_len)
-  restored = checkpointer.restore_latest(abstract)
+  restored = _restore_latest(checkpointer, lambda s: phase(dense_at(s))[2])
   writer = MetricsWriter(workdir)
   if restored is None:
-    state, _ = step_lib.create_train_state(model, tx, mesh, tcfg.seed, cfg.data.seq_len)
     start = 0
+    _, model, abstract, shardings = phase(False)
+    state, _ = step_lib.create_train_state(model, tx, mesh, tcfg.seed, cfg.data.seq_len)
+    if tcfg.init_from:
+      params, source_step, rel = _init_from_dense(
+          tcfg.init_from, DecoderLM(dense_model_cfg), abstract, shardings, tx, mesh, tcfg,
+          cfg.data.seq_len)
+      state = state.replace(params=params)  # AdamW's fresh state does not depend on values
+      logging.info("Initialised from %s (step %d): dense weights projected onto Monarch with "
+                   "relative Frobenius error %.4f.", tcfg.init_from, source_step, rel)
+      writer.write(0, {"init_from_step": source_step, "projection_rel_error": rel})
   else:
     start, state, data_state = restored
     train_iter.set_state(data_state)
@@ -133,14 +221,24 @@ def train_and_evaluate(cfg: ExperimentConfig, workdir: str, *, devices=None,
     logging.info("Resumed from the checkpoint at step %d.", start)
   _write_config(workdir, cfg, start)
 
-  n_params = count_params(state.params)
   tokens_per_step = tcfg.global_batch_size * cfg.data.seq_len
-  logging.info("model: %s parameters; %d tokens per step; %d steps", f"{n_params:,}",
-               tokens_per_step, tcfg.num_steps)
-  train_step, eval_step = step_lib.compile_steps(
-      model, tx, lr_fn, mesh, abstract, shardings,
-      (tcfg.global_batch_size, cfg.data.seq_len + 1))
-  _print_memory_analysis(train_step)
+  batch_shape = (tcfg.global_batch_size, cfg.data.seq_len + 1)
+
+  def enter_phase(dense: bool, step: int, params):
+    """Compiles the phase's steps; prints and logs its parameter count and FLOPs per token."""
+    model_cfg, model, abstract, shardings = phase(dense)
+    n_params = count_params(params)
+    flops = flops_per_token(model_cfg, cfg.data.seq_len)
+    logging.info("model (%s): %s parameters; %.4g forward / %.4g training FLOPs per token; "
+                 "%d tokens per step; %d steps", _describe_linear(model_cfg), f"{n_params:,}",
+                 flops["forward"], flops["train"], tokens_per_step, tcfg.num_steps)
+    writer.write(step, {"params": n_params, "flops_per_token": flops["train"],
+                        "forward_flops_per_token": flops["forward"]})
+    compiled = step_lib.compile_steps(model, tx, lr_fn, mesh, abstract, shardings, batch_shape)
+    _print_memory_analysis(compiled[0])
+    return compiled
+
+  train_step, eval_step = enter_phase(dense_at(start), start, state.params)
 
   if start >= tcfg.num_steps:
     logging.info("The checkpoint at step %d already completes train.num_steps=%d; nothing to "
@@ -174,6 +272,21 @@ def train_and_evaluate(cfg: ExperimentConfig, workdir: str, *, devices=None,
     writer.write(step, metrics)
     return metrics
 
+  def densify(state, batch, monarch_eval_step):
+    _, _, dense_abstract, dense_shardings = phase(True)
+    with step_lib.sharding_context(mesh):
+      convert = jax.jit(lambda s: surgery.densify_train_state(s, dense_abstract.params, tx),
+                        out_shardings=dense_shardings)
+      dense_state = convert(state)
+    new_train_step, new_eval_step = enter_phase(True, switch, dense_state.params)
+    before = step_lib.eval_summary(jax.device_get(monarch_eval_step(state.params, batch)))
+    after = step_lib.eval_summary(jax.device_get(new_eval_step(dense_state.params, batch)))
+    logging.info("step %d: Monarch layers converted to dense; loss on this batch %.6f before, "
+                 "%.6f after", switch, before["eval_loss"], after["eval_loss"])
+    writer.write(switch, {"densify_loss_before": before["eval_loss"],
+                          "densify_loss_after": after["eval_loss"]})
+    return dense_state, new_train_step, new_eval_step
+
   def run_eval(step: int) -> None:
     t = time.perf_counter()
     result = evaluate(eval_step, state.params, cfg, mesh)
@@ -198,6 +311,10 @@ def train_and_evaluate(cfg: ExperimentConfig, workdir: str, *, devices=None,
       step += 1
       steps_since += 1
       pending.append((step, metrics))
+      if switch and step == switch:  # reverse sparsification: Monarch -> dense, same function
+        switch_start = time.perf_counter()
+        state, train_step, eval_step = densify(state, batch, eval_step)
+        t0 += time.perf_counter() - switch_start  # conversion and compilation are not step time
       final = step == tcfg.num_steps
       stop = stop_flag.requested or (should_stop is not None and should_stop(step))
       evaluate_now = tcfg.eval_every and (step % tcfg.eval_every == 0 or final)

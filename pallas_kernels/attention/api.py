@@ -1,0 +1,244 @@
+"""The public flash attention entry: validation, padding, implementation choice, custom_vjp.
+
+Any sequence length: the wrapper pads queries and keys with zeros up to block multiples, the
+kernels mask keys at or past the true kv length, and outputs are sliced back. Padded query
+rows compute finite values that are dropped; their output cotangents are zero, so they add
+nothing to dK/dV. The custom_vjp saves (q, k, v, segment ids, out, log-sum-exp); the backward
+re-pads with its own block sizes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.attention import common
+from pallas_kernels.attention import reference
+
+IMPLEMENTATIONS = ("reference", "gpu", "tpu")
+DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+# Defaults per kernel family; tests and the benchmark pass their own.
+GPU_BLOCK_SIZES = common.BlockSizes(block_q=128, block_k=64, block_q_bwd=64, block_k_bwd=64)
+TPU_BLOCK_SIZES = common.BlockSizes(block_q=128, block_k=128, block_q_bwd=128, block_k_bwd=128)
+GPU_MAX_HEAD_DIM = 256  # the Triton kernels keep [block, head_dim] tiles in registers
+
+
+def _round_up(x: int, m: int) -> int:
+  return -(-x // m) * m
+
+
+def _next_pow2(x: int) -> int:
+  return 1 << max(x - 1, 0).bit_length()
+
+
+@dataclasses.dataclass(frozen=True)
+class _Call:
+  """Everything static about one call: hashable, so it can parameterise jit and custom_vjp."""
+  problem: common.Problem
+  implementation: str
+  block_sizes: common.BlockSizes
+  interpret: Any
+
+
+def _blocks(impl: str, block: int, length: int) -> tuple[int, int]:
+  """(block, padded length) for one sequence axis."""
+  if impl == "gpu":
+    if block < 16 or block & (block - 1):
+      raise ValueError(f"GPU block sizes must be powers of two >= 16 (Triton tiles), got {block}")
+    block = min(block, max(16, _next_pow2(length)))
+  else:
+    if block % 8:
+      raise ValueError(f"TPU block sizes must be multiples of 8 (sublane tiles), got {block}")
+    block = min(block, _round_up(length, 8))
+  return block, _round_up(length, block)
+
+
+def _pad_axis(x, axis: int, size: int):
+  if x.shape[axis] == size:
+    return x
+  widths = [(0, 0)] * x.ndim
+  widths[axis] = (0, size - x.shape[axis])
+  return jnp.pad(x, widths)
+
+
+def _to_kernel_layout(c: _Call, x, length: int):
+  """[B, T, H, D] -> padded to `length` (and, for Triton, head_dim to a power of two);
+  [B, H, T, D] for the TPU kernels."""
+  d = x.shape[-1]
+  x = _pad_axis(_pad_axis(x, 1, length), 3, max(16, _next_pow2(d)) if c.implementation == "gpu"
+                else d)
+  return jnp.swapaxes(x, 1, 2) if c.implementation == "tpu" else x
+
+
+def _prepare(c: _Call, q, k, v, seg, fwd: bool):
+  """Inputs in the kernels' layout, and the (block_q, block_k) to run them with."""
+  bq, bk = (c.block_sizes.block_q, c.block_sizes.block_k) if fwd else c.block_sizes.bwd
+  bq, tq = _blocks(c.implementation, bq, q.shape[1])
+  bk, tk = _blocks(c.implementation, bk, k.shape[1])
+  q = _to_kernel_layout(c, q, tq)
+  k, v = _to_kernel_layout(c, k, tk), _to_kernel_layout(c, v, tk)
+  q_seg = k_seg = None
+  if seg is not None:  # padded positions get any id: padded keys are masked by position
+    q_seg, k_seg = _pad_axis(seg, 1, tq), _pad_axis(seg, 1, tk)
+    if c.implementation == "tpu":
+      q_seg, k_seg = q_seg[:, :, None], k_seg[:, None, :]
+  return q, k, v, q_seg, k_seg, bq, bk
+
+
+def _problem_for(c: _Call, kv_padded_len: int) -> common.Problem:
+  return dataclasses.replace(c.problem, kv_padded=kv_padded_len != c.problem.kv_len)
+
+
+def _unprepare(c: _Call, x, length: int, d: int):
+  if c.implementation == "tpu":
+    x = jnp.swapaxes(x, 1, 2)
+  return x[:, :length, :, :d]
+
+
+def _kernels(impl: str):
+  if impl == "gpu":
+    from pallas_kernels.attention import gpu  # pylint: disable=g-import-not-at-top
+    return gpu
+  from pallas_kernels.attention import tpu  # pylint: disable=g-import-not-at-top
+  return tpu
+
+
+def _fwd_impl(c: _Call, q, k, v, seg):
+  qp, kp, vp, q_seg, k_seg, bq, bk = _prepare(c, q, k, v, seg, fwd=True)
+  s_axis = 2 if c.implementation == "tpu" else 1
+  p = _problem_for(c, kp.shape[s_axis])
+  out, lse = _kernels(c.implementation).forward(p, qp, kp, vp, q_seg, k_seg, block_q=bq,
+                                                block_k=bk, interpret=c.interpret)
+  return _unprepare(c, out, q.shape[1], q.shape[3]), lse
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _flash(c: _Call, q, k, v, seg):
+  return _fwd_impl(c, q, k, v, seg)[0]
+
+
+def _flash_fwd(c: _Call, q, k, v, seg):
+  out, lse = _fwd_impl(c, q, k, v, seg)
+  return out, (q, k, v, seg, out, lse)
+
+
+def _flash_bwd(c: _Call, residuals, dout):
+  q, k, v, seg, out, lse = residuals
+  qp, kp, vp, q_seg, k_seg, bq, bk = _prepare(c, q, k, v, seg, fwd=False)
+  # The backward may use other blocks than the forward: out and dout are padded to this
+  # query length, and lse (padded to the forward's) is cut or padded to it.
+  tq = qp.shape[2] if c.implementation == "tpu" else qp.shape[1]
+  outp, doutp = _to_kernel_layout(c, out, tq), _to_kernel_layout(c, dout, tq)
+  lse = _pad_axis(lse[:, :, :tq], 2, tq)
+  s_axis = 2 if c.implementation == "tpu" else 1
+  p = _problem_for(c, kp.shape[s_axis])
+  dq, dk, dv = _kernels(c.implementation).backward(p, qp, kp, vp, q_seg, k_seg, outp, lse,
+                                                   doutp, block_q=bq, block_k=bk,
+                                                   interpret=c.interpret)
+  d = q.shape[3]
+  return (_unprepare(c, dq, q.shape[1], d), _unprepare(c, dk, k.shape[1], d),
+          _unprepare(c, dv, k.shape[1], d), None)
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+_flash_jit = jax.jit(_flash, static_argnums=(0,))
+
+
+def _check(q, k, v, causal, sliding_window, logit_softcap, segment_ids):
+  if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+    raise ValueError(f"q, k, v must be [batch, seq, heads, head_dim]; got shapes {q.shape}, "
+                     f"{k.shape}, {v.shape}")
+  if k.shape != v.shape:
+    raise ValueError(f"k and v must have the same shape, got {k.shape} and {v.shape}")
+  b, t, n, d = q.shape
+  if k.shape[0] != b or k.shape[3] != d:
+    raise ValueError(f"q {q.shape} and k/v {k.shape} must agree on batch and head_dim")
+  if n % k.shape[2]:
+    raise ValueError(f"q has {n} heads, which is not a multiple of k/v's {k.shape[2]} heads; "
+                     "grouped-query attention shares each kv head by a whole number of query "
+                     "heads")
+  if not (q.dtype == k.dtype == v.dtype) or q.dtype not in DTYPES:
+    raise ValueError(f"q, k, v must share one dtype of float32/bfloat16/float16, got "
+                     f"{q.dtype}, {k.dtype}, {v.dtype}")
+  if sliding_window is not None and (not isinstance(sliding_window, int) or sliding_window < 1):
+    raise ValueError(f"sliding_window must be a positive int or None, got {sliding_window!r}")
+  if logit_softcap is not None and not logit_softcap > 0:
+    raise ValueError(f"logit_softcap must be > 0 or None, got {logit_softcap!r}")
+  if segment_ids is not None:
+    if segment_ids.shape != (b, t) or not jnp.issubdtype(segment_ids.dtype, jnp.integer):
+      raise ValueError(f"segment_ids must be integers of shape [batch, seq] = {(b, t)}, got "
+                       f"{segment_ids.dtype}{list(segment_ids.shape)}")
+    if k.shape[1] != t:
+      raise NotImplementedError(
+          f"segment_ids with different query ({t}) and key ({k.shape[1]}) lengths: one "
+          "[batch, seq] array labels both, so the lengths must match")
+  del causal
+
+
+def default_implementation(interpret: Any = False) -> str:
+  """gpu / tpu kernels on their platforms; elsewhere the reference, or under interpret mode
+  the kernel family the interpret argument asks for (TPU params select the TPU kernel)."""
+  platform = jax.default_backend()
+  if platform in ("gpu", "cuda", "rocm"):
+    return "gpu"
+  if platform == "tpu":
+    return "tpu"
+  if interpret is False or interpret is None:
+    return "reference"
+  return "gpu" if interpret is True else "tpu"
+
+
+def flash_attention(q, k, v, *, causal: bool = False, sliding_window: int | None = None,
+                    logit_softcap: float | None = None, segment_ids=None,
+                    sm_scale: float | None = None,
+                    block_sizes: common.BlockSizes | None = None,
+                    implementation: str | None = None, interpret: Any = False):
+  """Memory-efficient attention on [batch, seq, heads, head_dim] arrays, with gradients.
+
+  Args:
+    q: [B, T, N, D] queries.
+    k, v: [B, S, K, D] keys and values; N must be a multiple of K (grouped-query attention:
+      query head n uses kv head n // (N // K)).
+    causal: query i sees keys j <= i.
+    sliding_window: w; causal: i - w < j <= i; not causal: |i - j| < w.
+    logit_softcap: cap; logits become cap * tanh(logits / cap) after scaling.
+    segment_ids: [B, T] integers (needs S == T); tokens attend only within their segment. A
+      query that sees no key at all outputs zeros.
+    sm_scale: logit scale, default D ** -0.5.
+    block_sizes: tiles (see common.BlockSizes); defaults per implementation.
+    implementation: "reference" (pure jnp, differentiated by JAX), "gpu" (Triton-style
+      Pallas) or "tpu" (Mosaic Pallas); None picks by platform (see default_implementation).
+    interpret: run the Pallas kernels in an interpreter (True: the generic one; a
+      `pltpu.InterpretParams`: the TPU simulator).
+
+  Returns:
+    [B, T, N, D] in q's dtype (softmax statistics in float32).
+  """
+  _check(q, k, v, causal, sliding_window, logit_softcap, segment_ids)
+  impl = implementation or default_implementation(interpret)
+  if impl not in IMPLEMENTATIONS:
+    raise ValueError(f"implementation={impl!r} is not one of {list(IMPLEMENTATIONS)} or None")
+  if sm_scale is None:
+    sm_scale = q.shape[-1] ** -0.5
+  if 0 in q.shape or 0 in k.shape:  # nothing to attend to (or with): rows of zeros, no kernel
+    return jnp.zeros_like(q)
+  if impl == "reference":
+    return reference.attention_reference(q, k, v, causal=causal, sliding_window=sliding_window,
+                                         logit_softcap=logit_softcap,
+                                         segment_ids_BT=segment_ids, sm_scale=sm_scale)
+  if impl == "gpu" and q.shape[-1] > GPU_MAX_HEAD_DIM:
+    raise NotImplementedError(f"implementation='gpu' with head_dim={q.shape[-1]} > "
+                              f"{GPU_MAX_HEAD_DIM}")
+  if block_sizes is None:
+    block_sizes = GPU_BLOCK_SIZES if impl == "gpu" else TPU_BLOCK_SIZES
+  problem = common.Problem(
+      causal=bool(causal), sliding_window=sliding_window,
+      logit_softcap=None if logit_softcap is None else float(logit_softcap),
+      sm_scale=float(sm_scale), q_len=q.shape[1], kv_len=k.shape[1], kv_padded=False,
+      has_segments=segment_ids is not None, groups=q.shape[2] // k.shape[2])
+  call = _Call(problem, impl, block_sizes, interpret)
+  seg = None if segment_ids is None else segment_ids.astype(jnp.int32)
+  return _flash_jit(call, q, k, v, seg)

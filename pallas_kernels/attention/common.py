@@ -1,0 +1,157 @@
+"""What the GPU and TPU kernels share: block sizes, the static problem, per-block math.
+
+The per-block functions take plain arrays, so the same lines run inside a Triton-style kernel,
+a Mosaic TPU kernel, and their interpreters; only how blocks reach them differs.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from jax import lax
+import jax.numpy as jnp
+
+from pallas_kernels.attention import reference
+
+NT_DIMS = (((1,), (1,)), ((), ()))  # a @ b.T
+TN_DIMS = (((0,), (0,)), ((), ()))  # a.T @ b
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+  """Tiles along the query (block_q) and key (block_k) sequence axes.
+
+  The backward blocks default to the forward ones. Sequences shorter than a block use one
+  smaller block; longer ones are padded up to a block multiple (padded keys are masked).
+  """
+  block_q: int = 128
+  block_k: int = 64
+  block_q_bwd: int | None = None
+  block_k_bwd: int | None = None
+
+  def __post_init__(self):
+    for name in ("block_q", "block_k", "block_q_bwd", "block_k_bwd"):
+      value = getattr(self, name)
+      if value is not None and (not isinstance(value, int) or value < 1):
+        raise ValueError(f"BlockSizes.{name} must be a positive int, got {value!r}")
+
+  @property
+  def bwd(self) -> tuple[int, int]:
+    return self.block_q_bwd or self.block_q, self.block_k_bwd or self.block_k
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+  """Static description of one attention call (hashable: it parameterises the kernels)."""
+  causal: bool
+  sliding_window: int | None
+  logit_softcap: float | None
+  sm_scale: float
+  q_len: int  # true lengths; arrays reaching a kernel are padded to block multiples
+  kv_len: int
+  kv_padded: bool  # whether keys past kv_len exist and must be masked
+  has_segments: bool
+  groups: int  # query heads per kv head
+
+  def logits(self, s):
+    return reference.softcap(s * self.sm_scale, self.logit_softcap)
+
+  def logits_grad(self, ds, capped):
+    """d(loss)/d(q.k) from d(loss)/d(capped logits): the tanh derivative, then the scale."""
+    if self.logit_softcap is not None:
+      t = capped / self.logit_softcap
+      ds = ds * (1.0 - t * t)
+    return ds * self.sm_scale
+
+  def mask(self, q_pos, k_pos, q_seg, k_seg):
+    return reference.visible(q_pos, k_pos, causal=self.causal,
+                             sliding_window=self.sliding_window, q_seg=q_seg, k_seg=k_seg,
+                             kv_len=self.kv_len if self.kv_padded else None)
+
+  def kv_block_range(self, q_block, block_q: int, block_k: int, num_k_blocks: int):
+    """[lo, hi) of the key blocks that can hold a key visible to query block q_block."""
+    first_q = q_block * block_q
+    last_q = first_q + (block_q - 1)
+    w = self.sliding_window
+    hi = jnp.int32(num_k_blocks)
+    if self.causal:
+      hi = jnp.minimum(hi, lax.div(last_q, jnp.int32(block_k)) + 1)
+    elif w is not None:
+      hi = jnp.minimum(hi, lax.div(last_q + (w - 1), jnp.int32(block_k)) + 1)
+    lo = jnp.int32(0)
+    if w is not None:
+      lo = lax.div(jnp.maximum(first_q - (w - 1), 0), jnp.int32(block_k))
+    return lo, hi
+
+  def q_block_range(self, k_block, block_q: int, block_k: int, num_q_blocks: int):
+    """[lo, hi) of the query blocks that can see a key of key block k_block."""
+    first_k = k_block * block_k
+    last_k = first_k + (block_k - 1)
+    w = self.sliding_window
+    lo = jnp.int32(0)
+    if self.causal:
+      lo = lax.div(first_k, jnp.int32(block_q))
+    elif w is not None:
+      lo = lax.div(jnp.maximum(first_k - (w - 1), 0), jnp.int32(block_q))
+    hi = jnp.int32(num_q_blocks)
+    if w is not None:
+      hi = jnp.minimum(hi, lax.div(last_k + (w - 1), jnp.int32(block_q)) + 1)
+    return lo, hi
+
+
+def _dot(a, b, dims, transpose_in_register: bool):
+  if transpose_in_register and dims == TN_DIMS:
+    return lax.dot(a.T, b, preferred_element_type=jnp.float32)
+  return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
+
+
+def fwd_block(p: Problem, q, k, v, q_pos, k_pos, q_seg, k_seg, acc, m, l):
+  """One online-softmax step over a key block. m, l are [bq, 1]; acc [bq, D] (float32)."""
+  s = p.logits(lax.dot_general(q, k, NT_DIMS, preferred_element_type=jnp.float32))
+  mask = p.mask(q_pos, k_pos, q_seg, k_seg)
+  if mask is not None:
+    s = jnp.where(mask, s, reference.MASK_VALUE)
+  m_new = jnp.maximum(m, s.max(axis=1, keepdims=True))
+  alpha = jnp.exp(m - m_new)
+  probs = jnp.exp(s - m_new)
+  if mask is not None:
+    probs = jnp.where(mask, probs, 0.0)  # an all-masked row keeps l == 0 instead of 1/bk
+  l_new = alpha * l + probs.sum(axis=1, keepdims=True)
+  acc_new = alpha * acc + lax.dot_general(probs.astype(v.dtype), v, (((1,), (0,)), ((), ())),
+                                          preferred_element_type=jnp.float32)
+  return acc_new, m_new, l_new
+
+
+def fwd_finish(acc, m, l):
+  """Output rows and log-sum-exp; a row that saw no key gives zeros (and a finite lse)."""
+  l_safe = jnp.where(l == 0.0, 1.0, l)
+  return acc / l_safe, m + jnp.log(l_safe)
+
+
+def bwd_block(p: Problem, q, k, v, do, lse, delta, q_pos, k_pos, q_seg, k_seg):
+  """Probabilities and d(q.k) for one (query block, key block) pair; lse, delta are [bq, 1]."""
+  s = p.logits(lax.dot_general(q, k, NT_DIMS, preferred_element_type=jnp.float32))
+  probs = jnp.exp(s - lse)
+  mask = p.mask(q_pos, k_pos, q_seg, k_seg)
+  if mask is not None:
+    probs = jnp.where(mask, probs, 0.0)
+  dp = lax.dot_general(do, v, NT_DIMS, preferred_element_type=jnp.float32)
+  ds = p.logits_grad(probs * (dp - delta), s)
+  return probs, ds
+
+
+def dkv_update(q, do, probs, ds, dk, dv, *, transpose_in_register: bool):
+  dv = dv + _dot(probs.astype(do.dtype), do, TN_DIMS, transpose_in_register)
+  dk = dk + _dot(ds.astype(q.dtype), q, TN_DIMS, transpose_in_register)
+  return dk, dv
+
+
+def dq_update(k, ds, dq):
+  return dq + lax.dot_general(ds.astype(k.dtype), k, (((1,), (0,)), ((), ())),
+                              preferred_element_type=jnp.float32)
+
+
+def positions(start, size: int, axis: int):
+  """Column (axis=0, [size, 1]) or row (axis=1, [1, size]) of positions start..start+size-1."""
+  shape = (size, 1) if axis == 0 else (1, size)
+  return start + lax.broadcasted_iota(jnp.int32, shape, axis)
+

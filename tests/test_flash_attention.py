@@ -1,0 +1,291 @@
+"""pallas_kernels.attention: the kernels (in interpreters) against the pure-jnp reference.
+
+GPU (Triton-style) kernels run under Pallas's generic interpreter, TPU (Mosaic) kernels under
+the TPU simulator with out-of-bounds reads raising; both also lower for their real platform.
+Errors are ||out - ref|| / ||ref|| against the reference evaluated in float32.
+"""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import compat
+from pallas_kernels.attention import BlockSizes, attention_reference, default_implementation
+from pallas_kernels.attention import flash_attention
+
+F32_TOL, BF16_TOL = 1e-3, 1e-2
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+  t: int  # query length
+  n: int  # query heads
+  k: int  # kv heads
+  d: int = 16
+  s: int | None = None  # key length (default t)
+  b: int = 2
+  causal: bool = False
+  window: int | None = None
+  softcap: float | None = None
+  segments: bool = False
+  dtype: str = "float32"
+  blocks: BlockSizes = BlockSizes(32, 32)
+
+  @property
+  def name(self):  # short test id, e.g. t77_n4k1_d16_causal_win10_seg_f32
+    parts = [f"t{self.t}" + (f"s{self.s}" if self.s else ""), f"n{self.n}k{self.k}",
+             f"d{self.d}", "causal" if self.causal else "",
+             f"win{self.window}" if self.window else "",
+             f"cap{self.softcap:g}" if self.softcap else "", "seg" if self.segments else "",
+             "f32" if self.dtype == "float32" else "bf16"]
+    return "_".join(p for p in parts if p)
+
+  @property
+  def kwargs(self):
+    return dict(causal=self.causal, sliding_window=self.window, logit_softcap=self.softcap)
+
+
+def _inputs(c: Case, seed=0):
+  keys = jax.random.split(jax.random.key(seed), 5)
+  s = c.s or c.t
+  dtype = jnp.dtype(c.dtype)
+  q = jax.random.normal(keys[0], (c.b, c.t, c.n, c.d), dtype)
+  k = jax.random.normal(keys[1], (c.b, s, c.k, c.d), dtype)
+  v = jax.random.normal(keys[2], (c.b, s, c.k, c.d), dtype)
+  seg = None
+  if c.segments:  # packed documents of random lengths, ids increasing along the sequence
+    starts = jax.random.bernoulli(keys[3], 0.1, (c.b, c.t)).at[:, 0].set(True)
+    seg = jnp.cumsum(starts, axis=1).astype(jnp.int32)
+  cot = jax.random.normal(keys[4], (c.b, c.t, c.n, c.d), jnp.float32)  # not all-ones: mixes rows
+  return q, k, v, seg, cot
+
+
+def _rel(x, ref):
+  x, ref = np.asarray(x, np.float32), np.asarray(ref, np.float32)
+  assert np.isfinite(x).all(), "non-finite values"
+  return float(np.linalg.norm(x - ref) / np.linalg.norm(ref))
+
+
+def _loss(fn, cot):
+  return lambda q, k, v: jnp.sum(fn(q, k, v).astype(jnp.float32) * cot)
+
+
+def _check_against_reference(c: Case, implementation, interpret):
+  q, k, v, seg, cot = _inputs(c)
+
+  def kernel(q, k, v):
+    return flash_attention(q, k, v, segment_ids=seg, block_sizes=c.blocks,
+                           implementation=implementation, interpret=interpret, **c.kwargs)
+
+  def ref(q, k, v):  # float32 reference, whatever the kernel's dtype
+    return attention_reference(q.astype(jnp.float32), k.astype(jnp.float32),
+                               v.astype(jnp.float32), segment_ids_BT=seg, **c.kwargs)
+
+  tol = F32_TOL if c.dtype == "float32" else BF16_TOL
+  out = kernel(q, k, v)
+  assert out.shape == q.shape and out.dtype == q.dtype
+  assert _rel(out, ref(q, k, v)) < tol
+  grads = jax.grad(_loss(kernel, cot), argnums=(0, 1, 2))(q, k, v)
+  ref_grads = jax.grad(_loss(ref, cot), argnums=(0, 1, 2))(q, k, v)
+  for name, g, r in zip("qkv", grads, ref_grads):
+    assert g.shape == r.shape and g.dtype == q.dtype, name
+    assert _rel(g, r) < tol, f"d{name}"
+  return out, grads
+
+
+# Sequence lengths on and off block multiples, GQA ratios 1/2/4/8, each feature, both dtypes.
+GPU_CASES = [
+    Case(t=64, n=2, k=2, d=32),                                              # blocks fit
+    Case(t=50, n=4, k=2, causal=True, blocks=BlockSizes(16, 16)),            # ragged, GQA 2
+    Case(t=77, n=4, k=1, causal=True, window=10, segments=True,              # GQA 4, bwd
+         blocks=BlockSizes(32, 16, block_q_bwd=16, block_k_bwd=32)),         # blocks differ
+    Case(t=100, n=8, k=1, window=13, softcap=5.0, blocks=BlockSizes(16, 32)),  # two-sided window
+    Case(t=45, n=2, k=1, segments=True, d=24),                               # head_dim 24 -> 32
+    Case(t=40, s=24, n=2, k=2, causal=True, window=6),                       # rows seeing nothing
+    Case(t=96, n=4, k=2, causal=True, segments=True, softcap=20.0, dtype="bfloat16"),
+    Case(t=70, n=8, k=2, window=20, dtype="bfloat16", blocks=BlockSizes(16, 32)),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("c", GPU_CASES, ids=lambda c: c.name)
+def test_gpu_kernel_interpreted_matches_reference(c):
+  _check_against_reference(c, "gpu", interpret=True)
+
+
+TPU_CASES = [
+    Case(t=72, b=1, n=4, k=2, causal=True, segments=True, blocks=BlockSizes(16, 32)),
+    Case(t=56, b=1, n=8, k=1, window=9, softcap=5.0, blocks=BlockSizes(16, 16, 32, 16)),
+    Case(t=48, b=1, n=4, k=4, causal=True, window=12, dtype="bfloat16",
+         blocks=BlockSizes(16, 16)),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("c", TPU_CASES, ids=lambda c: c.name)
+def test_tpu_kernel_in_tpu_simulator_matches_reference(c):
+  interpret = compat.tpu_interpret_params(out_of_bounds_reads="raise")
+  _check_against_reference(c, "tpu", interpret=interpret)
+
+
+# Parameter ids avoid the bare words "gpu"/"tpu": conftest skips tests carrying those keywords.
+@pytest.mark.slow
+@pytest.mark.parametrize("implementation", ["gpu", "tpu"], ids=["triton_style", "mosaic"])
+def test_query_rows_that_see_no_key_give_zeros_and_zero_gradients(implementation):
+  # Queries 29.. of 40 see no key: causal window 6 over 24 keys ends at key 23.
+  c = Case(t=40, s=24, b=1, n=2, k=1, causal=True, window=6, blocks=BlockSizes(16, 16))
+  interpret = True if implementation == "gpu" else compat.tpu_interpret_params()
+  out, (dq, _, _) = _check_against_reference(c, implementation, interpret)
+  assert float(jnp.abs(out[:, 29:]).max()) == 0.0
+  assert float(jnp.abs(dq[:, 29:]).max()) == 0.0
+  assert float(jnp.abs(out[:, :29]).min(axis=-1).max()) > 0.0
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_reference_window_semantics_match_jax_local_window(causal):
+  # Documented semantics: causal i - w < j <= i; otherwise |i - j| < w.
+  q, k, v, _, _ = _inputs(Case(t=24, n=4, k=2))
+  w = 5
+  ours = attention_reference(q, k, v, causal=causal, sliding_window=w)
+  theirs = jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="xla",
+                                        local_window_size=(w - 1, 0 if causal else w - 1))
+  assert _rel(ours, theirs) < 1e-5
+  wider = attention_reference(q, k, v, causal=causal, sliding_window=w + 1)
+  assert _rel(wider, theirs) > 1e-2  # the window size is visible in the output
+
+
+LOWER_CASES = [
+    dict(causal=True, segments=True, dtype="bfloat16"),
+    dict(window=64, softcap=30.0, dtype="float32"),
+]
+
+
+@pytest.mark.parametrize("platform", ["cuda", "tpu"], ids=["to_cuda", "to_tpu"])
+@pytest.mark.parametrize("features", LOWER_CASES, ids=["causal_seg_bf16", "win_cap_f32"])
+def test_kernels_lower_for_their_platform(platform, features):
+  c = Case(t=200, n=8, k=2, d=64, **features)  # 200: padded to the default blocks
+  q, k, v, seg, cot = _inputs(c)
+  implementation = "gpu" if platform == "cuda" else "tpu"
+
+  def fwd_bwd(q, k, v):
+    fn = lambda q, k, v: flash_attention(q, k, v, segment_ids=seg, implementation=implementation,
+                                         **c.kwargs)
+    return jax.value_and_grad(_loss(fn, cot), argnums=(0, 1, 2))(q, k, v)
+
+  lowered = jax.jit(fwd_bwd).trace(q, k, v).lower(lowering_platforms=(platform,))
+  text = lowered.as_text()
+  assert ("triton" in text.lower()) if platform == "cuda" else ("tpu_custom_call" in text)
+
+
+@pytest.mark.parametrize("implementation", ["reference", "gpu", "tpu"],
+                         ids=["reference", "triton_style", "mosaic"])
+def test_head_counts_that_do_not_divide_are_a_clear_error(implementation):
+  q = jnp.ones((1, 16, 6, 16))
+  kv = jnp.ones((1, 16, 4, 16))
+  with pytest.raises(ValueError, match="6 heads, which is not a multiple of k/v's 4"):
+    flash_attention(q, kv, kv, implementation=implementation, interpret=True)
+
+
+@pytest.mark.parametrize("t,s", [(0, 16), (16, 0), (0, 0)])
+def test_empty_sequences_give_empty_or_zero_outputs_and_gradients(t, s):
+  q = jnp.ones((2, t, 4, 16))
+  kv = jnp.ones((2, s, 2, 16))
+  fn = lambda q, k, v: flash_attention(q, k, v, causal=True, implementation="gpu",
+                                       interpret=True)
+  out = fn(q, kv, kv)
+  assert out.shape == q.shape and not bool(jnp.any(out))
+  grads = jax.grad(lambda *a: jnp.sum(fn(*a)), argnums=(0, 1, 2))(q, kv, kv)
+  assert [g.shape for g in grads] == [q.shape, kv.shape, kv.shape]
+
+
+def test_bad_arguments_are_clear_errors():
+  x = jnp.ones((1, 16, 2, 16))
+  with pytest.raises(ValueError, match="sliding_window"):
+    flash_attention(x, x, x, sliding_window=0)
+  with pytest.raises(ValueError, match="logit_softcap"):
+    flash_attention(x, x, x, logit_softcap=-1.0)
+  with pytest.raises(ValueError, match="dtype"):
+    flash_attention(x, x.astype(jnp.bfloat16), x)
+  with pytest.raises(ValueError, match="segment_ids"):
+    flash_attention(x, x, x, segment_ids=jnp.ones((1, 15), jnp.int32))
+  with pytest.raises(ValueError, match="powers of two"):
+    flash_attention(x, x, x, implementation="gpu", interpret=True,
+                    block_sizes=BlockSizes(24, 16))
+  with pytest.raises(ValueError, match="implementation"):
+    flash_attention(x, x, x, implementation="cuda")
+
+
+def test_unsupported_feature_combinations_raise_not_implemented():
+  q = jnp.ones((1, 16, 2, 16))
+  kv = jnp.ones((1, 24, 2, 16))
+  with pytest.raises(NotImplementedError, match="segment_ids with different query"):
+    flash_attention(q, kv, kv, segment_ids=jnp.ones((1, 16), jnp.int32), implementation="gpu",
+                    interpret=True)
+  big = jnp.ones((1, 16, 1, 512))
+  with pytest.raises(NotImplementedError, match="head_dim=512"):
+    flash_attention(big, big, big, implementation="gpu", interpret=True)
+
+
+def test_platform_selection_on_cpu():
+  if jax.default_backend() != "cpu":
+    pytest.skip("checks the CPU choice")
+  assert default_implementation() == "reference"
+  assert default_implementation(interpret=True) == "gpu"
+  assert default_implementation(interpret=compat.tpu_interpret_params()) == "tpu"
+  c = Case(t=33, n=2, k=1, causal=True)
+  q, k, v, _, _ = _inputs(c)
+  ref = attention_reference(q, k, v, causal=True)
+  assert _rel(flash_attention(q, k, v, causal=True), ref) < 1e-6
+  assert _rel(flash_attention(q, k, v, causal=True, interpret=True), ref) < F32_TOL
+
+
+@pytest.mark.slow
+def test_lm_with_pallas_attention_matches_xla_in_logits_and_gradients():
+  from effjax.config import ModelConfig  # pylint: disable=g-import-not-at-top
+  from effjax.models.decoder_lm import DecoderLM  # pylint: disable=g-import-not-at-top
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  cfg = ModelConfig(vocab_size=300, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                    d_ff=64)
+  tokens = jax.random.randint(jax.random.key(1), (2, 40), 0, 256)
+  segments = jnp.array([[1] * 15 + [2] * 25, [1] * 40])
+  positions = jnp.array([list(range(15)) + list(range(25)), list(range(40))])
+  params = nn.meta.unbox(DecoderLM(cfg).init(jax.random.key(0), tokens)["params"])
+  results = {}
+  for impl in ("xla", "pallas"):
+    model = DecoderLM(dataclasses.replace(cfg, attention_impl=impl))
+
+    def loss(params, model=model):
+      logits = model.apply({"params": params}, tokens, segments, positions)
+      return jnp.mean(jax.nn.logsumexp(logits, -1) - logits[..., 0]), logits
+
+    results[impl] = jax.grad(loss, has_aux=True)(params)
+  (g_xla, logits_xla), (g_pallas, logits_pallas) = results["xla"], results["pallas"]
+  assert _rel(logits_pallas, logits_xla) < 1e-5
+  for path, a, b in zip(jax.tree_util.tree_leaves_with_path(g_pallas),
+                        jax.tree.leaves(g_pallas), jax.tree.leaves(g_xla)):
+    assert _rel(a, b) < 1e-4, path[0]
+
+
+@pytest.mark.slow
+def test_lm_trains_with_pallas_attention_like_xla(test_config, tmp_path):
+  from effjax.train.loop import train_and_evaluate  # pylint: disable=g-import-not-at-top
+  from effjax.train.metrics import read_metrics  # pylint: disable=g-import-not-at-top
+  from effjax.config import MeshConfig  # pylint: disable=g-import-not-at-top
+  losses = {}
+  for impl in ("xla", "pallas"):
+    # batch over 4 devices, heads over 2: the kernel runs per shard (shard_map)
+    cfg = dataclasses.replace(
+        test_config, model=dataclasses.replace(test_config.model, attention_impl=impl),
+        train=dataclasses.replace(test_config.train, num_steps=4, log_every=1, eval_every=0,
+                                  checkpoint_every=0),
+        mesh=MeshConfig(data=4, tensor=2))
+    workdir = str(tmp_path / impl)
+    train_and_evaluate(cfg, workdir)
+    metrics = read_metrics(f"{workdir}/metrics.jsonl")
+    losses[impl] = np.array([m["train_loss"] for _, m in sorted(metrics.items())
+                             if "train_loss" in m])
+  assert len(losses["pallas"]) == 4 and np.isfinite(losses["pallas"]).all()
+  assert losses["pallas"][-1] < losses["pallas"][0]  # it learns
+  np.testing.assert_allclose(losses["pallas"], losses["xla"], rtol=1e-4)
