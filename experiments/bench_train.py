@@ -23,11 +23,8 @@ import jax
 
 from configs import lm
 from effjax import config as config_lib
-from effjax.data import pipeline
-from effjax.models.decoder_lm import DecoderLM, count_params, flops_per_token
-from effjax.parallel import build_mesh
-from effjax.train import step as step_lib
-from effjax.train.loop import train_and_evaluate
+from effjax.models.decoder_lm import count_params, flops_per_token
+from effjax.train.loop import compiled_step_on_one_batch, train_and_evaluate
 from effjax.train.metrics import read_metrics
 
 _VARIANTS = flags.DEFINE_list("variants", ["tiny", "small"], "configs/lm.py variants to time.")
@@ -67,16 +64,7 @@ def _config(variant: str) -> config_lib.ExperimentConfig:
 
 def time_bare_step(cfg: config_lib.ExperimentConfig) -> tuple[float, int]:
   """(seconds per step, parameter count) of the compiled train step alone."""
-  mesh = build_mesh(cfg.mesh)
-  model = DecoderLM(cfg.model)
-  tx = step_lib.make_optimizer(cfg.optim, cfg.train.num_steps)
-  lr_fn = step_lib.learning_rate_fn(cfg.optim, cfg.train.num_steps)
-  state, shardings = step_lib.create_train_state(model, tx, mesh, cfg.train.seed,
-                                                 cfg.data.seq_len)
-  train_step, _ = step_lib.compile_steps(model, tx, lr_fn, mesh, state, shardings,
-                                         (cfg.train.global_batch_size, cfg.data.seq_len + 1))
-  batch = next(pipeline.train_batches(cfg.data, mesh, global_batch_size=cfg.train.global_batch_size,
-                                      seed=cfg.train.seed))  # real text, not zeros
+  train_step, state, batch = compiled_step_on_one_batch(cfg)
   for _ in range(_STEPS.value):
     state, metrics = train_step(state, batch)
   jax.block_until_ready((state, metrics))

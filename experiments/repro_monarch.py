@@ -36,11 +36,7 @@ import jax
 from configs import lm
 from configs import monarch as monarch_configs
 from effjax import config as config_lib
-from effjax.data import pipeline
-from effjax.models.decoder_lm import DecoderLM
-from effjax.parallel import build_mesh
-from effjax.train import step as step_lib
-from effjax.train.loop import train_and_evaluate
+from effjax.train.loop import compiled_step_on_one_batch, train_and_evaluate
 from effjax.train.metrics import read_metrics
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A new directory; one subdirectory per variant.",
@@ -95,16 +91,7 @@ def variant_config(name: str, dense_workdir: str = ""):
 
 def bare_step_seconds(cfg) -> Callable[[], float]:
   """A timer: each call runs `--bare_steps` compiled train steps on one batch, returns s/step."""
-  mesh = build_mesh(cfg.mesh)
-  model = DecoderLM(cfg.model)
-  tx = step_lib.make_optimizer(cfg.optim, cfg.train.num_steps)
-  lr_fn = step_lib.learning_rate_fn(cfg.optim, cfg.train.num_steps)
-  state, shardings = step_lib.create_train_state(model, tx, mesh, cfg.train.seed,
-                                                 cfg.data.seq_len)
-  train_step, _ = step_lib.compile_steps(model, tx, lr_fn, mesh, state, shardings,
-                                         (cfg.train.global_batch_size, cfg.data.seq_len + 1))
-  batch = next(pipeline.train_batches(cfg.data, mesh, global_batch_size=cfg.train.global_batch_size,
-                                      seed=cfg.train.seed))
+  train_step, state, batch = compiled_step_on_one_batch(cfg)
   box = [jax.block_until_ready(train_step(state, batch))[0]]  # warm-up
 
   def timer() -> float:

@@ -31,7 +31,6 @@ from typing import Callable
 
 from absl import logging
 import jax
-import numpy as np
 
 from effjax import config as config_lib
 from effjax.config import ExperimentConfig
@@ -163,6 +162,21 @@ def _init_from_dense(source: str, dense_model, model_abstract, model_shardings, 
                                                            model_abstract.params)
     rel = float(jax.jit(surgery.projection_error)(dense_state.params, model_abstract.params))
   return params, step, rel
+
+
+def compiled_step_on_one_batch(cfg: ExperimentConfig):
+  """(compiled train step, fresh state, one real training batch) for timing the bare step."""
+  mesh = build_mesh(cfg.mesh)
+  model = DecoderLM(cfg.model)
+  tx = step_lib.make_optimizer(cfg.optim, cfg.train.num_steps)
+  lr_fn = step_lib.learning_rate_fn(cfg.optim, cfg.train.num_steps)
+  state, shardings = step_lib.create_train_state(model, tx, mesh, cfg.train.seed,
+                                                 cfg.data.seq_len)
+  train_step, _ = step_lib.compile_steps(model, tx, lr_fn, mesh, state, shardings,
+                                         (cfg.train.global_batch_size, cfg.data.seq_len + 1))
+  batch = next(pipeline.train_batches(cfg.data, mesh, global_batch_size=cfg.train.global_batch_size,
+                                      seed=cfg.train.seed))  # real text, not zeros
+  return train_step, state, batch
 
 
 def train_and_evaluate(cfg: ExperimentConfig, workdir: str, *, devices=None,
