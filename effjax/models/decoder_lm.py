@@ -24,9 +24,11 @@ REMAT_POLICIES = {
 
 class Block(nn.Module):
   config: ModelConfig
+  train: bool = False  # training behaviour (router noise, train capacity, state updates)
 
   @nn.compact
-  def __call__(self, x_BLD, segment_ids_BL, positions_BL):
+  def __call__(self, x_BLD, segment_ids_BL, positions_BL, step):
+    """`step`: int32 scalar, updates applied so far (for schedules inside layers)."""
     cfg = self.config
     dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
     h_BLD = RMSNorm(cfg.norm_eps, dtype, param_dtype, name="attn_norm")(x_BLD)
@@ -44,9 +46,15 @@ class DecoderLM(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, tokens_BL, segment_ids_BL=None, positions_BL=None):
-    """Logits [B, L, V] in float32. Without segment ids, the whole row is one sequence."""
+  def __call__(self, tokens_BL, segment_ids_BL=None, positions_BL=None, *, train: bool = False,
+               step=None):
+    """Logits [B, L, V] in float32. Without segment ids, the whole row is one sequence.
+
+    `train` switches on training-only behaviour; `step` (int32 scalar, default 0) is the number
+    of updates applied, for schedules inside layers.
+    """
     cfg = self.config
+    step = jnp.zeros((), jnp.int32) if step is None else jnp.asarray(step, jnp.int32)
     dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
     if segment_ids_BL is None:
       segment_ids_BL = jnp.ones_like(tokens_BL)
@@ -60,13 +68,15 @@ class DecoderLM(nn.Module):
     if cfg.remat != "none":
       block = nn.remat(block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
     if cfg.scan_layers:
-      stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                      in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_layers,
+      # every collection (params, model state, sown metrics) gets a leading layers axis
+      stack = nn.scan(block, variable_axes={True: 0}, split_rngs={"params": True, "noise": True},
+                      in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.num_layers,
                       metadata_params={nn.PARTITION_NAME: "layers"})
-      x_BLD, _ = stack(cfg, name="layers")(x_BLD, segment_ids_BL, positions_BL)
+      x_BLD, _ = stack(cfg, train, name="layers")(x_BLD, segment_ids_BL, positions_BL, step)
     else:
       for i in range(cfg.num_layers):
-        x_BLD, _ = block(cfg, name=f"layers_{i}")(x_BLD, segment_ids_BL, positions_BL)
+        x_BLD, _ = block(cfg, train, name=f"layers_{i}")(x_BLD, segment_ids_BL, positions_BL,
+                                                          step)
 
     x_BLD = RMSNorm(cfg.norm_eps, dtype, param_dtype, name="final_norm")(x_BLD)
     if cfg.tie_embeddings:

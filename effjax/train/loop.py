@@ -105,13 +105,13 @@ def _write_config(workdir: str, cfg: ExperimentConfig, start_step: int) -> None:
     json.dump(resolved, f, indent=2, sort_keys=True)
 
 
-def evaluate(eval_step, params, cfg: ExperimentConfig, mesh) -> dict[str, float]:
+def evaluate(eval_step, params, model_state, cfg: ExperimentConfig, mesh) -> dict[str, float]:
   batches = pipeline.eval_batches(cfg.data, mesh, global_batch_size=cfg.train.global_batch_size)
   sums = None
   for i, batch in enumerate(batches):
     if cfg.data.eval_batches and i >= cfg.data.eval_batches:
       break
-    out = eval_step(params, batch)
+    out = eval_step(params, model_state, batch)
     sums = out if sums is None else jax.tree.map(lambda a, b: a + b, sums, out)
   if sums is None:
     raise ValueError(f"evaluation split {cfg.data.eval_split!r} yields no full batch of "
@@ -276,7 +276,7 @@ def train_and_evaluate(cfg: ExperimentConfig, workdir: str, *, devices=None,
     if not fetched:
       return {}
     elapsed = time.perf_counter() - interval_start
-    metrics = {k: float(v) for k, v in fetched[-1][1].items()}
+    metrics = {k: float(v) if v.ndim == 0 else v.tolist() for k, v in fetched[-1][1].items()}
     metrics["tokens_per_sec"] = interval_steps * tokens_per_step / max(elapsed, 1e-9)
     metrics["step_time_sec"] = elapsed / max(interval_steps, 1)
     eta = (tcfg.num_steps - step) * metrics["step_time_sec"]
@@ -293,8 +293,8 @@ def train_and_evaluate(cfg: ExperimentConfig, workdir: str, *, devices=None,
                         out_shardings=dense_shardings)
       dense_state = convert(state)
     new_train_step, new_eval_step = enter_phase(True, switch, dense_state.params)
-    before = step_lib.eval_summary(jax.device_get(monarch_eval_step(state.params, batch)))
-    after = step_lib.eval_summary(jax.device_get(new_eval_step(dense_state.params, batch)))
+    before = step_lib.eval_summary(jax.device_get(monarch_eval_step(state.params, state.model_state, batch)))
+    after = step_lib.eval_summary(jax.device_get(new_eval_step(dense_state.params, dense_state.model_state, batch)))
     logging.info("step %d: Monarch layers converted to dense; loss on this batch %.6f before, "
                  "%.6f after", switch, before["eval_loss"], after["eval_loss"])
     writer.write(switch, {"densify_loss_before": before["eval_loss"],
@@ -303,7 +303,7 @@ def train_and_evaluate(cfg: ExperimentConfig, workdir: str, *, devices=None,
 
   def run_eval(step: int) -> None:
     t = time.perf_counter()
-    result = evaluate(eval_step, state.params, cfg, mesh)
+    result = evaluate(eval_step, state.params, state.model_state, cfg, mesh)
     logging.info("eval at step %d | loss %.4f | ppl %.2f | %.4f bits/byte | %.1fs", step,
                  result["eval_loss"], result["eval_perplexity"], result["eval_bpb"],
                  time.perf_counter() - t)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from typing import Any
 
@@ -16,12 +17,23 @@ from effjax.data import tokenizer
 from effjax.parallel import LOGICAL_RULES, logical_sharding
 
 
+# Collections a layer writes during apply and the step reads back, never stored in the state:
+#   "aux_loss"  scalars already multiplied by their weight; their sum is added to the loss
+#   "metrics"   scalars or small vectors, logged under "<module path>/<name>"
+TRANSIENT_COLLECTIONS = ("aux_loss", "metrics", "intermediates")
+
+
 @flax.struct.dataclass
 class TrainState:
   step: jax.Array  # number of updates applied
   params: Any
   opt_state: Any
   rng: jax.Array  # raw uint32[2] key; the step number is folded in each step
+  # Every non-param variable collection the model created at init (e.g. a router's selection
+  # bias, frozen low-rank bases), {} for most models. The optimizer never sees it; the train
+  # step passes it as mutable so a layer may update it outside the optimizer, and it is
+  # checkpointed with the rest of the state.
+  model_state: Any = dataclasses.field(default_factory=dict)
 
 
 def make_optimizer(config: OptimConfig, num_steps: int) -> optax.GradientTransformation:
@@ -52,12 +64,20 @@ def batch_sharding(mesh):
   return logical_sharding(mesh, ("batch", "length"))
 
 
+def split_variables(variables) -> tuple[Any, dict[str, Any]]:
+  """model.init's output -> (params, model_state without the transient collections)."""
+  model_state = {k: v for k, v in variables.items()
+                 if k != "params" and k not in TRANSIENT_COLLECTIONS}
+  return variables["params"], model_state
+
+
 def _state_init_fn(model, tx, seq_len: int):
   def init(rng):
     params_rng, state_rng = jax.random.split(rng)
-    params = model.init(params_rng, jnp.zeros((1, seq_len), jnp.int32))["params"]  # boxed
+    variables = model.init(params_rng, jnp.zeros((1, seq_len), jnp.int32))  # boxed
+    params, model_state = split_variables(variables)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      rng=jax.random.key_data(state_rng))
+                      rng=jax.random.key_data(state_rng), model_state=model_state)
   return init
 
 
@@ -80,8 +100,52 @@ def create_train_state(model, tx, mesh, seed: int, seq_len: int):
   return nn.meta.unbox(state), shardings
 
 
-def token_losses(model, params, batch, rng=None):
-  """Per-target cross-entropy [B, L] and the weights of the targets that count.
+@flax.struct.dataclass
+class ModelOutputs:
+  """What one apply returns besides the logits (see TRANSIENT_COLLECTIONS)."""
+  aux_loss: jax.Array  # scalar: the sum of every sown "aux_loss" value (0 when none)
+  metrics: dict[str, jax.Array]  # "<module path>/<name>" -> value
+  model_state: Any  # the model state after this apply (updated only when train=True)
+
+
+def _flatten_sown(collection) -> dict[str, jax.Array]:
+  """{"layers_0": {"moe": {"load": (x,)}}} -> {"layers_0/moe/load": x} (sow stores tuples)."""
+  flat = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(collection)[0]:
+    names = [str(getattr(k, "key", getattr(k, "name", ""))) for k in path
+             if not isinstance(k, jax.tree_util.SequenceKey)]
+    key = "/".join(names)
+    index = [k.idx for k in path if isinstance(k, jax.tree_util.SequenceKey)]
+    if index and index[-1] > 0:  # sown more than once (e.g. a module called twice)
+      key = f"{key}#{index[-1]}"
+    flat[key] = leaf
+  return flat
+
+
+def apply_model(model, params, model_state, inputs, segment_ids, positions, *, train: bool,
+                step=None, rng=None):
+  """(logits, ModelOutputs): the one place the LM is applied for training and evaluation.
+
+  `train` selects training behaviour (router noise, train capacity factors, state updates);
+  `step` (int32 scalar, the number of updates applied) feeds schedules inside the model.
+  """
+  rngs = {} if rng is None else {"noise": rng}  # for stochastic layers (router noise, gates)
+  step = jnp.zeros((), jnp.int32) if step is None else step
+  mutable = list(TRANSIENT_COLLECTIONS) + (list(model_state) if train else [])
+  logits, sown = model.apply({"params": params, **model_state}, inputs, segment_ids, positions,
+                             train=train, step=step, rngs=rngs, mutable=mutable)
+  aux_terms = jax.tree.leaves(sown.get("aux_loss", {}))
+  aux_loss = sum(aux_terms, jnp.zeros((), jnp.float32))
+  metrics = _flatten_sown(sown.get("metrics", {}))
+  if aux_terms:
+    metrics["aux_loss"] = aux_loss
+  new_state = {k: sown.get(k, v) for k, v in model_state.items()} if train else model_state
+  return logits, ModelOutputs(aux_loss=aux_loss, metrics=metrics, model_state=new_state)
+
+
+def token_losses(model, params, batch, rng=None, *, model_state=None, train=False, step=None):
+  """Per-target cross-entropy [B, L], the weights of the targets that count, the targets,
+  and the ModelOutputs.
 
   A target counts when it continues the segment of its input token: the first token of a
   packed document (its BOS) is not predicted from the previous document, and padding
@@ -90,10 +154,10 @@ def token_losses(model, params, batch, rng=None):
   tokens, segments, positions = batch["tokens"], batch["segment_ids"], batch["positions"]
   inputs, targets = tokens[:, :-1], tokens[:, 1:]
   weights = ((segments[:, 1:] == segments[:, :-1]) & (segments[:, 1:] != 0)).astype(jnp.float32)
-  rngs = {} if rng is None else {"noise": rng}  # for stochastic layers (router noise, gates)
-  logits = model.apply({"params": params}, inputs, segments[:, :-1], positions[:, :-1], rngs=rngs)
+  logits, outputs = apply_model(model, params, model_state or {}, inputs, segments[:, :-1],
+                                positions[:, :-1], train=train, step=step, rng=rng)
   nll = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
-  return nll, weights, targets
+  return nll, weights, targets, outputs
 
 
 def make_train_step(model, tx, lr_fn):
@@ -101,23 +165,28 @@ def make_train_step(model, tx, lr_fn):
     step_rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
 
     def loss_fn(params):
-      nll, weights, _ = token_losses(model, params, batch, step_rng)
-      return jnp.sum(nll * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+      nll, weights, _, outputs = token_losses(model, params, batch, step_rng, train=True,
+                                              model_state=state.model_state, step=state.step)
+      loss = jnp.sum(nll * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+      return loss + outputs.aux_loss, (loss, outputs)
 
-    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    (_, (loss, outputs)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    # train_loss is the cross-entropy alone, comparable across models; the auxiliary losses,
+    # when the model sows any, are optimised too and logged as aux_loss.
     metrics = {"train_loss": loss, "grad_norm": optax.tree.norm(grads),
-               "learning_rate": lr_fn(state.step)}
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+               "learning_rate": lr_fn(state.step), **outputs.metrics}
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                         model_state=outputs.model_state), metrics
 
   return train_step
 
 
 def make_eval_step(model):
-  def eval_step(params, batch):
+  def eval_step(params, model_state, batch):
     """Sums over the batch; divide after accumulating over the whole evaluation."""
-    nll, weights, targets = token_losses(model, params, batch)
+    nll, weights, targets, _ = token_losses(model, params, batch, model_state=model_state)
     return {"nll_sum": jnp.sum(nll * weights), "tokens": jnp.sum(weights),
             "bytes": jnp.sum(weights * (targets < tokenizer.BOS))}
 
@@ -141,6 +210,7 @@ def compile_steps(model, tx, lr_fn, mesh, state, state_shardings, batch_shape):
     train = jax.jit(make_train_step(model, tx, lr_fn),
                     in_shardings=(state_shardings, data), out_shardings=(state_shardings, None),
                     donate_argnums=0).lower(state, batch).compile()
-    evaluate = jax.jit(make_eval_step(model), in_shardings=(state_shardings.params, data)
-                       ).lower(state.params, batch).compile()
+    evaluate = jax.jit(make_eval_step(model),
+                       in_shardings=(state_shardings.params, state_shardings.model_state, data)
+                       ).lower(state.params, state.model_state, batch).compile()
   return train, evaluate
