@@ -5,7 +5,7 @@ Kernels import Pallas through here for the version-sensitive pieces only:
     than Mosaic GPU; in 0.11 the Triton backend still works but warns, at every lowering,
     that it is deprecated (filtered here, that message only).
   - Squeezed block dimensions (`pl.squeezed`, formerly `None`).
-  - TPU compiler params, VMEM scratch and interpret params.
+  - TPU compiler params, VMEM scratch, scalar-prefetch grid specs and interpret params.
 """
 from __future__ import annotations
 
@@ -53,3 +53,13 @@ def tpu_interpret_params(**kwargs):
   """The TPU simulator's params (e.g. out_of_bounds_reads="raise") for `interpret=`."""
   from jax.experimental.pallas import tpu as pltpu  # pylint: disable=g-import-not-at-top
   return pltpu.InterpretParams(**kwargs)
+
+
+def tpu_prefetch_scalar_grid_spec(*, num_scalar_prefetch: int, grid, in_specs, out_specs,
+                                  scratch_shapes=()):
+  """A grid spec whose first `num_scalar_prefetch` operands go to SMEM before the grid runs,
+  so index maps (called as `index_map(*grid_indices, *prefetch_refs)`) can read them."""
+  from jax.experimental.pallas import tpu as pltpu  # pylint: disable=g-import-not-at-top
+  return pltpu.PrefetchScalarGridSpec(num_scalar_prefetch=num_scalar_prefetch, grid=grid,
+                                      in_specs=in_specs, out_specs=out_specs,
+                                      scratch_shapes=scratch_shapes)

@@ -1,0 +1,382 @@
+"""Grouped matmul side by side: effjax's Pallas gmm vs jax.lax.ragged_dot vs a padded einsum.
+
+  python -m experiments.bench_gmm                           # on a GPU: correctness, then timing
+  python -m experiments.bench_gmm --out=gmm.json            # also records the rows as JSON
+  python -m experiments.bench_gmm --shapes=mixtral --tiles_fwd=128,64,256 --iters=50
+  python -m experiments.bench_gmm --preset=cpu              # 2-core CPU: a couple of minutes
+
+Per shape [m, k] x [G, k, n] and group-size distribution, each direction of the MoE expert
+matmul is timed on its own: forward (out = gmm(x, w)), input gradient (dx = gmm(dout, w.T)),
+weight gradient (dw = tgmm(x, dout), the ragged contraction over rows). Implementations:
+  effjax         pallas_kernels.grouped_matmul with its platform kernel (Triton-style on GPU);
+                 each direction with its own tiles (Tiling.fwd / dlhs / drhs).
+  effjax_ref     the same API's pure-jnp reference (a scan over groups); CPU preset only.
+  ragged_dot     raw jax.lax.ragged_dot; its gradients are JAX's own (jax.vjp w.r.t. one input,
+                 so only that direction's op is compiled).
+  padded_einsum  every group padded to the largest group's size: gather rows into
+                 [G, max, k], one batched einsum, gather back (capacity-style dispatch with
+                 capacity = max group size, so nothing is dropped); gradients by jax.vjp.
+The Pallas GPU kernels cannot run on a CPU (the interpreter's speed means nothing): the CPU
+preset times effjax_ref / ragged_dot / padded_einsum and marks effjax "n/a"; the correctness
+section still runs effjax's kernels there, in their interpreters.
+
+Timing: random normal inputs (--dtype; bf16 on GPU, float32 on the CPU preset), group sizes
+passed as a traced argument (one compilation per shape), --warmup calls after compilation,
+then the median of --iters individually timed calls, each ended by block_until_ready.
+TF/s counts the useful work 2 m k n (padding and masked work are not credited).
+Memory: the compiled program's temp allocation (memory_analysis().temp_size_in_bytes: what
+it needs beyond its inputs and outputs), in MiB.
+
+Shapes (rows m = tokens x top-k; k, n from the published configs; the dispatch is the up- or
+gate-projection unless named "down"):
+  mixtral          [8192, 4096] x [8, 4096, 14336]   Mixtral 8x7B (reference/moe.md anchor)
+  deepseek_v2_lite [24576, 2048] x [64, 2048, 1408]  DeepSeek-V2-Lite, 4096 tokens x top-6
+  deepseek_v2      [24576, 5120] x [160, 5120, 1536] DeepSeek-V2, 4096 tokens x top-6
+  deepseek_v3      [32768, 7168] x [256, 7168, 2048] DeepSeek-V3, 4096 tokens x top-8
+  deepseek_v3_down [32768, 2048] x [256, 2048, 7168] its down-projection (k = expert width)
+  small_k256       [16384, 256] x [64, 256, 4096]    small contraction
+  small_k1024      [16384, 1024] x [64, 1024, 4096]
+CPU preset: mixtral_tiny [2048, 256] x [8, 256, 896], deepseek_tiny [1024, 256] x
+[64, 256, 128], small_k_tiny [2048, 64] x [16, 64, 512] (float32; 5 timed calls).
+Distributions: balanced (m / G rows each, remainder spread) and skewed (a multinomial draw of
+m rows over G experts with Dirichlet(0.5) probabilities, seeded: a few hot experts, some
+nearly empty).
+"""
+from __future__ import annotations
+
+import functools
+import json
+import statistics
+import time
+from typing import Callable
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels import compat
+from pallas_kernels.grouped_matmul import GPU_TILING, Tiles, Tiling, gmm, tgmm
+
+GPU_SHAPES = {  # name: (m, k, n, G)
+    "mixtral": (8192, 4096, 14336, 8),
+    "deepseek_v2_lite": (24576, 2048, 1408, 64),
+    "deepseek_v2": (24576, 5120, 1536, 160),
+    "deepseek_v3": (32768, 7168, 2048, 256),
+    "deepseek_v3_down": (32768, 2048, 7168, 256),
+    "small_k256": (16384, 256, 4096, 64),
+    "small_k1024": (16384, 1024, 4096, 64),
+}
+CPU_SHAPES = {  # the same families, shrunk for two CPU cores
+    "mixtral_tiny": (2048, 256, 896, 8),
+    "deepseek_tiny": (1024, 256, 128, 64),
+    "small_k_tiny": (2048, 64, 512, 16),
+}
+DIRECTIONS = ("fwd", "dlhs", "drhs")
+
+_PRESET = flags.DEFINE_enum("preset", "gpu", ["gpu", "cpu"],
+                            "gpu: the published-size shapes; cpu: small shapes, no kernels timed.")
+_SHAPES = flags.DEFINE_list("shapes", [], "Shape names to run (default: all of the preset's).")
+_DISTRIBUTIONS = flags.DEFINE_list("distributions", ["balanced", "skewed"],
+                                   "Group-size distributions.")
+_IMPLS = flags.DEFINE_list("impls", [], "Implementations to time (default: the preset's).")
+_DTYPE = flags.DEFINE_enum("dtype", "", ["", "bfloat16", "float16", "float32"],
+                           "Operand dtype (default: bfloat16 for gpu, float32 for cpu).")
+_TILES = {d: flags.DEFINE_list(f"tiles_{d}", [], f"block_m,block_k,block_n for effjax's {d} "
+                               "(default: GPU_TILING)") for d in DIRECTIONS}
+_WARMUP = flags.DEFINE_integer("warmup", None, "Untimed calls after compilation (default: 3 "
+                                "for gpu, 1 for cpu).")
+_ITERS = flags.DEFINE_integer("iters", None, "Timed calls; the median is reported (default: "
+                              "20 for gpu, 5 for cpu).")
+_MOE_LAYER = flags.DEFINE_bool("moe_layer", False, "Also time whole MoE layers (fwd+bwd) per "
+                               "gmm implementation, from MOE_LAYER_BENCHMARKS.")
+_OUT = flags.DEFINE_string("out", "", "Optional JSON file for the results.")
+
+# Whole-MoE-layer rows. effjax/moe is written separately; when its dropless layer exists,
+# register a builder here: name -> fn(gmm_implementation: str, dtype) returning
+# (step_fn, args, flops) where step_fn(*args) runs the layer forward and backward. main()
+# times every registered builder for every gmm implementation with the same _time helper.
+MOE_LAYER_BENCHMARKS: dict[str, Callable] = {}
+
+
+# --------------------------------------------------------------------------- group sizes
+
+def group_sizes(m: int, num_groups: int, distribution: str, seed: int = 0) -> np.ndarray:
+  if distribution == "balanced":
+    return np.array([m // num_groups + (g < m % num_groups) for g in range(num_groups)],
+                    np.int32)
+  if distribution == "skewed":
+    rng = np.random.default_rng(seed)
+    return rng.multinomial(m, rng.dirichlet([0.5] * num_groups)).astype(np.int32)
+  raise ValueError(f"unknown distribution {distribution!r}")
+
+
+# ------------------------------------------------------------------------ implementations
+# Each takes the host group sizes and returns {direction: fn}, with one signature per
+# direction (ARGS): lhs [m, k], rhs [G, k, n], dout [m, n], gs [G]; the gradient directions
+# also receive the input being differentiated (VJP-based implementations need it).
+
+def _effjax_tiling() -> Tiling:
+  tiles = {}
+  for d in DIRECTIONS:
+    default = getattr(GPU_TILING, {"fwd": "fwd", "dlhs": "dlhs_tiles", "drhs": "drhs_tiles"}[d])
+    tiles[d] = Tiles(*map(int, _TILES[d].value)) if _TILES[d].value else default
+  return Tiling(fwd=tiles["fwd"], dlhs=tiles["dlhs"], drhs=tiles["drhs"])
+
+
+def _effjax(sizes, implementation=None, interpret=False):
+  del sizes
+  tiling = _effjax_tiling()
+  kw = dict(implementation=implementation, interpret=interpret)
+  return {
+      "fwd": lambda lhs, rhs, gs: gmm(lhs, rhs, gs, tiling=tiling, **kw),
+      # standalone gmm uses Tiling.fwd: give it the dlhs tiles
+      "dlhs": lambda dout, rhs, gs, lhs: gmm(dout, rhs, gs, transpose_rhs=True,
+                                             tiling=Tiling(fwd=tiling.dlhs_tiles), **kw),
+      "drhs": lambda lhs, dout, gs, rhs: tgmm(lhs, dout, gs, tiling=tiling, **kw),
+  }
+
+
+def _by_vjp(forward):
+  """Per-direction functions of forward(lhs, rhs, gs): its value and each input's VJP alone."""
+  def dlhs(dout, rhs, gs, lhs):
+    return jax.vjp(lambda x: forward(x, rhs, gs), lhs)[1](dout)[0]
+
+  def drhs(lhs, dout, gs, rhs):
+    return jax.vjp(lambda w: forward(lhs, w, gs), rhs)[1](dout)[0]
+  return {"fwd": forward, "dlhs": dlhs, "drhs": drhs}
+
+
+def _ragged_dot(sizes):
+  del sizes
+  return _by_vjp(lambda lhs, rhs, gs: jax.lax.ragged_dot(lhs, rhs, gs))
+
+
+def _padded_einsum(sizes):
+  """Capacity-style dispatch with capacity = the largest group (static, from host sizes)."""
+  m = int(sizes.sum())
+  capacity = max(int(sizes.max()), 1)
+  starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+  slot = np.arange(capacity)
+  # [G, capacity] row of lhs per slot, or m (a zero row) for padding slots
+  gather = np.where(slot[None] < sizes[:, None], starts[:, None] + slot[None], m)
+  group_of_row = np.repeat(np.arange(len(sizes)), sizes)
+  scatter = group_of_row * capacity + (np.arange(m) - starts[group_of_row])  # row -> slot
+  gather, scatter = jnp.asarray(gather, jnp.int32), jnp.asarray(scatter, jnp.int32)
+
+  def forward(lhs, rhs, gs):
+    del gs
+    x = jnp.concatenate([lhs, jnp.zeros((1, lhs.shape[1]), lhs.dtype)])[gather]  # [G, C, k]
+    y = jnp.einsum("gck,gkn->gcn", x, rhs, preferred_element_type=jnp.float32)
+    out = y.reshape(-1, y.shape[-1])[scatter].astype(lhs.dtype)
+    return jnp.concatenate([out, jnp.zeros((lhs.shape[0] - m, out.shape[1]), out.dtype)])
+  return _by_vjp(forward)
+
+
+def _effjax_reference(sizes):
+  return _effjax(sizes, implementation="reference")
+
+
+IMPLS = {"effjax": _effjax, "effjax_ref": _effjax_reference, "ragged_dot": _ragged_dot,
+         "padded_einsum": _padded_einsum}
+ARGS = {"fwd": ("lhs", "rhs", "gs"), "dlhs": ("dout", "rhs", "gs", "lhs"),
+        "drhs": ("lhs", "dout", "gs", "rhs")}
+
+
+# ------------------------------------------------------------------------------- helpers
+
+def _inputs(m, k, n, num_groups, dtype, seed=0):
+  keys = jax.random.split(jax.random.key(seed), 3)
+  return dict(lhs=jax.random.normal(keys[0], (m, k), dtype),
+              rhs=jax.random.normal(keys[1], (num_groups, k, n), dtype) * k ** -0.5,
+              dout=jax.random.normal(keys[2], (m, n), dtype))
+
+
+def _fn_and_args(direction_fns, direction, arrays):
+  return direction_fns[direction], [arrays[name] for name in ARGS[direction]]
+
+
+def _warmup_and_iters() -> tuple[int, int]:
+  cpu = _PRESET.value == "cpu"
+  warmup = _WARMUP.value if _WARMUP.value is not None else (1 if cpu else 3)
+  return warmup, _ITERS.value if _ITERS.value is not None else (5 if cpu else 20)
+
+
+def _time(fn, args) -> dict:
+  compiled = jax.jit(fn).lower(*args).compile()
+  temp = None
+  try:
+    temp = compiled.memory_analysis().temp_size_in_bytes / 2**20
+  except Exception:  # pylint: disable=broad-except  (not every backend reports it)
+    pass
+  warmup, iters = _warmup_and_iters()
+  jax.block_until_ready(compiled(*args))
+  for _ in range(warmup):
+    jax.block_until_ready(compiled(*args))
+  times = []
+  for _ in range(iters):
+    start = time.perf_counter()
+    jax.block_until_ready(compiled(*args))
+    times.append(time.perf_counter() - start)
+  return dict(seconds=statistics.median(times), temp_mib=temp)
+
+
+def _rel(x, ref):
+  x, ref = np.asarray(x, np.float32), np.asarray(ref, np.float32)
+  if not np.isfinite(x).all():
+    return float("nan")
+  return float(np.linalg.norm(x - ref) / np.linalg.norm(ref))
+
+
+def correctness_rows(impls: dict, shape, dtype):
+  """Each implementation's three directions vs the float32 reference, on one skewed shape."""
+  m, k, n, num_groups = shape
+  sizes = group_sizes(m - 3, num_groups, "skewed")  # 3 rows past the sum
+  arrays = _inputs(m, k, n, num_groups, dtype)
+  arrays["gs"] = jnp.asarray(sizes)
+  ref_fns = _effjax(sizes, implementation="reference")
+  f32 = {name: (x.astype(jnp.float32) if name != "gs" else x) for name, x in arrays.items()}
+  rows = []
+  for name, make in impls.items():
+    fns = make(sizes)
+    row = dict(impl=name, shape=f"[{m},{k}]x[{num_groups},{k},{n}]", dtype=jnp.dtype(dtype).name)
+    for d in DIRECTIONS:
+      try:
+        fn, args = _fn_and_args(fns, d, arrays)
+        ref_fn, ref_args = _fn_and_args(ref_fns, d, f32)
+        row[d] = _rel(jax.jit(fn)(*args), jax.jit(ref_fn)(*ref_args))
+      except Exception as e:  # pylint: disable=broad-except
+        row[d] = f"error: {type(e).__name__}: {str(e).splitlines()[0][:60]}"
+    rows.append(row)
+  return rows
+
+
+def timing_rows(impls: dict, shapes: dict, dtype):
+  rows = []
+  for shape_name, (m, k, n, num_groups) in shapes.items():
+    arrays = _inputs(m, k, n, num_groups, dtype)
+    for distribution in _DISTRIBUTIONS.value:
+      sizes = group_sizes(m, num_groups, distribution)
+      arrays["gs"] = jnp.asarray(sizes)
+      flops = 2 * m * k * n
+      for direction in DIRECTIONS:
+        row = dict(shape=shape_name, m=m, k=k, n=n, groups=num_groups,
+                   distribution=distribution, max_group=int(sizes.max()),
+                   direction=direction, flops=flops)
+        for name, make in impls.items():
+          if make is None:
+            row[name] = None
+            continue
+          try:
+            fn, args = _fn_and_args(make(sizes), direction, arrays)
+            r = _time(fn, args)
+            r["tflops"] = flops / r["seconds"] / 1e12
+            row[name] = r
+          except Exception as e:  # pylint: disable=broad-except  (e.g. out of memory)
+            row[name] = dict(error=f"{type(e).__name__}: {str(e).splitlines()[0][:80]}")
+        rows.append(row)
+        print(_timing_line(row, list(impls)), flush=True)
+  return rows
+
+
+def _cell(r, key, fmt, convert=lambda x: x):
+  if r is None:
+    return "n/a"
+  if "error" in r:
+    return "error"
+  return "-" if r.get(key) is None else format(convert(r[key]), fmt)
+
+
+def _flops_unit():
+  """TF/s for the GPU preset, GF/s for the CPU one (where TF/s would read 0.00x)."""
+  return ("GF/s", 1e9) if _PRESET.value == "cpu" else ("TF/s", 1e12)
+
+
+def _timing_header(names):
+  unit = _flops_unit()[0]
+  header = (["shape [m,k]x[G,k,n]", "sizes (max group)", "direction"] +
+            [f"{n} {unit}" for n in names] + [f"{n} temp MiB" for n in names])
+  return "| " + " | ".join(header) + " |\n|" + "---|" * len(header)
+
+
+def _timing_line(row, names):
+  scale = _flops_unit()[1]
+  cells = [f"{row['shape']} [{row['m']},{row['k']}]x[{row['groups']},{row['k']},{row['n']}]",
+           f"{row['distribution']} ({row['max_group']})", row["direction"]]
+  cells += [_cell(row[n], "seconds", ".3g", lambda s: row["flops"] / s / scale) for n in names]
+  cells += [_cell(row[n], "temp_mib", ".4g") for n in names]
+  return "| " + " | ".join(cells) + " |"
+
+
+def main(argv):
+  del argv
+  device = jax.devices()[0]
+  on_gpu = device.platform == "gpu"
+  cpu = _PRESET.value == "cpu"
+  print(f"device: {device.device_kind} ({device.platform}), jax {jax.__version__}, "
+        f"preset {_PRESET.value}")
+  results = dict(device=device.device_kind, platform=device.platform, jax=jax.__version__,
+                 preset=_PRESET.value)
+  dtype = jnp.dtype(_DTYPE.value or ("float32" if cpu else "bfloat16")).type
+
+  # Correctness first: what runs here against the float32 reference (3 rows past the sum).
+  if on_gpu:
+    checked = {n: IMPLS[n] for n in ("effjax", "ragged_dot", "padded_einsum")}
+    check_shape, check_dtype = (4096, 1024, 2048, 16), dtype
+  else:
+    checked = {
+        "effjax (Triton-style, interpreted)": functools.partial(
+            _effjax, implementation="gpu", interpret=True),
+        "effjax (Mosaic TPU, TPU simulator)": functools.partial(
+            _effjax, implementation="tpu",
+            interpret=compat.tpu_interpret_params(out_of_bounds_reads="raise")),
+        "effjax_ref": _effjax_reference, "ragged_dot": _ragged_dot,
+        "padded_einsum": _padded_einsum}
+    check_shape, check_dtype = (200, 96, 80, 6), jnp.float32
+  rows = correctness_rows(checked, check_shape, check_dtype)
+  results["correctness"] = rows
+  print("\nRelative error vs the float32 reference (||x - ref|| / ||ref||):")
+  print("| implementation | shape | dtype | fwd | dlhs | drhs |\n|---|---|---|---|---|---|")
+  for r in rows:
+    cells = [format(r[d], ".1e") if isinstance(r[d], float) else r[d] for d in DIRECTIONS]
+    print(f"| {r['impl']} | {r['shape']} | {r['dtype']} | " + " | ".join(cells) + " |")
+
+  # Timing.
+  shapes = CPU_SHAPES if cpu else GPU_SHAPES
+  if _SHAPES.value:
+    shapes = {name: shapes[name] for name in _SHAPES.value}
+  names = _IMPLS.value or (["effjax", "effjax_ref", "ragged_dot", "padded_einsum"] if cpu else
+                           ["effjax", "ragged_dot", "padded_einsum"])
+  impls = {name: IMPLS[name] for name in names}
+  if not on_gpu and "effjax" in impls:
+    impls["effjax"] = None  # the GPU kernel cannot run here
+  if not cpu and not on_gpu:
+    print("\nThe gpu preset's shapes need a GPU; use --preset=cpu here.")
+  else:
+    warmup, iters = _warmup_and_iters()
+    print(f"\nPer direction, {jnp.dtype(dtype).name}; median of {iters} calls after "
+          f"{warmup} warm-up calls; {_flops_unit()[0]} = 2 m k n / time; temp MiB = "
+          "compiled temp allocation"
+          + ("; effjax n/a: its GPU kernels do not run on a CPU" if not on_gpu else "") + ":")
+    print(_timing_header(list(impls)), flush=True)
+    results["timing"] = timing_rows(impls, shapes, dtype)
+
+  if _MOE_LAYER.value:
+    if not MOE_LAYER_BENCHMARKS:
+      print("\nNo MoE layer benchmark registered yet (MOE_LAYER_BENCHMARKS is empty).")
+    for layer_name, build in MOE_LAYER_BENCHMARKS.items():
+      for impl in ("gpu" if on_gpu else "reference", "ragged_dot"):
+        step_fn, args, flops = build(impl, dtype)
+        r = _time(step_fn, args)
+        print(f"MoE layer {layer_name}, gmm={impl}: {flops / r['seconds'] / 1e12:.3g} TF/s, "
+              f"{r['seconds'] * 1e3:.3g} ms, temp {r['temp_mib']} MiB")
+        results.setdefault("moe_layer", []).append(dict(layer=layer_name, gmm=impl, **r))
+
+  if _OUT.value:
+    with open(_OUT.value, "w", encoding="utf-8") as f:
+      json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+  app.run(main)

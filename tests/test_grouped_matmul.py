@@ -1,0 +1,329 @@
+"""pallas_kernels.grouped_matmul: every implementation against the reference, the reference
+against a float64 numpy loop over groups.
+
+GPU (Triton-style) kernels run under Pallas's generic interpreter, TPU (Mosaic) kernels under
+the TPU simulator with out-of-bounds reads raising; both also lower for their real platform.
+Errors are ||out - ref|| / ||ref||; rows past the sum of the group sizes hold NaN in lhs, so a
+kernel that reads them into a kept row, or lets them leak through a masked product, fails.
+"""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import compat
+from pallas_kernels.grouped_matmul import Tiles, Tiling, default_implementation, gmm, tgmm
+from pallas_kernels.grouped_matmul import common
+
+F32_TOL, BF16_TOL = 1e-5, 1e-2
+SMALL = Tiling(fwd=Tiles(16, 16, 16), dlhs=Tiles(32, 16, 16), drhs=Tiles(16, 16, 32))
+
+
+def _tpu_simulator():
+  return compat.tpu_interpret_params(out_of_bounds_reads="raise")
+
+
+# Implementation name -> interpret argument. Ids avoid the bare words "gpu"/"tpu" (conftest).
+KERNELS = {"gpu": True, "tpu": _tpu_simulator()}
+KERNEL_IDS = {"gpu": "triton_style", "tpu": "mosaic"}
+
+
+def _implementations(*names):
+  """pytest params; the interpreted kernels are marked slow (seconds each, like attention's)."""
+  return [pytest.param(name, id=KERNEL_IDS.get(name, name),
+                       marks=[pytest.mark.slow] if name in KERNELS else [])
+          for name in names]
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+  m: int
+  k: int
+  n: int
+  sizes: tuple[int, ...]
+  dtype: str = "float32"
+  transpose_rhs: bool = False
+
+
+def _random_sizes(seed, m, num_groups):
+  return tuple(int(s) for s in np.random.default_rng(seed).multinomial(m, [1 / num_groups] *
+                                                                        num_groups))
+
+
+CASES = {
+    # empty groups (first, middle, last), boundaries inside 16-row tiles, sum 53 < m = 64
+    "ragged_empty_tail": Case(m=64, k=40, n=24, sizes=(0, 7, 0, 20, 3, 23, 0)),
+    # every row in one group; bf16; weights stored [G, n, k]
+    "one_group_bf16_t": Case(m=48, k=48, n=40, sizes=(0, 0, 48, 0), dtype="bfloat16",
+                             transpose_rhs=True),
+    # m, k, n off tile multiples; random multinomial sizes summing to m
+    "random_odd_shapes": Case(m=37, k=24, n=44, sizes=_random_sizes(3, 37, 3)),
+}
+
+
+def _inputs(c: Case, seed=0):
+  keys = jax.random.split(jax.random.key(seed), 3)
+  dtype = jnp.dtype(c.dtype)
+  num_groups = len(c.sizes)
+  lhs = jax.random.normal(keys[0], (c.m, c.k), jnp.float32)
+  lhs = lhs.at[sum(c.sizes):].set(jnp.nan).astype(dtype)  # rows in no group must not matter
+  rhs_shape = (num_groups, c.n, c.k) if c.transpose_rhs else (num_groups, c.k, c.n)
+  rhs = jax.random.normal(keys[1], rhs_shape, dtype)
+  cot = jax.random.normal(keys[2], (c.m, c.n), jnp.float32)  # not all-ones: mixes rows
+  return lhs, rhs, jnp.array(c.sizes, jnp.int32), cot
+
+
+def _rel(x, ref):
+  x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
+  assert np.isfinite(x).all(), "non-finite values"
+  return float(np.linalg.norm(x - ref) / np.linalg.norm(ref))
+
+
+def _numpy_loop(lhs, rhs, sizes, cot, transpose_rhs):
+  """out, dlhs, drhs of sum(out * cot) by a float64 loop over groups (rows past the sum: 0)."""
+  lhs, rhs, cot = (np.asarray(x, np.float64) for x in (lhs, rhs, cot))
+  w = np.swapaxes(rhs, 1, 2) if transpose_rhs else rhs  # [G, k, n]
+  out, dlhs, dw = np.zeros((lhs.shape[0], w.shape[2])), np.zeros(lhs.shape), np.zeros(w.shape)
+  start = 0
+  for g, size in enumerate(sizes):
+    rows = slice(start, start + size)
+    out[rows] = lhs[rows] @ w[g]
+    dlhs[rows] = cot[rows] @ w[g].T
+    dw[g] = lhs[rows].T @ cot[rows]
+    start += size
+  return out, dlhs, (np.swapaxes(dw, 1, 2) if transpose_rhs else dw)
+
+
+def _gmm_and_grads(lhs, rhs, sizes, cot, **kwargs):
+  def loss(lhs, rhs):
+    out = gmm(lhs, rhs, sizes, **kwargs)
+    return jnp.sum(out.astype(jnp.float32) * cot), out
+  (dlhs, drhs), out = jax.grad(loss, argnums=(0, 1), has_aux=True)(lhs, rhs)
+  return out, dlhs, drhs
+
+
+@pytest.mark.parametrize("case", list(CASES), ids=str)
+def test_reference_matches_float64_numpy_loop(case):
+  c = CASES[case]
+  lhs, rhs, sizes, cot = _inputs(c)
+  lhs = lhs.at[sum(c.sizes):].set(0.0)  # numpy's 0 * NaN would be NaN in dlhs of tail rows
+  lhs32, rhs32 = lhs.astype(jnp.float32), rhs.astype(jnp.float32)
+  got = _gmm_and_grads(lhs32, rhs32, sizes, cot, transpose_rhs=c.transpose_rhs,
+                       implementation="reference")
+  want = _numpy_loop(lhs32, rhs32, c.sizes, cot, c.transpose_rhs)
+  for name, g, w in zip(("out", "dlhs", "drhs"), got, want):
+    assert g.shape == w.shape, name
+    assert _rel(g, w) < F32_TOL, name
+  assert not np.asarray(got[0][sum(c.sizes):]).any()  # rows past the sum are exactly zero
+  for g, size in enumerate(c.sizes):  # empty groups get exactly zero weight gradient
+    assert size or not np.asarray(got[2][g]).any()
+
+
+def _check_against_reference(c: Case, implementation: str, interpret, tiling=SMALL):
+  lhs, rhs, sizes, cot = _inputs(c)
+  kwargs = dict(transpose_rhs=c.transpose_rhs)
+  out, dlhs, drhs = _gmm_and_grads(lhs, rhs, sizes, cot, implementation=implementation,
+                                   interpret=interpret, tiling=tiling, **kwargs)
+  ref = _gmm_and_grads(lhs.astype(jnp.float32), rhs.astype(jnp.float32), sizes, cot,
+                       implementation="reference", **kwargs)
+  tol = F32_TOL if c.dtype == "float32" else BF16_TOL
+  for name, x, dtype, r in zip(("out", "dlhs", "drhs"), (out, dlhs, drhs),
+                               (lhs.dtype, lhs.dtype, rhs.dtype), ref):
+    assert x.shape == r.shape and x.dtype == dtype, name
+    assert _rel(x, r) < tol, name
+  return out, dlhs, drhs
+
+
+# The TPU simulator is slow: off-multiple shapes reach it through the sharded test instead.
+IMPLEMENTATION_CASES = [
+    pytest.param(impl, case, id=f"{KERNEL_IDS.get(impl, impl)}-{case}",
+                 marks=[pytest.mark.slow] if impl in KERNELS else [])
+    for impl in ("gpu", "tpu", "ragged_dot") for case in CASES
+    if not (impl == "tpu" and case == "random_odd_shapes")]
+
+
+@pytest.mark.parametrize("implementation,case", IMPLEMENTATION_CASES)
+def test_implementation_matches_reference_forward_and_gradients(implementation, case):
+  _check_against_reference(CASES[case], implementation, KERNELS.get(implementation, False))
+
+
+@pytest.mark.parametrize("implementation",
+                         _implementations("reference", "ragged_dot", "gpu", "tpu"))
+def test_group_offset_shards_sum_to_the_full_product(implementation):
+  c = Case(m=45, k=24, n=40, sizes=(9, 0, 14, 6, 3, 8))
+  lhs, rhs, sizes, cot = _inputs(c)  # sum 40 < 45: a NaN tail
+  interpret = KERNELS.get(implementation, False)
+  full = _gmm_and_grads(lhs, rhs, sizes, cot, implementation="reference")
+  # One jitted function for all shards: the offset is traced, so it compiles once.
+  shard = jax.jit(lambda lhs, rhs, offset: _gmm_and_grads(
+      lhs, rhs, sizes, cot, group_offset=offset, implementation=implementation,
+      interpret=interpret, tiling=SMALL))
+  outs, dlhss, drhss = zip(*[shard(lhs, rhs[o:o + 2], jnp.int32(o)) for o in (0, 2, 4)])
+  assert _rel(sum(outs), full[0]) < F32_TOL
+  assert _rel(sum(dlhss), full[1]) < F32_TOL
+  assert _rel(jnp.concatenate(drhss), full[2]) < F32_TOL
+  # each shard is zero outside its own rows: shard 1 owns groups 2, 3 = rows 9 .. 28
+  assert not np.asarray(outs[1][:9]).any() and not np.asarray(outs[1][29:]).any()
+  assert np.abs(np.asarray(outs[1][9:29])).min(axis=1).max() > 0
+
+
+@pytest.mark.parametrize("implementation",
+                         _implementations("reference", "ragged_dot", "gpu", "tpu"))
+def test_traced_sizes_past_m_are_truncated_at_m(implementation):
+  # 10 + 30 + 20 = 60 > m = 40: group 1 is cut at row 40, group 2 is empty. Traced, so no
+  # error can be raised; nothing past lhs may be read (the TPU simulator raises if it is).
+  c = Case(m=40, k=16, n=24, sizes=(10, 30, 20))
+  lhs, rhs, _, cot = _inputs(c)
+  lhs = jnp.nan_to_num(lhs)
+  interpret = KERNELS.get(implementation, False)
+  fn = jax.jit(lambda lhs, rhs, sizes: _gmm_and_grads(
+      lhs, rhs, sizes, cot, implementation=implementation, interpret=interpret,
+      tiling=Tiling(Tiles(16, 16, 16))))
+  got = fn(lhs, rhs, jnp.array([10, 30, 20], jnp.int32))
+  want = _numpy_loop(lhs, rhs, (10, 30, 0), cot, transpose_rhs=False)
+  for name, g, w in zip(("out", "dlhs", "drhs"), got, want):
+    assert _rel(g, w) < F32_TOL, name
+
+
+@pytest.mark.parametrize("implementation", _implementations("gpu", "tpu"))
+def test_tgmm_alone_matches_reference_with_nan_past_the_sum(implementation):
+  c = CASES["ragged_empty_tail"]
+  lhs, _, sizes, cot = _inputs(c)
+  grad = cot.at[sum(c.sizes):].set(jnp.inf)  # neither operand's unused rows may leak
+  got = tgmm(lhs, grad, sizes, implementation=implementation,
+             interpret=KERNELS[implementation], tiling=SMALL)
+  want = tgmm(lhs, grad, sizes, implementation="reference")
+  assert got.shape == (len(c.sizes), c.k, c.n)
+  assert _rel(got, want) < F32_TOL
+  assert not np.asarray(got[jnp.array(c.sizes) == 0]).any()  # empty groups: exactly zero
+
+
+@pytest.mark.slow
+def test_preferred_element_type_sets_the_output_dtype_and_keeps_input_dtypes_for_gradients():
+  c = Case(m=32, k=16, n=16, sizes=(5, 20, 7), dtype="bfloat16")
+  lhs, rhs, sizes, cot = _inputs(c)
+  out, dlhs, drhs = _gmm_and_grads(lhs, rhs, sizes, cot, preferred_element_type=jnp.float32,
+                                   implementation="gpu", interpret=True, tiling=SMALL)
+  assert (out.dtype, dlhs.dtype, drhs.dtype) == (jnp.float32, jnp.bfloat16, jnp.bfloat16)
+  # float32 output of bf16 operands: only the operands' rounding, no output rounding
+  want = _numpy_loop(lhs.astype(jnp.float32), rhs.astype(jnp.float32), c.sizes, cot, False)
+  assert _rel(out, want[0]) < F32_TOL
+
+
+def test_visit_schedule_visits_each_group_tile_pair_once_in_row_order():
+  # Rows [0, 5), [5, 5) (empty), [5, 40) in 16-row tiles: 3 tiles, 3 segments.
+  starts, ends = jnp.array([0, 5, 5]), jnp.array([5, 5, 40])
+  seg, tile, count = common.visit_schedule(starts, ends, 16, 3, visit_empty=False)
+  assert int(count[0]) == 4 and seg.shape == (5,)  # static bound: 3 tiles + 3 segments - 1
+  assert list(zip(seg.tolist(), tile.tolist())) == [(0, 0), (2, 0), (2, 1), (2, 2), (2, 2)]
+  seg, tile, count = common.visit_schedule(starts, ends, 16, 3, visit_empty=True)
+  assert int(count[0]) == 5
+  assert list(zip(seg.tolist(), tile.tolist())) == [(0, 0), (1, 0), (2, 0), (2, 1), (2, 2)]
+  first, stop = common.tile_group_range(starts, ends, 16, 3)
+  assert first.tolist() == [0, 2, 2] and stop.tolist() == [3, 3, 3]
+
+
+def test_visit_schedule_bound_holds_for_random_sizes():
+  # Every (nonempty group, tile it touches) pair and one visit per empty group, nothing else,
+  # within the static bound; 6 groups over 64 rows in 8-row tiles, many of them empty.
+  num_groups, block_m, m = 6, 8, 64
+  schedule = jax.jit(lambda starts, ends: common.visit_schedule(
+      starts, ends, block_m, m // block_m, visit_empty=True))
+  rng = np.random.default_rng(0)
+  for _ in range(40):
+    sizes = rng.multinomial(int(rng.integers(0, m + 1)), rng.dirichlet([0.3] * num_groups))
+    ends = np.cumsum(sizes)
+    starts = ends - sizes
+    seg, tile, count = (np.asarray(x) for x in schedule(jnp.asarray(starts, jnp.int32),
+                                                        jnp.asarray(ends, jnp.int32)))
+    visits = list(zip(seg[:count[0]].tolist(), tile[:count[0]].tolist()))
+    want = sorted({(g, t) for g in range(num_groups) for t in range(m // block_m)
+                   if starts[g] < (t + 1) * block_m and ends[g] > t * block_m} |
+                  {(g, min(starts[g] // block_m, m // block_m - 1)) for g in range(num_groups)
+                   if not sizes[g]})
+    assert visits == want, sizes  # in row order, each pair once
+    assert seg.shape == (m // block_m + num_groups - 1,)
+
+
+@pytest.mark.parametrize("platform", ["cuda", "tpu"], ids=["to_cuda", "to_tpu"])
+def test_kernels_lower_for_their_platform(platform):
+  # Off-multiple sizes (padded in every axis), default tiles, bf16, both weight layouts.
+  m, k, n, num_groups = 1300, 1000, 700, 6  # 11 row tiles, 6 groups: no power of two
+  lhs = jnp.ones((m, k), jnp.bfloat16)
+  rhs = jnp.ones((num_groups, k, n), jnp.bfloat16)
+  sizes = jnp.full((num_groups,), 200, jnp.int32)
+  implementation = "gpu" if platform == "cuda" else "tpu"
+
+  def fwd_bwd(lhs, rhs, rhs_t, sizes):
+    def loss(lhs, rhs, rhs_t):
+      out = gmm(lhs, rhs, sizes, implementation=implementation)
+      out_t = gmm(lhs, rhs_t, sizes, transpose_rhs=True, implementation=implementation,
+                  group_offset=jnp.int32(0))
+      return jnp.sum(out.astype(jnp.float32)) + jnp.sum(out_t.astype(jnp.float32))
+    return jax.value_and_grad(loss, argnums=(0, 1, 2))(lhs, rhs, rhs_t)
+
+  lowered = jax.jit(fwd_bwd).trace(lhs, rhs, jnp.swapaxes(rhs, 1, 2), sizes).lower(
+      lowering_platforms=(platform,))
+  text = lowered.as_text()
+  kernel_calls = text.count("triton") if platform == "cuda" else text.count("tpu_custom_call")
+  assert kernel_calls >= 6  # gmm, dlhs, tgmm for each layout
+
+
+def test_bad_inputs_are_clear_errors():
+  lhs, rhs = jnp.ones((16, 8)), jnp.ones((3, 8, 4))
+  sizes = jnp.array([4, 4, 4], jnp.int32)
+  with pytest.raises(ValueError, match="group_sizes must be an int32 array, got int8"):
+    gmm(lhs, rhs, sizes.astype(jnp.int8))
+  with pytest.raises(ValueError, match=r"group_sizes must be 1-D \[num_groups\], got shape"):
+    gmm(lhs, rhs, sizes[None])
+  with pytest.raises(ValueError, match=r"rhs \(3, 8, 4\), read as \[G, n, k\].* has k=4"):
+    gmm(lhs, rhs, sizes, transpose_rhs=True)
+  with pytest.raises(ValueError, match=r"lhs must be \[m, k\]"):
+    gmm(lhs[None], rhs, sizes)
+  with pytest.raises(ValueError, match="group_sizes has 2 groups but the weights have 3"):
+    gmm(lhs, rhs, sizes[:2])
+  with pytest.raises(ValueError, match="group_sizes sum to 20, more than the 16 rows"):
+    gmm(lhs, rhs, jnp.array([4, 8, 8], jnp.int32))
+  with pytest.raises(ValueError, match="group_sizes must be >= 0, got -1 at group 1"):
+    gmm(lhs, rhs, jnp.array([4, -1, 8], jnp.int32))
+  with pytest.raises(ValueError, match="lhs must be one of float32/bfloat16/float16, got int32"):
+    gmm(lhs.astype(jnp.int32), rhs.astype(jnp.int32), sizes)
+  with pytest.raises(ValueError, match="share one dtype, got float32 and bfloat16"):
+    gmm(lhs, rhs.astype(jnp.bfloat16), sizes)
+  with pytest.raises(ValueError, match="group_offset=2 with 3 local groups needs"):
+    gmm(lhs, rhs, jnp.array([1, 1, 1, 1], jnp.int32), group_offset=2)
+  with pytest.raises(ValueError, match="group_offset must be an int32 scalar"):
+    gmm(lhs, rhs, sizes, group_offset=jnp.zeros((2,), jnp.int32))
+  with pytest.raises(ValueError, match="tgmm with group_offset needs num_groups"):
+    tgmm(lhs, lhs, sizes, group_offset=0)
+  with pytest.raises(ValueError, match="GPU tiles must be powers of two >= 16.*block_k=24"):
+    gmm(lhs, rhs, sizes, implementation="gpu", interpret=True,
+        tiling=Tiling(Tiles(16, 24, 16)))
+  with pytest.raises(ValueError, match="Tiles.block_n=64 tiles a TPU lane axis of size 200"):
+    gmm(lhs, jnp.ones((3, 8, 200)), sizes, implementation="tpu",
+        tiling=Tiling(Tiles(16, 16, 64)))
+  with pytest.raises(ValueError, match="implementation='cuda' is not one of"):
+    gmm(lhs, rhs, sizes, implementation="cuda")
+
+
+def test_empty_shapes_give_zeros_and_zero_gradients():
+  rhs = jnp.ones((2, 8, 4))
+  out = gmm(jnp.ones((0, 8)), rhs, jnp.zeros((2,), jnp.int32), implementation="gpu",
+            interpret=True)
+  assert out.shape == (0, 4)
+  lhs = jnp.ones((6, 0))
+  grads = jax.grad(lambda l, r: gmm(l, r, jnp.array([3, 3], jnp.int32)).sum(),
+                   argnums=(0, 1))(lhs, jnp.ones((2, 0, 4)))
+  assert [g.shape for g in grads] == [(6, 0), (2, 0, 4)]
+  assert tgmm(jnp.ones((6, 5)), jnp.ones((6, 4)), jnp.zeros((3,), jnp.int32)).shape == (3, 5, 4)
+  assert not tgmm(jnp.ones((6, 5)), jnp.ones((6, 4)), jnp.zeros((3,), jnp.int32)).any()
+
+
+def test_platform_selection_on_cpu():
+  if jax.default_backend() != "cpu":
+    pytest.skip("checks the CPU choice")
+  assert default_implementation() == "reference"
+  assert default_implementation(interpret=True) == "gpu"
+  assert default_implementation(interpret=_tpu_simulator()) == "tpu"
