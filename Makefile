@@ -18,7 +18,7 @@ train: $(VENV)/.installed
 	$(PY) -m experiments.train --config=$(CONFIG) --workdir=$(WORKDIR) $(ARGS)
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -q $(ARGS); rc=$$?; \
+	$(PY) -m pytest -q -n 2 $(ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest: no tests were selected (exit 5), treated as success"; rc=0; fi; \
 	exit $$rc
 

@@ -10,10 +10,18 @@ import dataclasses
 from typing import Any, Mapping
 
 ATTENTION_IMPLS = ("xla", "cudnn", "pallas")
-LINEAR_KINDS = ("dense", "monarch")
+LINEAR_KINDS = ("dense", "monarch", "lora", "sst")
+SST_SAMPLINGS = ("mixed", "sigma", "uniform", "top")  # see effjax/layers/spectral.py
 LINEAR_GROUPS = ("qkv", "attn_out", "mlp")  # projection groups that choose a kind
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 DTYPES = ("float32", "bfloat16")
+FFN_KINDS = ("dense", "moe")
+MOE_ROUTERS = ("softmax_topk", "topk_softmax", "sigmoid_bias", "expert_choice",
+               "dense_to_sparse")
+MOE_DISPATCH = ("capacity", "dropless")
+# grouped-matmul implementations of effjax.moe.gmm.GMM_IMPLS: jax.lax.ragged_dot, or effjax's
+# Pallas gmm (its GPU/TPU kernel; on a CPU its jnp reference, not a kernel)
+MOE_GMM_IMPLS = ("ragged_dot", "pallas")
 
 
 def _require(ok: bool, message: str) -> None:
@@ -36,12 +44,23 @@ class LinearConfig:
   `kind` applies to every projection group; `qkv` (attention query/key/value), `attn_out`
   (attention output) and `mlp` (all three SwiGLU weights) override it per group ("" = use
   `kind`). `nblocks` is the block count of Monarch layers (the paper uses 4).
+
+  Low-rank kinds (effjax/layers/lora.py, effjax/layers/spectral.py, effjax/optim/lowrank.py):
+  "lora" (frozen W0 + (alpha/r) B A; ReLoRA when relora_every > 0) and "sst" (Sparse
+  Spectral Training), both with rank `rank`.
   """
   kind: str = "dense"
   qkv: str = ""
   attn_out: str = ""
   mlp: str = ""
   nblocks: int = 4
+  rank: int = 16  # lora: r of B A; sst: number of active singular vectors
+  lora_alpha: float = 0.0  # LoRA scale alpha / r; 0 means alpha = r (scale 1)
+  relora_every: int = 0  # ReLoRA: merge, re-init A/B and reset their Adam state every N steps
+  relora_prune: float = 1.0  # fraction of A/B's Adam moments zeroed at a merge (by magnitude)
+  sst_every: int = 200  # SST: steps per iteration (T3): new active set, Adam reset, re-warm
+  sst_sampling: str = "mixed"  # SST_SAMPLINGS
+  sst_round: int = 0  # SST: re-SVD every this many iterations; 0 = ceil(min(in, out) / rank)
 
   def __post_init__(self):
     _one_of("model.linear.kind", self.kind, LINEAR_KINDS)
@@ -51,6 +70,24 @@ class LinearConfig:
         _one_of(f"model.linear.{group}", value, LINEAR_KINDS)
     _require(isinstance(self.nblocks, int) and self.nblocks >= 1,
              f"model.linear.nblocks must be an integer >= 1, got {self.nblocks!r}")
+    _require(isinstance(self.rank, int) and self.rank >= 1,
+             f"model.linear.rank must be an integer >= 1, got {self.rank!r}")
+    _require(self.lora_alpha >= 0, f"model.linear.lora_alpha must be >= 0, got {self.lora_alpha}")
+    _require(isinstance(self.relora_every, int) and self.relora_every >= 0,
+             f"model.linear.relora_every must be an integer >= 0, got {self.relora_every!r}")
+    _require(0 <= self.relora_prune <= 1,
+             f"model.linear.relora_prune must be in [0, 1], got {self.relora_prune}")
+    _require(isinstance(self.sst_every, int) and self.sst_every >= 1,
+             f"model.linear.sst_every must be an integer >= 1, got {self.sst_every!r}")
+    _one_of("model.linear.sst_sampling", self.sst_sampling, SST_SAMPLINGS)
+    _require(isinstance(self.sst_round, int) and self.sst_round >= 0,
+             f"model.linear.sst_round must be an integer >= 0, got {self.sst_round!r}")
+    _require(not self.relora_every or self.uses("lora"),
+             f"model.linear.relora_every={self.relora_every} merges LoRA layers, but no "
+             "projection group is 'lora'")
+    _require(not (self.uses("lora") and self.uses("sst")),
+             "model.linear: 'lora' and 'sst' in one model is not supported (one low-rank "
+             "method at a time)")
 
   def kind_for(self, group: str) -> str:
     """The layer kind of projection group `group` (one of LINEAR_GROUPS)."""
@@ -61,9 +98,112 @@ class LinearConfig:
   def uses_monarch(self) -> bool:
     return any(self.kind_for(g) == "monarch" for g in LINEAR_GROUPS)
 
+  def uses(self, kind: str) -> bool:
+    """Whether any projection group is of layer kind `kind`."""
+    return any(self.kind_for(g) == kind for g in LINEAR_GROUPS)
+
   def all_dense(self) -> "LinearConfig":
     """The same config with every group dense (the model after reverse sparsification)."""
-    return dataclasses.replace(self, kind="dense", qkv="", attn_out="", mlp="")
+    return dataclasses.replace(self, kind="dense", qkv="", attn_out="", mlp="", relora_every=0)
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEConfig:
+  """Mixture-of-Experts FFN (effjax/moe), used where `model.ffn == "moe"`.
+
+  Expert ids: 0..num_experts-1 are SwiGLU FFN experts, then `num_zero_experts` zero,
+  `num_copy_experts` copy and `num_constant_experts` constant experts (MoE++); the router
+  chooses among all of them. Capacity C = ceil(capacity_factor * tokens * top_k /
+  num_experts) per expert and batch (capacity dispatch and expert choice).
+  """
+  num_experts: int = 8
+  top_k: int = 2
+  every_n: int = 1  # layer i (0-based) is MoE iff (i + 1) % every_n == 0
+  d_ff: int = 0  # hidden width of one FFN expert; 0 = model.d_ff
+  router: str = "softmax_topk"
+  renormalize: bool = True  # softmax_topk: the k weights renormalised to sum to 1
+  jitter: float = 0.0  # training: router input multiplied by U(1 - jitter, 1 + jitter)
+  dispatch: str = "dropless"
+  capacity_factor: float = 1.25  # training (capacity dispatch; expert choice always)
+  eval_capacity_factor: float = 2.0
+  gmm_impl: str = "ragged_dot"  # dropless expert matmuls: "ragged_dot" or "pallas" (see gmm.py)
+  aux_loss_weight: float = 0.01  # Switch load-balancing loss
+  z_loss_weight: float = 1e-3  # ST-MoE router z-loss
+  bias_rate: float = 1e-3  # sigmoid_bias: selection-bias step per update
+  allow_noncausal: bool = False  # expert_choice in a causal LM needs this opt-in
+  # dense_to_sparse (EvoMoE): Gumbel-softmax temperature from temp_start to temp_end over
+  # anneal_steps updates ("exponential" or "linear"), experts whose gate >= threshold used
+  temp_start: float = 2.0
+  temp_end: float = 0.3
+  anneal_steps: int = 500
+  anneal: str = "exponential"
+  threshold: float = 0.05
+  num_zero_experts: int = 0
+  num_copy_experts: int = 0
+  num_constant_experts: int = 0
+  gating_residual: bool = False  # MoE++: router adds a projection of the previous logits
+  num_shared_experts: int = 0  # DeepSeek: dense FFN(s) of width d_ff each, added
+  # expert parallelism (mesh.expert > 1): per-destination all-to-all buffer of
+  # ceil(ep_buffer_factor * local pairs / expert degree) rows; 0 = worst case, never overflows
+  ep_buffer_factor: float = 0.0
+  ep_reroute: bool = False  # a pair whose destination buffer is full tries its next expert
+  upcycle_noise: float = 0.0  # train.init_from: relative std of noise added to each copy
+
+  def __post_init__(self):
+    for name in ("num_experts", "top_k", "every_n"):
+      value = getattr(self, name)
+      _require(isinstance(value, int) and value >= 1,
+               f"model.moe.{name} must be an integer >= 1, got {value!r}")
+    _require(self.d_ff >= 0, f"model.moe.d_ff must be >= 0 (0 = model.d_ff), got {self.d_ff}")
+    _one_of("model.moe.router", self.router, MOE_ROUTERS)
+    _one_of("model.moe.dispatch", self.dispatch, MOE_DISPATCH)
+    _one_of("model.moe.gmm_impl", self.gmm_impl, MOE_GMM_IMPLS)
+    _one_of("model.moe.anneal", self.anneal, ("exponential", "linear"))
+    _positive("model.moe.capacity_factor", self.capacity_factor)
+    _positive("model.moe.eval_capacity_factor", self.eval_capacity_factor)
+    for name in ("aux_loss_weight", "z_loss_weight", "bias_rate", "upcycle_noise",
+                 "ep_buffer_factor", "num_zero_experts", "num_copy_experts",
+                 "num_constant_experts", "num_shared_experts"):
+      _require(getattr(self, name) >= 0,
+               f"model.moe.{name} must be >= 0, got {getattr(self, name)!r}")
+    _require(0 <= self.jitter < 1, f"model.moe.jitter must be in [0, 1), got {self.jitter}")
+    _require(self.top_k <= self.num_routed,
+             f"model.moe.top_k={self.top_k} exceeds the {self.num_routed} experts a token can "
+             f"be routed to (model.moe.num_experts={self.num_experts} plus "
+             f"{self.num_routed - self.num_experts} zero/copy/constant)")
+    if self.router == "dense_to_sparse":
+      _positive("model.moe.temp_start", self.temp_start)
+      _positive("model.moe.temp_end", self.temp_end)
+      _positive("model.moe.anneal_steps", self.anneal_steps)
+      _require(0 < self.threshold < 1,
+               f"model.moe.threshold must be in (0, 1), got {self.threshold}")
+    if self.router == "expert_choice":
+      _require(self.allow_noncausal,
+               "model.moe.router='expert_choice' lets each expert pick its top tokens among "
+               "all tokens of the batch, future positions included, so a token's output "
+               "depends on later tokens: it is not causal and cannot decode autoregressively. "
+               "Set model.moe.allow_noncausal=True to train a causal LM with it anyway")
+    if self.router in ("expert_choice", "dense_to_sparse"):
+      _require(self.num_routed == self.num_experts,
+               f"model.moe.router={self.router!r} does not support zero/copy/constant experts")
+      _require(not self.ep_reroute,
+               f"model.moe.ep_reroute needs a top-k router, not {self.router!r}")
+    if self.ep_reroute:
+      _require(2 * self.top_k <= self.num_experts,
+               f"model.moe.ep_reroute needs 2 * top_k <= num_experts (a second choice for "
+               f"each of the k slots), got top_k={self.top_k}, num_experts={self.num_experts}")
+
+  @property
+  def num_routed(self) -> int:
+    """FFN experts plus zero, copy and constant experts: the router's output width."""
+    return (self.num_experts + self.num_zero_experts + self.num_copy_experts
+            + self.num_constant_experts)
+
+  @property
+  def active_ffn_experts(self) -> int:
+    """FFN experts per token counted in FLOPs: top_k (an upper bound with zero-computation
+    experts; expert choice: the average); dense_to_sparse: all (its dense start)."""
+    return self.num_experts if self.router == "dense_to_sparse" else self.top_k
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +221,8 @@ class ModelConfig:
   tie_embeddings: bool = True
   attention_impl: str = "xla"
   linear: LinearConfig = LinearConfig()
+  ffn: str = "dense"  # "moe": Mixture-of-Experts FFN in the layers model.moe.every_n selects
+  moe: MoEConfig = MoEConfig()
   scan_layers: bool = False
   remat: str = "none"
   param_dtype: str = "float32"
@@ -115,10 +257,34 @@ class ModelConfig:
                  f"model.linear.nblocks={self.linear.nblocks} is larger than the narrowest "
                  f"{group!r} projection ({narrowest} wide; shapes {shapes}); Monarch needs "
                  "at least one input and one output per block")
+      if self.linear.kind_for(group) in ("lora", "sst"):
+        narrowest = min(min(shape) for shape in shapes)
+        _require(self.linear.rank <= narrowest,
+                 f"model.linear.rank={self.linear.rank} is larger than min(in, out)={narrowest} "
+                 f"of the narrowest {group!r} projection (shapes {shapes})")
+    _one_of("model.ffn", self.ffn, FFN_KINDS)
+    if self.ffn == "moe":
+      _require(self.moe.every_n <= self.num_layers,
+               f"model.moe.every_n={self.moe.every_n} exceeds model.num_layers="
+               f"{self.num_layers}: no layer would be MoE")
+      _require(not self.scan_layers or self.moe.every_n == 1,
+               f"model.scan_layers needs identical layers, so model.moe.every_n must be 1 "
+               f"(got {self.moe.every_n})")
+      _require(self.linear.kind_for("mlp") == "dense",
+               f"model.ffn='moe' builds its experts dense; model.linear.mlp (or kind) must be "
+               f"dense, got {self.linear.kind_for('mlp')!r}")
     if self.attention_impl == "cudnn":
       _require(self.dtype == "bfloat16",
                "model.attention_impl='cudnn' runs cuDNN flash attention, which needs "
                f"model.dtype='bfloat16' (got {self.dtype!r})")
+
+  def is_moe_layer(self, layer: int) -> bool:
+    """Whether layer `layer` (0-based) has a Mixture-of-Experts FFN."""
+    return self.ffn == "moe" and (layer + 1) % self.moe.every_n == 0
+
+  @property
+  def moe_d_ff(self) -> int:
+    return self.moe.d_ff or self.d_ff
 
   @property
   def resolved_head_dim(self) -> int:
@@ -159,9 +325,24 @@ class OptimConfig:
   eps: float = 1e-8
   weight_decay: float = 0.1
   grad_clip: float = 1.0  # global-norm clipping; 0 disables it
+  # Low-rank methods (effjax/optim/lowrank.py). GaLore (effjax/optim/galore.py) on every dense
+  # attention/MLP kernel when galore_rank > 0: projection refreshed every galore_every steps.
+  galore_rank: int = 0
+  galore_every: int = 200
+  galore_scale: float = 0.25
+  # after each ReLoRA merge / SST resample the learning rate re-warms linearly over this many
+  # steps (the jagged schedule, effjax/optim/schedules.py); 0 = no re-warm-up
+  rewarm_steps: int = 0
 
   def __post_init__(self):
     _positive("optim.learning_rate", self.learning_rate)
+    _require(isinstance(self.galore_rank, int) and self.galore_rank >= 0,
+             f"optim.galore_rank must be an integer >= 0 (0 = off), got {self.galore_rank!r}")
+    _require(isinstance(self.galore_every, int) and self.galore_every >= 1,
+             f"optim.galore_every must be an integer >= 1, got {self.galore_every!r}")
+    _positive("optim.galore_scale", self.galore_scale)
+    _require(isinstance(self.rewarm_steps, int) and self.rewarm_steps >= 0,
+             f"optim.rewarm_steps must be an integer >= 0, got {self.rewarm_steps!r}")
     _require(self.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
     _require(0 <= self.min_lr_ratio <= 1,
              f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
@@ -237,9 +418,36 @@ class ExperimentConfig:
     _require(not self.train.dense_from_step or self.model.linear.uses_monarch,
              f"train.dense_from_step={self.train.dense_from_step} converts Monarch layers to "
              "dense, but model.linear uses no Monarch layer")
+    self._check_lowrank()
+    if self.model.ffn == "moe" and self.mesh.expert > 1:
+      _require(self.model.moe.num_experts % self.mesh.expert == 0,
+               f"model.moe.num_experts={self.model.moe.num_experts} is not divisible by "
+               f"mesh.expert={self.mesh.expert}: every device of the expert axis must hold "
+               "the same number of experts")
     _require(self.optim.warmup_steps < self.train.num_steps,
              f"optim.warmup_steps={self.optim.warmup_steps} exceeds train.num_steps="
              f"{self.train.num_steps}")
+
+  def _check_lowrank(self) -> None:
+    """Cross-field checks of the low-rank methods (LoRA/ReLoRA, SST, GaLore)."""
+    linear, optim = self.model.linear, self.optim
+    if optim.galore_rank:
+      _require(all(linear.kind_for(g) == "dense" for g in LINEAR_GROUPS),
+               f"optim.galore_rank={optim.galore_rank}: GaLore trains dense projections; "
+               "model.linear must be dense in every group")
+      narrowest = min(min(s) for shapes in self.model.projection_shapes().values()
+                      for s in shapes)
+      _require(optim.galore_rank <= narrowest,
+               f"optim.galore_rank={optim.galore_rank} is larger than min(in, out)={narrowest} "
+               "of the narrowest projection")
+    period = (linear.sst_every if linear.uses("sst") else linear.relora_every
+              if linear.uses("lora") else 0)
+    _require(not optim.rewarm_steps or period,
+             f"optim.rewarm_steps={optim.rewarm_steps} re-warms after ReLoRA merges or SST "
+             "resamples, but the model has neither (model.linear.relora_every or kind 'sst')")
+    _require(not period or optim.rewarm_steps <= period,
+             f"optim.rewarm_steps={optim.rewarm_steps} is longer than the restart period "
+             f"{period}")
 
 
 def from_dict(cls, values: Mapping[str, Any], prefix: str = ""):

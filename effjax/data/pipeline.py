@@ -58,14 +58,16 @@ def _sync(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
-def data_source(config: DataConfig, split: str):
-  """This process's share of `split`, as a random-access source."""
+def data_source(config: DataConfig, split: str, shard: tuple[int, int] | None = None):
+  """Share `shard = (index, count)` of `split` (default: this process's), random access."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   builder = get_builder(config)
   if split not in builder.info.splits:
     raise ValueError(f"split {split!r} not in {config.dataset!r}; it has "
                      f"{sorted(builder.info.splits)}")
-  return builder.as_data_source(split=tfds.split_for_jax_process(split))
+  index, count = shard if shard is not None else (jax.process_index(), jax.process_count())
+  return builder.as_data_source(
+      split=tfds.split_for_jax_process(split, process_index=index, process_count=count))
 
 
 def _text_of(example, key: str):
@@ -75,10 +77,12 @@ def _text_of(example, key: str):
   return example[key]
 
 
-def packed_dataset(config: DataConfig, split: str, *, batch_size: int, seed: int, train: bool):
-  """grain IterDataset of per-process batches {tokens, segment_ids, positions}, each [b, L+1]."""
+def packed_dataset(config: DataConfig, split: str, *, batch_size: int, seed: int, train: bool,
+                   shard: tuple[int, int] | None = None):
+  """grain IterDataset of per-process batches {tokens, segment_ids, positions}, each [b, L+1]
+  (`shard` as in data_source)."""
   import grain  # pylint: disable=g-import-not-at-top
-  ds = grain.MapDataset.source(data_source(config, split))
+  ds = grain.MapDataset.source(data_source(config, split, shard))
   if train:  # a new shuffle every epoch, forever
     ds = ds.seed(seed).shuffle().repeat(None)
   key = config.text_key

@@ -8,6 +8,9 @@ selectable per group from config without touching the model:
   monarch  MonarchLinear (effjax/layers/monarch.py): two block-diagonal factors `w1`, `w2`
            with `config.nblocks` blocks; the block axis is named "blocks". Uses the paper's
            uniform initialisation, not `init_std`.
+  lora     LoRALinear (effjax/layers/lora.py): frozen W0 (model state "lora") + (alpha/r) A B.
+  sst      SSTLinear (effjax/layers/spectral.py): U diag(sigma) V^T from the SVD of the dense
+           init; sigma and r active columns trained, bases in model state "sst".
 """
 from __future__ import annotations
 
@@ -17,7 +20,9 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from effjax.config import LinearConfig
+from effjax.layers.lora import LoRALinear
 from effjax.layers.monarch import MonarchLinear
+from effjax.layers.spectral import SSTLinear
 
 
 class DenseLinear(nn.Module):
@@ -47,4 +52,12 @@ def make_linear(config: LinearConfig, features: int, *, group: str, in_axis: str
   if kind == "monarch":
     return MonarchLinear(features=features, nblocks=config.nblocks, out_axis=out_axis,
                          dtype=dtype, param_dtype=param_dtype, name=name)
+  if kind == "lora":
+    return LoRALinear(features=features, rank=config.rank, in_axis=in_axis, out_axis=out_axis,
+                      alpha=config.lora_alpha, init_std=init_std, dtype=dtype,
+                      param_dtype=param_dtype, name=name)
+  if kind == "sst":
+    return SSTLinear(features=features, rank=config.rank, in_axis=in_axis, out_axis=out_axis,
+                     sampling=config.sst_sampling, init_std=init_std, dtype=dtype,
+                     param_dtype=param_dtype, name=name)
   raise ValueError(f"model.linear: no layer of kind {kind!r} for group {group!r}")

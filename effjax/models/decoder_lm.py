@@ -14,6 +14,8 @@ from effjax.layers.embeddings import Embed
 from effjax.layers.monarch import monarch_param_count
 from effjax.layers.mlp import SwiGLU
 from effjax.layers.norms import RMSNorm
+from effjax.moe.accounting import moe_macs_delta
+from effjax.moe.layer import MoELayer
 
 REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -25,11 +27,18 @@ REMAT_POLICIES = {
 class Block(nn.Module):
   config: ModelConfig
   train: bool = False  # training behaviour (router noise, train capacity, state updates)
+  layer: int = 0  # index in the stack (which layers are MoE); 0 under scan (all alike)
 
   @nn.compact
   def __call__(self, x_BLD, segment_ids_BL, positions_BL, step):
-    """`step`: int32 scalar, updates applied so far (for schedules inside layers)."""
+    """`step`: int32 scalar, updates applied so far (for schedules inside layers).
+
+    With MoE++ gating residuals the carry `x_BLD` is (x, previous router logits [B, L, R]).
+    """
     cfg = self.config
+    prev_logits = None
+    if isinstance(x_BLD, tuple):
+      x_BLD, prev_logits = x_BLD
     dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
     h_BLD = RMSNorm(cfg.norm_eps, dtype, param_dtype, name="attn_norm")(x_BLD)
     h_BLD = Attention(cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim, cfg.rope_theta,
@@ -37,9 +46,13 @@ class Block(nn.Module):
                       name="attn")(h_BLD, segment_ids_BL, positions_BL)
     x_BLD = nn.with_logical_constraint(x_BLD + h_BLD, ("batch", "length", "embed"))
     h_BLD = RMSNorm(cfg.norm_eps, dtype, param_dtype, name="mlp_norm")(x_BLD)
-    h_BLD = SwiGLU(cfg.d_ff, cfg.linear, cfg.init_std, dtype, param_dtype, name="mlp")(h_BLD)
+    if cfg.is_moe_layer(self.layer):
+      h_BLD, logits = MoELayer(cfg, self.train, name="mlp")(h_BLD, step, prev_logits)
+      prev_logits = logits if prev_logits is not None else None
+    else:
+      h_BLD = SwiGLU(cfg.d_ff, cfg.linear, cfg.init_std, dtype, param_dtype, name="mlp")(h_BLD)
     x_BLD = nn.with_logical_constraint(x_BLD + h_BLD, ("batch", "length", "embed"))
-    return x_BLD, None
+    return (x_BLD if prev_logits is None else (x_BLD, prev_logits)), None
 
 
 class DecoderLM(nn.Module):
@@ -63,6 +76,8 @@ class DecoderLM(nn.Module):
 
     embed = Embed(cfg.vocab_size, cfg.d_model, cfg.init_std, dtype, param_dtype, name="embed")
     x_BLD = nn.with_logical_constraint(embed(tokens_BL), ("batch", "length", "embed"))
+    if cfg.ffn == "moe" and cfg.moe.gating_residual:  # carry the router logits (MoE++)
+      x_BLD = (x_BLD, jnp.zeros(x_BLD.shape[:2] + (cfg.moe.num_routed,), jnp.float32))
 
     block = Block
     if cfg.remat != "none":
@@ -75,8 +90,10 @@ class DecoderLM(nn.Module):
       x_BLD, _ = stack(cfg, train, name="layers")(x_BLD, segment_ids_BL, positions_BL, step)
     else:
       for i in range(cfg.num_layers):
-        x_BLD, _ = block(cfg, train, name=f"layers_{i}")(x_BLD, segment_ids_BL, positions_BL,
-                                                          step)
+        x_BLD, _ = block(cfg, train, i, name=f"layers_{i}")(x_BLD, segment_ids_BL,
+                                                             positions_BL, step)
+    if isinstance(x_BLD, tuple):
+      x_BLD = x_BLD[0]
 
     x_BLD = RMSNorm(cfg.norm_eps, dtype, param_dtype, name="final_norm")(x_BLD)
     if cfg.tie_embeddings:
@@ -94,15 +111,20 @@ def count_params(params) -> int:
 
 
 def projection_macs_per_token(cfg: ModelConfig) -> int:
-  """Multiply-accumulates per token of all attention and MLP projections (= their weights)."""
+  """Multiply-accumulates per token of all attention and MLP projections (= their weights for
+  dense and Monarch; LoRA and SST also multiply by their frozen factors)."""
   total = 0
   for group, shapes in cfg.projection_shapes().items():
     for n_in, n_out in shapes:
       if cfg.linear.kind_for(group) == "monarch":
         total += monarch_param_count(n_in, n_out, cfg.linear.nblocks)
+      elif cfg.linear.kind_for(group) == "lora":  # x W0 + (x A) B
+        total += n_in * n_out + cfg.linear.rank * (n_in + n_out)
+      elif cfg.linear.kind_for(group) == "sst":  # ((x U) sigma) V^T over all k = min columns
+        total += min(n_in, n_out) * (n_in + n_out)
       else:
         total += n_in * n_out
-  return total * cfg.num_layers
+  return total * cfg.num_layers + moe_macs_delta(cfg)  # MoE layers: active experts only
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> dict[str, float]:

@@ -1,13 +1,15 @@
 """Checkpointing: one small wrapper over orbax's CheckpointManager.
 
 A checkpoint holds the train state (params, optimizer state, step, RNG) and the data
-iterator's state, so a resumed run sees exactly the batches it would have seen. Restoring goes
+iterator's state of every process (each reads its own share of the data, so each has its own
+position), so a resumed run sees exactly the batches it would have seen. Restoring goes
 into an abstract target that carries shardings, so a checkpoint written on one mesh restores onto
 another. A checkpoint that cannot be read is reported, moved aside (never deleted) and the
 previous one is used. Every process must call save and restore.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -43,6 +45,20 @@ def _describe_mismatch(on_disk: dict, expected: dict, limit: int = 5) -> str:
                     ("different shape", reshaped)) if items)
 
 
+def _allgather_json(value) -> list:
+  """[value of process 0, value of process 1, ...] for a JSON-able value, on every process."""
+  if jax.process_count() == 1:
+    return [value]
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  encoded = np.frombuffer(json.dumps(value).encode(), np.uint8)
+  lengths = multihost_utils.process_allgather(np.array([encoded.size], np.int32))
+  padded = np.zeros(int(lengths.max()), np.uint8)
+  padded[:encoded.size] = encoded
+  gathered = multihost_utils.process_allgather(padded)
+  return [json.loads(row[:int(n)].tobytes()) for row, n in zip(gathered, lengths.reshape(-1))]
+
+
 class Checkpointer:
 
   def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
@@ -63,16 +79,27 @@ class Checkpointer:
     return self._manager.latest_step()
 
   def save(self, step: int, state, data_state: dict) -> None:
+    """Every process calls this with its own iterator state; all of them are stored."""
+    data = {"processes": _allgather_json(data_state)}
     args = self._ocp.args.Composite(state=self._ocp.args.StandardSave(state),
-                                    data=self._ocp.args.JsonSave(data_state))
+                                    data=self._ocp.args.JsonSave(data))
     self._manager.save(step, args=args, force=True)
 
   def restore(self, step: int, abstract_state):
-    """(state, data_state) of checkpoint `step`, placed with the target's shardings."""
+    """(state, this process's data_state) of checkpoint `step`, placed with the target's
+    shardings. data_state is None when the checkpoint was written by a different number of
+    processes: the data shares differ, so no stored position applies."""
     args = self._ocp.args.Composite(state=self._ocp.args.StandardRestore(abstract_state),
                                     data=self._ocp.args.JsonRestore())
     restored = self._manager.restore(step, args=args)
-    return restored["state"], restored["data"]
+    data = restored["data"]
+    per_process = data["processes"] if "processes" in data else [data]  # older: one process
+    if len(per_process) != jax.process_count():
+      logging.warning("The checkpoint at step %d was written by %d process(es), this run has %d: "
+                      "the data iterators cannot continue from their stored positions.", step,
+                      len(per_process), jax.process_count())
+      return restored["state"], None
+    return restored["state"], per_process[jax.process_index()]
 
   def restore_latest(self, abstract_state):
     """(step, state, data_state) from the newest readable checkpoint, or None if there is none.

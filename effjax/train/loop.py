@@ -17,7 +17,10 @@ before and after the conversion (`densify_loss_before` / `densify_loss_after`).
 Dense-to-sparse (`train.init_from = DIR`): a fresh run (no checkpoint in its own workdir)
 takes the params of DIR's latest checkpoint, written by a run of the same model with every
 projection dense, projects them onto this model's Monarch layers (`surgery.
-project_params_to_monarch`) and starts with fresh optimizer state and step 0.
+project_params_to_monarch`) and starts with fresh optimizer state and step 0. When this
+model has MoE FFN layers (sparse upcycling), DIR's run has dense FFNs there, and each is first
+copied into every expert (`effjax.moe.upcycle_params`, optional noise model.moe.upcycle_noise;
+routers start fresh).
 """
 from __future__ import annotations
 
@@ -36,6 +39,9 @@ from effjax import config as config_lib
 from effjax.config import ExperimentConfig
 from effjax.data import pipeline
 from effjax.models.decoder_lm import DecoderLM, count_params, flops_per_token
+from effjax.moe.accounting import inactive_expert_params
+from effjax.moe.upcycle import upcycle_params
+from effjax.optim import lowrank
 from effjax.parallel import build_mesh
 from effjax.train import step as step_lib
 from effjax.train import surgery
@@ -57,6 +63,16 @@ class _StopFlag:
     del frame
     logging.warning("Received signal %d: saving a checkpoint and stopping.", signum)
     self.requested = True
+
+
+def _preemption_agreed(step: int) -> bool:
+  """True on every process at the same step once any process got SIGTERM (multi-process)."""
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  if multihost_utils.reached_preemption_sync_point(step):
+    logging.warning("Preemption notice on some process: all processes save at step %d and "
+                    "stop.", step)
+    return True
+  return False
 
 
 def _format_duration(seconds: float) -> str:
@@ -135,8 +151,11 @@ def _restore_latest(checkpointer: Checkpointer, abstract_for_step: Callable[[int
 
 
 def _init_from_dense(source: str, dense_model, model_abstract, model_shardings, tx, mesh,
-                     tcfg, seq_len: int):
-  """(params of this model projected from `source`'s latest checkpoint, its step, rel. error)."""
+                     tcfg, seq_len: int, moe_params=None, upcycle_noise: float = 0.0):
+  """(params of this model projected from `source`'s latest checkpoint, its step, rel. error).
+
+  With `moe_params` (this model's fresh params, when it has MoE layers) the dense FFNs are
+  first upcycled into every expert (`effjax.moe.upcycle_params`; router etc. kept fresh)."""
   directory = os.path.join(source, "checkpoints")
   if not os.path.isdir(directory):
     directory = source
@@ -157,10 +176,14 @@ def _init_from_dense(source: str, dense_model, model_abstract, model_shardings, 
   finally:
     source_ckpt.close()
   with step_lib.sharding_context(mesh):
+    source_params = dense_state.params
+    if moe_params is not None:
+      upcycle = lambda d, m: upcycle_params(d, m, jax.random.key(tcfg.seed + 1), upcycle_noise)
+      source_params = jax.jit(upcycle)(source_params, moe_params)
     params = jax.jit(surgery.project_params_to_monarch,
-                     out_shardings=model_shardings.params)(dense_state.params,
+                     out_shardings=model_shardings.params)(source_params,
                                                            model_abstract.params)
-    rel = float(jax.jit(surgery.projection_error)(dense_state.params, model_abstract.params))
+    rel = float(jax.jit(surgery.projection_error)(source_params, model_abstract.params))
   return params, step, rel
 
 
@@ -168,8 +191,7 @@ def compiled_step_on_one_batch(cfg: ExperimentConfig):
   """(compiled train step, fresh state, one real training batch) for timing the bare step."""
   mesh = build_mesh(cfg.mesh)
   model = DecoderLM(cfg.model)
-  tx = step_lib.make_optimizer(cfg.optim, cfg.train.num_steps)
-  lr_fn = step_lib.learning_rate_fn(cfg.optim, cfg.train.num_steps)
+  tx, lr_fn = lowrank.optimizer_for(cfg)  # AdamW unless a low-rank method is configured
   state, shardings = step_lib.create_train_state(model, tx, mesh, cfg.train.seed,
                                                  cfg.data.seq_len)
   train_step, _ = step_lib.compile_steps(model, tx, lr_fn, mesh, state, shardings,
@@ -177,6 +199,32 @@ def compiled_step_on_one_batch(cfg: ExperimentConfig):
   batch = next(pipeline.train_batches(cfg.data, mesh, global_batch_size=cfg.train.global_batch_size,
                                       seed=cfg.train.seed))  # real text, not zeros
   return train_step, state, batch
+
+
+def _lowrank_setup(cfg: ExperimentConfig, mesh, shardings, writer, step: int):
+  """Prints and logs trainable params and optimizer-state bytes of the configured method next
+  to full rank's (low-rank methods only); returns the between-step function, or None."""
+  if not lowrank.uses_lowrank(cfg):
+    return None
+  report = lowrank.memory_report(cfg)
+  logging.info("%s: %s trainable params, %.3f MiB optimizer state (%.3f MiB frozen model "
+               "state); full rank: %s trainable params, %.3f MiB optimizer state",
+               lowrank.describe_method(cfg), f"{report['trainable_params']:,}",
+               report["opt_state_bytes"] / 2**20, report["frozen_state_bytes"] / 2**20,
+               f"{report['full_rank_trainable_params']:,}",
+               report["full_rank_opt_state_bytes"] / 2**20)
+  writer.write(step, report)
+
+  def jit(fn):
+    with step_lib.sharding_context(mesh):
+      compiled = jax.jit(fn, in_shardings=(shardings,), out_shardings=shardings,
+                         donate_argnums=0)
+
+    def run(state):
+      with step_lib.sharding_context(mesh):
+        return compiled(state)
+    return run
+  return lowrank.make_periodic(cfg, jit)
 
 
 def train_and_evaluate(cfg: ExperimentConfig, workdir: str, *, devices=None,
@@ -190,8 +238,7 @@ def train_and_evaluate(cfg: ExperimentConfig, workdir: str, *, devices=None,
   os.makedirs(workdir, exist_ok=True)
   mesh = build_mesh(cfg.mesh, devices)
   pipeline.per_process_batch_size(tcfg.global_batch_size, mesh)  # fail early on a bad batch
-  lr_fn = step_lib.learning_rate_fn(cfg.optim, tcfg.num_steps)
-  tx = step_lib.make_optimizer(cfg.optim, tcfg.num_steps)
+  tx, lr_fn = lowrank.optimizer_for(cfg)  # AdamW unless a low-rank method is configured
   logging.info("mesh %s over %d devices (%s)", dict(mesh.shape), mesh.size,
                jax.devices()[0].device_kind)
   switch = tcfg.dense_from_step
@@ -221,16 +268,30 @@ def train_and_evaluate(cfg: ExperimentConfig, workdir: str, *, devices=None,
     _, model, abstract, shardings = phase(False)
     state, _ = step_lib.create_train_state(model, tx, mesh, tcfg.seed, cfg.data.seq_len)
     if tcfg.init_from:
+      moe = cfg.model.ffn == "moe"  # upcycling: the source has dense FFNs
       params, source_step, rel = _init_from_dense(
-          tcfg.init_from, DecoderLM(dense_model_cfg), abstract, shardings, tx, mesh, tcfg,
-          cfg.data.seq_len)
+          tcfg.init_from, DecoderLM(dataclasses.replace(dense_model_cfg, ffn="dense")),
+          abstract, shardings, tx, mesh, tcfg, cfg.data.seq_len,
+          moe_params=state.params if moe else None, upcycle_noise=cfg.model.moe.upcycle_noise)
       state = state.replace(params=params)  # AdamW's fresh state does not depend on values
-      logging.info("Initialised from %s (step %d): dense weights projected onto Monarch with "
-                   "relative Frobenius error %.4f.", tcfg.init_from, source_step, rel)
+      if moe:
+        logging.info("Initialised from %s (step %d): each dense FFN copied into %d experts "
+                     "(noise %g).", tcfg.init_from, source_step, cfg.model.moe.num_experts,
+                     cfg.model.moe.upcycle_noise)
+      if not moe or cfg.model.linear.uses_monarch:
+        logging.info("Initialised from %s (step %d): dense weights projected onto Monarch "
+                     "with relative Frobenius error %.4f.", tcfg.init_from, source_step, rel)
       writer.write(0, {"init_from_step": source_step, "projection_rel_error": rel})
   else:
     start, state, data_state = restored
-    train_iter.set_state(data_state)
+    if data_state is None:  # written by another process count: fresh shares, a new order
+      train_iter = pipeline.train_batches(cfg.data, mesh,
+                                          global_batch_size=tcfg.global_batch_size,
+                                          seed=tcfg.seed + start)
+      logging.warning("Data iterators restart on this run's per-process shares with seed %d.",
+                      tcfg.seed + start)
+    else:
+      train_iter.set_state(data_state)
     writer.write(start, {"event": "resumed"})
     logging.info("Resumed from the checkpoint at step %d.", start)
   _write_config(workdir, cfg, start)
@@ -248,17 +309,25 @@ def train_and_evaluate(cfg: ExperimentConfig, workdir: str, *, devices=None,
                  flops["forward"], flops["train"], tokens_per_step, tcfg.num_steps)
     writer.write(step, {"params": n_params, "flops_per_token": flops["train"],
                         "forward_flops_per_token": flops["forward"]})
+    if model_cfg.ffn == "moe":  # total vs per-token parameters
+      active = n_params - inactive_expert_params(model_cfg)
+      logging.info("MoE: %s parameters active per token of %s", f"{active:,}", f"{n_params:,}")
+      writer.write(step, {"active_params": active})
     compiled = step_lib.compile_steps(model, tx, lr_fn, mesh, abstract, shardings, batch_shape)
     _print_memory_analysis(compiled[0])
     return compiled
 
   train_step, eval_step = enter_phase(dense_at(start), start, state.params)
+  periodic = _lowrank_setup(cfg, mesh, phase(dense_at(start))[3], writer, start)
 
   if start >= tcfg.num_steps:
     logging.info("The checkpoint at step %d already completes train.num_steps=%d; nothing to "
                  "do. Raise --config.train.num_steps to train further.", start, tcfg.num_steps)
   stop_flag = _StopFlag()
-  previous_handler = signal.signal(signal.SIGTERM, stop_flag)
+  # One process: our own SIGTERM handler. Several: JAX's preemption service already catches
+  # SIGTERM on whichever process gets it and all processes agree on the step to stop at.
+  multi_process = jax.process_count() > 1
+  previous_handler = (None if multi_process else signal.signal(signal.SIGTERM, stop_flag))
   last = {}
   pending = []  # (step, device metrics) not yet fetched
 
@@ -325,12 +394,15 @@ def train_and_evaluate(cfg: ExperimentConfig, workdir: str, *, devices=None,
       step += 1
       steps_since += 1
       pending.append((step, metrics))
+      if periodic is not None:  # between-step surgery: SST resample / ReLoRA merge when due
+        state = periodic(step, state)
       if switch and step == switch:  # reverse sparsification: Monarch -> dense, same function
         switch_start = time.perf_counter()
         state, train_step, eval_step = densify(state, batch, eval_step)
         t0 += time.perf_counter() - switch_start  # conversion and compilation are not step time
       final = step == tcfg.num_steps
-      stop = stop_flag.requested or (should_stop is not None and should_stop(step))
+      stop = (stop_flag.requested or (should_stop is not None and should_stop(step))
+              or (multi_process and _preemption_agreed(step)))
       evaluate_now = tcfg.eval_every and (step % tcfg.eval_every == 0 or final)
       save_now = final or stop or (tcfg.checkpoint_every and step % tcfg.checkpoint_every == 0)
       if step % tcfg.log_every == 0 or final or evaluate_now or save_now:
@@ -345,7 +417,36 @@ def train_and_evaluate(cfg: ExperimentConfig, workdir: str, *, devices=None,
         break
     checkpointer.wait()
   finally:
-    signal.signal(signal.SIGTERM, previous_handler)
+    if previous_handler is not None:
+      signal.signal(signal.SIGTERM, previous_handler)
     checkpointer.close()
     writer.close()
   return last
+
+
+def load_checkpoint(cfg: ExperimentConfig, workdir: str, *, devices=None):
+  """(step, TrainState, mesh) of the newest readable checkpoint in `workdir`, placed on the
+  mesh `cfg.mesh` describes (which may differ from the mesh it was written on).
+
+  For notebooks and analysis; training resumes by itself in train_and_evaluate.
+  """
+  mesh = build_mesh(cfg.mesh, devices)
+  tx, _ = lowrank.optimizer_for(cfg)
+  switch = cfg.train.dense_from_step
+  dense_cfg = dataclasses.replace(cfg.model, linear=cfg.model.linear.all_dense())
+
+  def abstract_for(step: int):
+    model_cfg = dense_cfg if switch and step >= switch else cfg.model
+    return step_lib.abstract_train_state(DecoderLM(model_cfg), tx, mesh, cfg.train.seed,
+                                         cfg.data.seq_len)[0]
+
+  checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"),
+                              keep=cfg.train.keep_checkpoints, async_save=False)
+  try:
+    restored = _restore_latest(checkpointer, abstract_for)
+  finally:
+    checkpointer.close()
+  if restored is None:
+    raise FileNotFoundError(f"no checkpoint in {os.path.join(workdir, 'checkpoints')}")
+  step, state, _ = restored
+  return step, state, mesh

@@ -10,6 +10,7 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from effjax.config import OptimConfig
@@ -135,7 +136,8 @@ def apply_model(model, params, model_state, inputs, segment_ids, positions, *, t
   logits, sown = model.apply({"params": params, **model_state}, inputs, segment_ids, positions,
                              train=train, step=step, rngs=rngs, mutable=mutable)
   aux_terms = jax.tree.leaves(sown.get("aux_loss", {}))
-  aux_loss = sum(aux_terms, jnp.zeros((), jnp.float32))
+  # jnp.sum: under scan_layers each sown term has a leading layers axis
+  aux_loss = sum((jnp.sum(t) for t in aux_terms), jnp.zeros((), jnp.float32))
   metrics = _flatten_sown(sown.get("metrics", {}))
   if aux_terms:
     metrics["aux_loss"] = aux_loss
@@ -214,3 +216,13 @@ def compile_steps(model, tx, lr_fn, mesh, state, state_shardings, batch_shape):
                        in_shardings=(state_shardings.params, state_shardings.model_state, data)
                        ).lower(state.params, state.model_state, batch).compile()
   return train, evaluate
+
+
+def state_bytes_per_device(abstract_state) -> int:
+  """Bytes one device holds of `abstract_state` (ShapeDtypeStructs carrying shardings):
+  its shard of every params, optimizer and model-state array."""
+  total = 0
+  for leaf in jax.tree.leaves(abstract_state):
+    shard = leaf.sharding.shard_shape(leaf.shape)
+    total += int(np.prod(shard)) * leaf.dtype.itemsize
+  return total

@@ -1,0 +1,30 @@
+"""Parameter and FLOP accounting of MoE layers (total vs active per token)."""
+from __future__ import annotations
+
+from effjax.config import ModelConfig
+
+
+def moe_layer_count(cfg: ModelConfig) -> int:
+  return sum(cfg.is_moe_layer(i) for i in range(cfg.num_layers))
+
+
+def moe_macs_delta(cfg: ModelConfig) -> int:
+  """MACs per token to add to the all-dense-FFN count for cfg's MoE layers: minus the dense
+  SwiGLU (3 D d_ff), plus the router (D R), the active FFN experts (active x 3 D F), shared
+  experts, the gating residual (R^2) and constant-expert gates (2 D Nc). Zero-computation
+  experts are not free of work but have no matmul; with them `active` is an upper bound."""
+  n = moe_layer_count(cfg)
+  if not n:
+    return 0
+  m, d = cfg.moe, cfg.d_model
+  r, f = m.num_routed, cfg.moe_d_ff
+  per_layer = (-3 * d * cfg.d_ff + d * r + (m.active_ffn_experts + m.num_shared_experts) * 3 * d * f
+               + 2 * d * m.num_constant_experts + (r * r if m.gating_residual else 0))
+  return n * per_layer
+
+
+def inactive_expert_params(cfg: ModelConfig) -> int:
+  """FFN expert params a token does not use: (E - active) x 3 D F per MoE layer."""
+  m = cfg.moe
+  return moe_layer_count(cfg) * (m.num_experts - m.active_ffn_experts) * 3 * cfg.d_model * \
+      cfg.moe_d_ff

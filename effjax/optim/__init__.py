@@ -1,0 +1,1 @@
+"""optax transformations and schedules: GaLore, the jagged (re-warm) schedule, SST/ReLoRA."""

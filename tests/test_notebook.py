@@ -1,0 +1,27 @@
+"""The Colab quickstart executes top to bottom on CPU, headless, so it cannot rot."""
+import os
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NOTEBOOK = os.path.join(REPO, "experiments", "colab", "quickstart.ipynb")
+
+
+@pytest.mark.slow
+def test_quickstart_notebook_executes(tfds_dir, monkeypatch):
+  nbformat = pytest.importorskip("nbformat")
+  nbclient = pytest.importorskip("nbclient")
+  monkeypatch.setenv("TFDS_DATA_DIR", tfds_dir)  # the kernel inherits this environment
+  notebook = nbformat.read(NOTEBOOK, as_version=4)
+  code = "\n".join(c.source for c in notebook.cells if c.cell_type == "code")
+  assert "def " not in code  # it calls the library; it defines no training code of its own
+  client = nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3",
+                                   resources={"metadata": {"path": REPO}})
+  client.execute()  # raises CellExecutionError, with the cell and traceback, on any error
+  outputs = [o for c in notebook.cells if c.cell_type == "code" for o in c.outputs]
+  assert not [o for o in outputs if o.output_type == "error"]
+  text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
+  assert "restored step 40 on mesh" in text
+  assert "['embed']['embedding']" in text  # the sharding table lists every weight
+  images = [o for o in outputs if "image/png" in o.get("data", {})]
+  assert images, "the loss plot was not drawn"
