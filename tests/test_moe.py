@@ -77,6 +77,32 @@ def test_dropless_equals_capacity_when_nothing_drops_and_runs_are_bitwise_equal(
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_pallas_gmm_dropless_equals_ragged_dot(monkeypatch):
+  """gmm_impl=pallas through the seam, with the Triton-style kernel run in Pallas's
+  interpreter (on CPU the platform default would be the jnp reference); one expert gets no
+  token (a strongly biased router)."""
+  from effjax.moe import gmm as gmm_seam
+  from pallas_kernels.grouped_matmul import Tiles, Tiling, gmm
+  interpreted = functools.partial(gmm, implementation="gpu", interpret=True,
+                                  tiling=Tiling(fwd=Tiles(16, 16, 16)))
+  monkeypatch.setitem(gmm_seam.GMM_IMPLS, "pallas",
+                      lambda lhs, rhs, sizes, group_offset=None: interpreted(
+                          lhs, rhs, sizes, group_offset=group_offset))
+  x = jnp.abs(_x())  # positive inputs, so a very negative router column means "never chosen"
+  reference = _layer(num_experts=4, top_k=2, dispatch="dropless", gmm_impl="ragged_dot")
+  pallas = _layer(num_experts=4, top_k=2, dispatch="dropless", gmm_impl="pallas")
+  params = _params(reference, x)
+  params["router"] = params["router"].at[:, 3].set(-1e3)
+  _, sown = reference.apply({"params": params}, x, mutable=["metrics", "aux_loss"])
+  assert float(sown["metrics"]["expert_load"][0][3]) == 0  # expert 3: an empty group
+  (_, y_ref), g_ref = _value_and_grad(reference)(params, x)
+  (_, y_pal), g_pal = _value_and_grad(pallas)(params, x)
+  assert float(jnp.linalg.norm(y_ref)) > 0
+  assert np.isfinite(np.asarray(y_pal)).all()
+  assert _max_rel(y_pal, y_ref) < 1e-5
+  assert _max_rel(g_pal, g_ref) < 1e-5
+
+
 def test_capacity_dispatch_drops_overflow_in_slot_order_and_reports_it():
   # 6 tokens, all first choices on expert 0, second choices on expert 1; capacity 2
   t = 6
