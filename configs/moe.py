@@ -1,5 +1,6 @@
 """Mixture-of-Experts LM configs: --config=configs/moe.py:VARIANT[,BASE] (BASE: a configs/lm.py
-variant, default tiny). Every layer's FFN is MoE (model.moe.every_n=2: every second layer).
+variant, default tiny). Every layer's FFN is MoE (model.moe.every_n=1; 2 would make every
+second layer MoE).
 
 Routed experts have width d_ff / 2, so top-2 routing uses as many FFN parameters per token as
 the dense base ("equal active parameters"):
