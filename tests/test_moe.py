@@ -17,6 +17,7 @@ from configs import moe as moe_configs
 from effjax import config as config_lib
 from effjax.config import MeshConfig, ModelConfig, MoEConfig
 from effjax.models.decoder_lm import DecoderLM, count_params, flops_per_token
+from effjax.moe import gmm as gmm_lib
 from effjax.moe import routers
 from effjax.moe.accounting import inactive_expert_params
 from effjax.moe.dispatch import capacity_dispatch, dropless_dispatch
@@ -280,6 +281,13 @@ def test_moe_layer_refuses_an_expert_axis_that_does_not_divide_the_experts():
 def test_moe_config_variants_are_valid(variant):
   cfg = config_lib.from_config_dict(moe_configs.get_config(f"{variant},test"))
   assert cfg.model.ffn == "moe"
+
+
+def test_gmm_impl_pallas_is_valid_and_every_config_name_is_registered():
+  c = moe_configs.get_config("top2,test")
+  c.model.moe.gmm_impl = "pallas"
+  assert config_lib.from_config_dict(c).model.moe.gmm_impl == "pallas"
+  assert set(config_lib.MOE_GMM_IMPLS) == set(gmm_lib.GMM_IMPLS)
 
 
 # ------------------------------------------------------------------------ the LM

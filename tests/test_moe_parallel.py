@@ -1,6 +1,8 @@
 """Expert parallelism over 4 and 8 simulated devices (tests/conftest.py sets 8) against one
 device: forward and gradients, buffer overflow reporting and re-routing. Every step is
 blocked (jax.block_until_ready): un-blocked collective loops can hang on 2 cores."""
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -8,9 +10,11 @@ import numpy as np
 import pytest
 
 from effjax.config import MeshConfig, ModelConfig, MoEConfig
+from effjax.moe import gmm as gmm_lib
 from effjax.moe.layer import MoELayer
 from effjax.parallel import build_mesh
 from effjax.train import step as step_lib
+from pallas_kernels.grouped_matmul import gmm as pallas_gmm
 
 D, F = 8, 16
 
@@ -74,3 +78,17 @@ def test_buffer_overflow_is_counted_and_rerouting_reduces_it(setup):
   np.testing.assert_allclose(float(m_re["dropped_fraction"][0]), dropped - rerouted, atol=1e-6)
   assert _rel(y_drop, y_ref) > 1e-3  # dropped pairs change the output (residual only)
   assert _rel(y_re, y_ref) > 1e-3
+
+
+def test_expert_parallel_with_the_pallas_gmm_equals_one_device(setup, monkeypatch):
+  # each device multiplies its local experts' rows with its local group sizes (no
+  # group_offset); the GPU kernel runs in Pallas's interpreter on a CPU
+  monkeypatch.setitem(gmm_lib.GMM_IMPLS, "pallas", functools.partial(pallas_gmm, interpret=True))
+  _, params, x, ((_, (y_ref, _)), g_ref) = setup
+  mesh = build_mesh(MeshConfig(data=1, expert=4), jax.devices()[:4])
+  (_, (y, metrics)), grads = _run(_layer(num_experts=8, top_k=2, gmm_impl="pallas"), params, x,
+                                  mesh)
+  assert float(metrics["dropped_fraction"][0]) == 0
+  assert _rel(y, y_ref) < 1e-5
+  for (path, g), r in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(g_ref)):
+    assert _rel(g, r) < 1e-5, path
