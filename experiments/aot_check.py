@@ -39,6 +39,7 @@ def main(argv):
   from effjax.models.decoder_lm import DecoderLM, count_params  # pylint: disable=g-import-not-at-top
   from effjax.parallel import build_mesh  # pylint: disable=g-import-not-at-top
   from effjax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from effjax.optim import lowrank  # pylint: disable=g-import-not-at-top
   from effjax.train import step as step_lib  # pylint: disable=g-import-not-at-top
 
   if jax.device_count() != _NUM_DEVICES.value:
@@ -50,8 +51,7 @@ def main(argv):
   except ValueError as e:
     raise SystemExit(f"config error: {e}") from None
   model = DecoderLM(cfg.model)
-  tx = step_lib.make_optimizer(cfg.optim, cfg.train.num_steps)
-  lr_fn = step_lib.learning_rate_fn(cfg.optim, cfg.train.num_steps)
+  tx, lr_fn = lowrank.optimizer_for(cfg)  # the trainer's own optimizer, low-rank methods too
   abstract, shardings = step_lib.abstract_train_state(model, tx, mesh, cfg.train.seed,
                                                       cfg.data.seq_len)
   batch_shape = (cfg.train.global_batch_size, cfg.data.seq_len + 1)

@@ -42,10 +42,7 @@ from effjax import config as config_lib
 from effjax.data import pipeline
 from effjax.models.decoder_lm import DecoderLM
 from effjax.moe.layer import MoELayer
-from effjax.parallel import build_mesh
-from effjax.train.checkpoint import Checkpointer
-from effjax.train.loop import train_and_evaluate
-from effjax.train import step as step_lib
+from effjax.train.loop import load_checkpoint, train_and_evaluate
 from effjax.train.metrics import read_metrics
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A new directory; one subdirectory per variant.",
@@ -78,16 +75,8 @@ def variant_config(name: str):
 
 
 def _restore_params(cfg, workdir):
-  mesh = build_mesh(cfg.mesh)
-  model = DecoderLM(cfg.model)
-  tx = step_lib.make_optimizer(cfg.optim, cfg.train.num_steps)
-  abstract, _ = step_lib.abstract_train_state(model, tx, mesh, cfg.train.seed, cfg.data.seq_len)
-  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
-  try:
-    state, _ = ckpt.restore(ckpt.latest_step(), abstract)
-  finally:
-    ckpt.close()
-  return mesh, model, state
+  _, state, mesh = load_checkpoint(cfg, workdir)
+  return mesh, DecoderLM(cfg.model), state
 
 
 def expert_layer_throughput(cfg, workdir) -> dict:
