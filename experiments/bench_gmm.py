@@ -4,6 +4,7 @@
   python -m experiments.bench_gmm --out=gmm.json            # also records the rows as JSON
   python -m experiments.bench_gmm --shapes=mixtral --tiles_fwd=128,64,256 --iters=50
   python -m experiments.bench_gmm --preset=cpu              # 2-core CPU: a couple of minutes
+  python -m experiments.bench_gmm --nokernels               # correctness + whole MoE layers
 
 Per shape [m, k] x [G, k, n] and group-size distribution, each direction of the MoE expert
 matmul is timed on its own: forward (out = gmm(x, w)), input gradient (dx = gmm(dout, w.T)),
@@ -41,6 +42,15 @@ CPU preset: mixtral_tiny [2048, 256] x [8, 256, 896], deepseek_tiny [1024, 256] 
 Distributions: balanced (m / G rows each, remainder spread) and skewed (a multinomial draw of
 m rows over G experts with Dirichlet(0.5) probabilities, seeded: a few hot experts, some
 nearly empty).
+
+Whole MoE layer (--moe_layer, on by default): effjax.moe.MoELayer (router, dispatch, SwiGLU
+experts, combine, aux losses) forward + backward with respect to its params and input, per
+implementation: dropless with gmm_impl=pallas, dropless with gmm_impl=ragged_dot, and the
+capacity einsum (capacity factor 1.25; what it drops is printed). The router at init routes
+nearly uniformly; its load max/mean is printed. Layers (T tokens, D, expert width F, E, k):
+mixtral (4096, 4096, 14336, 8, 2) and deepseek_v2_lite (4096, 2048, 1408, 64, 6) on a GPU;
+mixtral_tiny (1024, 256, 896, 8, 2) and deepseek_tiny (256, 256, 128, 64, 4) on the CPU
+preset, where gmm_impl=pallas is the jnp reference (the platform default there).
 """
 from __future__ import annotations
 
@@ -48,7 +58,6 @@ import functools
 import json
 import statistics
 import time
-from typing import Callable
 
 from absl import app
 from absl import flags
@@ -89,15 +98,28 @@ _WARMUP = flags.DEFINE_integer("warmup", None, "Untimed calls after compilation 
                                 "for gpu, 1 for cpu).")
 _ITERS = flags.DEFINE_integer("iters", None, "Timed calls; the median is reported (default: "
                               "20 for gpu, 5 for cpu).")
-_MOE_LAYER = flags.DEFINE_bool("moe_layer", False, "Also time whole MoE layers (fwd+bwd) per "
-                               "gmm implementation, from MOE_LAYER_BENCHMARKS.")
+_KERNELS = flags.DEFINE_bool("kernels", True, "Time each direction of the grouped matmul "
+                             "(--nokernels: only the correctness check and the MoE layers).")
+_MOE_LAYER = flags.DEFINE_bool("moe_layer", True, "Also time whole MoE layers (forward + "
+                               "backward) with each implementation (MOE_LAYER_IMPLS).")
 _OUT = flags.DEFINE_string("out", "", "Optional JSON file for the results.")
 
-# Whole-MoE-layer rows. effjax/moe is written separately; when its dropless layer exists,
-# register a builder here: name -> fn(gmm_implementation: str, dtype) returning
-# (step_fn, args, flops) where step_fn(*args) runs the layer forward and backward. main()
-# times every registered builder for every gmm implementation with the same _time helper.
-MOE_LAYER_BENCHMARKS: dict[str, Callable] = {}
+# Whole MoE layers (effjax.moe.MoELayer, router included): name -> (tokens T, d_model D,
+# expert width F, experts E, top-k). T x k equals the rows m of the gmm shape of that family.
+GPU_MOE_LAYERS = {
+    "mixtral": (4096, 4096, 14336, 8, 2),
+    "deepseek_v2_lite": (4096, 2048, 1408, 64, 6),
+}
+CPU_MOE_LAYERS = {
+    "mixtral_tiny": (1024, 256, 896, 8, 2),
+    "deepseek_tiny": (256, 256, 128, 64, 4),
+}
+# layer implementation name -> (model.moe.dispatch, model.moe.gmm_impl)
+MOE_LAYER_IMPLS = {
+    "dropless/pallas": ("dropless", "pallas"),
+    "dropless/ragged_dot": ("dropless", "ragged_dot"),
+    "capacity einsum": ("capacity", "ragged_dot"),  # gmm_impl unused by capacity dispatch
+}
 
 
 # --------------------------------------------------------------------------- group sizes
@@ -309,6 +331,55 @@ def _timing_line(row, names):
   return "| " + " | ".join(cells) + " |"
 
 
+# -------------------------------------------------------------------------- MoE layers
+
+def moe_layer_row(layer_name, spec, impl_name, dispatch, gmm_impl, dtype) -> dict:
+  """Times one MoE layer's jitted value-and-gradient with the given dispatch / gmm_impl."""
+  import flax.linen as nn  # the kernel benchmark above does not need flax
+  from effjax.config import ModelConfig, MoEConfig
+  from effjax.moe.layer import MoELayer
+
+  t, d, f, e, k = spec
+  name = jnp.dtype(dtype).name
+  cfg = ModelConfig(d_model=d, d_ff=f, num_heads=1, num_kv_heads=1, ffn="moe", dtype=name,
+                    param_dtype=name, moe=MoEConfig(num_experts=e, top_k=k, d_ff=f,
+                                                    dispatch=dispatch, gmm_impl=gmm_impl))
+  layer = MoELayer(cfg, train=True)
+  keys = jax.random.split(jax.random.key(0), 3)
+  x = jax.random.normal(keys[0], (1, t, d), dtype)
+  g = jax.random.normal(keys[1], (1, t, d), jnp.float32)
+  params = nn.meta.unbox(jax.jit(layer.init)(keys[2], x)["params"])
+
+  def forward(params, x):
+    (y, _), sown = layer.apply({"params": params}, x, mutable=["aux_loss", "metrics"])
+    aux = sum(jnp.sum(v) for v in jax.tree.leaves(sown.get("aux_loss", {})))
+    metrics = {key: v[0] for key, v in sown["metrics"].items()}
+    return jnp.sum(y.astype(jnp.float32) * g) + aux, metrics
+
+  step = jax.value_and_grad(forward, argnums=(0, 1), has_aux=True)
+  (_, metrics), _ = jax.jit(step)(params, x)
+  r = _time(step, (params, x))
+  flops = 18 * t * k * d * f  # 3 expert matmuls x (forward + 2 gradients), 2 T k D F each
+  return dict(layer=layer_name, impl=impl_name, tokens=t, d_model=d, d_ff=f, experts=e,
+              top_k=k, flops=flops, tflops=flops / r["seconds"] / 1e12,
+              load_max_over_mean=float(metrics["load_max_over_mean"]),
+              dropped_fraction=float(metrics["dropped_fraction"]), **r)
+
+
+_MOE_LAYER_HEADER = ("| layer (T, D, F, E, k) | implementation | ms | {unit} | temp MiB | "
+                     "load max/mean | dropped |\n|---|---|---:|---:|---:|---:|---:|")
+
+
+def _moe_layer_line(row) -> str:
+  if "error" in row:
+    return f"| {row['layer']} | {row['impl']} | error: {row['error']} | | | | |"
+  temp = "-" if row["temp_mib"] is None else f"{row['temp_mib']:.4g}"
+  spec = ", ".join(str(row[key]) for key in ("tokens", "d_model", "d_ff", "experts", "top_k"))
+  return (f"| {row['layer']} ({spec}) | {row['impl']} | {row['seconds'] * 1e3:.4g} | "
+          f"{row['flops'] / row['seconds'] / _flops_unit()[1]:.3g} | {temp} | "
+          f"{row['load_max_over_mean']:.2f} | {row['dropped_fraction']:.3f} |")
+
+
 def main(argv):
   del argv
   device = jax.devices()[0]
@@ -351,9 +422,9 @@ def main(argv):
   impls = {name: IMPLS[name] for name in names}
   if not on_gpu and "effjax" in impls:
     impls["effjax"] = None  # the GPU kernel cannot run here
-  if not cpu and not on_gpu:
+  if _KERNELS.value and not cpu and not on_gpu:
     print("\nThe gpu preset's shapes need a GPU; use --preset=cpu here.")
-  else:
+  elif _KERNELS.value:
     warmup, iters = _warmup_and_iters()
     print(f"\nPer direction, {jnp.dtype(dtype).name}; median of {iters} calls after "
           f"{warmup} warm-up calls; {_flops_unit()[0]} = 2 m k n / time; temp MiB = "
@@ -363,15 +434,25 @@ def main(argv):
     results["timing"] = timing_rows(impls, shapes, dtype)
 
   if _MOE_LAYER.value:
-    if not MOE_LAYER_BENCHMARKS:
-      print("\nNo MoE layer benchmark registered yet (MOE_LAYER_BENCHMARKS is empty).")
-    for layer_name, build in MOE_LAYER_BENCHMARKS.items():
-      for impl in ("gpu" if on_gpu else "reference", "ragged_dot"):
-        step_fn, args, flops = build(impl, dtype)
-        r = _time(step_fn, args)
-        print(f"MoE layer {layer_name}, gmm={impl}: {flops / r['seconds'] / 1e12:.3g} TF/s, "
-              f"{r['seconds'] * 1e3:.3g} ms, temp {r['temp_mib']} MiB")
-        results.setdefault("moe_layer", []).append(dict(layer=layer_name, gmm=impl, **r))
+    layers = CPU_MOE_LAYERS if cpu else GPU_MOE_LAYERS
+    if not cpu and not on_gpu:
+      print("\nThe gpu preset's MoE layers need a GPU; use --preset=cpu here.")
+    else:
+      print(f"\nWhole MoE layer (router, dispatch, SwiGLU experts, combine), forward + backward "
+            f"w.r.t. params and input, {jnp.dtype(dtype).name}; {_flops_unit()[0]} = useful "
+            "expert FLOPs 18 T k D F / time; capacity factor 1.25"
+            + ("; on a CPU gmm_impl=pallas runs the jnp reference" if not on_gpu else "") + ":")
+      print(_MOE_LAYER_HEADER.format(unit=_flops_unit()[0]), flush=True)
+      results["moe_layer"] = []
+      for layer_name, spec in layers.items():
+        for impl_name, (dispatch, gmm_impl) in MOE_LAYER_IMPLS.items():
+          try:
+            row = moe_layer_row(layer_name, spec, impl_name, dispatch, gmm_impl, dtype)
+          except Exception as e:  # pylint: disable=broad-except  (e.g. out of memory)
+            row = dict(layer=layer_name, impl=impl_name,
+                       error=f"{type(e).__name__}: {str(e).splitlines()[0][:80]}")
+          results["moe_layer"].append(row)
+          print(_moe_layer_line(row), flush=True)
 
   if _OUT.value:
     with open(_OUT.value, "w", encoding="utf-8") as f:
