@@ -78,17 +78,27 @@ def test_dropless_equals_capacity_when_nothing_drops_and_runs_are_bitwise_equal(
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def _use_interpreted_pallas_gmm(monkeypatch):
+  """gmm_impl=pallas runs the Triton-style GPU kernel in Pallas's interpreter (16-wide tiles,
+  so the small test shapes span several tiles), not the CPU's platform default (the jnp
+  reference). Returns the list of rhs shapes it was traced with."""
+  from pallas_kernels.grouped_matmul import Tiles, Tiling, gmm
+  interpreted = functools.partial(gmm, implementation="gpu", interpret=True,
+                                  tiling=Tiling(fwd=Tiles(16, 16, 16)))  # all 3 directions
+  traced = []  # one entry per trace: proves the model really went through this seam
+
+  def pallas(lhs, rhs, sizes, group_offset=None):
+    traced.append(rhs.shape)
+    return interpreted(lhs, rhs, sizes, group_offset=group_offset)
+  monkeypatch.setitem(gmm_lib.GMM_IMPLS, "pallas", pallas)
+  return traced
+
+
 def test_pallas_gmm_dropless_equals_ragged_dot(monkeypatch):
   """gmm_impl=pallas through the seam, with the Triton-style kernel run in Pallas's
   interpreter (on CPU the platform default would be the jnp reference); one expert gets no
   token (a strongly biased router)."""
-  from effjax.moe import gmm as gmm_seam
-  from pallas_kernels.grouped_matmul import Tiles, Tiling, gmm
-  interpreted = functools.partial(gmm, implementation="gpu", interpret=True,
-                                  tiling=Tiling(fwd=Tiles(16, 16, 16)))
-  monkeypatch.setitem(gmm_seam.GMM_IMPLS, "pallas",
-                      lambda lhs, rhs, sizes, group_offset=None: interpreted(
-                          lhs, rhs, sizes, group_offset=group_offset))
+  _use_interpreted_pallas_gmm(monkeypatch)
   x = jnp.abs(_x())  # positive inputs, so a very negative router column means "never chosen"
   reference = _layer(num_experts=4, top_k=2, dispatch="dropless", gmm_impl="ragged_dot")
   pallas = _layer(num_experts=4, top_k=2, dispatch="dropless", gmm_impl="pallas")
@@ -193,6 +203,31 @@ def test_dense_to_sparse_gate_goes_from_uniform_dense_to_top1():
   np.testing.assert_allclose(taus, [2.0, 1.0, 0.5, 0.5], rtol=1e-6)  # exponential, then held
 
 
+def test_hard_gumbel_gate_is_top1_with_straight_through_gradient_once_annealed():
+  cfg = MoEConfig(num_experts=4, router="dense_to_sparse", temp_start=2.0, temp_end=0.5,
+                  anneal_steps=10, anneal="linear", threshold=0.05, hard_gumbel=True)
+  assert float(routers.temperature(10, cfg)) == np.float32(0.5)  # exactly temp_end: hard
+  logits = jax.random.normal(jax.random.key(0), (6, 4))
+  combine = jax.random.normal(jax.random.key(1), (6, 4))  # a fixed use of the weights
+
+  def routed(logits, step):
+    r, extra = routers.route(logits, cfg, train=True, temperature=routers.temperature(step, cfg))
+    return jnp.sum(r.weights * combine), (r, extra)
+
+  (_, (soft, extra_soft)), _ = jax.value_and_grad(routed, has_aux=True)(logits, 9)
+  (_, (hard, extra)), grad = jax.value_and_grad(routed, has_aux=True)(logits, 10)
+  assert float(extra_soft["hard_gate"]) == 0 and float(extra["hard_gate"]) == 1
+  assert int(jnp.sum(soft.valid)) > 6  # one step before the end: still more than top-1
+  best = jnp.argmax(logits, axis=-1)
+  np.testing.assert_array_equal(hard.valid, jax.nn.one_hot(best, 4, dtype=bool))
+  np.testing.assert_allclose(hard.weights, jax.nn.one_hot(best, 4), atol=1e-6)  # weight 1
+  # the gradient is the soft gate's (straight-through), not zero
+  gate = lambda l: jax.nn.softmax(l / 0.5, axis=-1)
+  expected = jax.grad(lambda l: jnp.sum(jax.nn.one_hot(best, 4) * gate(l) * combine))(logits)
+  assert float(jnp.linalg.norm(grad)) > 0
+  np.testing.assert_allclose(grad, expected, rtol=1e-5, atol=1e-7)
+
+
 def test_selection_bias_moves_a_skewed_router_toward_balance():
   layer = _layer(num_experts=4, top_k=1, router="sigmoid_bias", bias_rate=0.02,
                  aux_loss_weight=0.0)
@@ -257,6 +292,9 @@ def test_zero_copy_constant_experts_discard_identity_and_constant_mix():
     (dict(dispatch="ragged"), {}, r"model.moe.dispatch='ragged' is not one of"),
     (dict(gmm_impl="triton"), {}, r"model.moe.gmm_impl='triton' is not one of"),
     (dict(ep_reroute=True, num_experts=4, top_k=3), {}, r"ep_reroute needs 2 \* top_k"),
+    (dict(hard_gumbel=True), {}, r"hard_gumbel is a phase of the dense_to_sparse router, not "
+                                 r"of router='softmax_topk'"),
+    (dict(upcycle_mask=1.0), {}, r"upcycle_mask must be in \[0, 1\), got 1.0"),
 ])
 def test_bad_moe_config_fails_clearly(moe, mesh, message):
   c = lm_configs.get_config("tiny")
@@ -325,6 +363,16 @@ def test_upcycled_moe_computes_the_dense_function_at_step_0():
   assert _max_rel(moe_apply({"params": noisy}, tokens), dense_logits) < 0.05
   with pytest.raises(ValueError, match=r"layers_0/mlp: the MoE layer has no dense SwiGLU"):
     upcycle_params(moe_params, moe_params)
+  # EvoMoE's expert-diversify: each copy keeps a random ~75% of the dense weights, unscaled
+  masked = upcycle_params(dense_params, moe_params, jax.random.key(5), mask=0.25)
+  for name in ("wi_gate", "wi_up", "wo"):
+    experts, dense_w = masked["layers_0"]["mlp"][name], dense_params["layers_0"]["mlp"][name]
+    kept = experts != 0
+    np.testing.assert_array_equal(jnp.where(kept, dense_w["kernel"][None], 0), experts)
+    assert 0.2 < 1 - float(jnp.mean(kept)) < 0.3
+    assert bool(jnp.any(kept[0] != kept[1]))  # a different mask per expert
+  with pytest.raises(ValueError, match=r"mask=0.25 need an rng"):
+    upcycle_params(dense_params, moe_params, mask=0.25)
 
 
 def test_lm_counts_total_and_active_params_and_flops():
@@ -345,8 +393,9 @@ def test_lm_counts_total_and_active_params_and_flops():
 # (the routers, both dispatch modes and every expert type spread over four compilations)
 # (Mixtral's top-k-then-softmax differs from softmax_topk only in the weights: see
 # test_topk_routers_weights_and_ties)
-TRAIN_CASES = {
-    "top2_dropless_moepp_shared": dict(router="softmax_topk", num_zero_experts=1,
+TRAIN_CASES = {  # the top-2 case runs its expert matmuls on the (interpreted) Pallas gmm
+    "top2_dropless_pallas_moepp_shared": dict(router="softmax_topk", gmm_impl="pallas",
+                                              num_zero_experts=1,
                                        num_copy_experts=1, num_constant_experts=1,
                                        gating_residual=True, num_shared_experts=1),
     "sigmoid_bias_capacity": dict(router="sigmoid_bias", aux_loss_weight=0.0, bias_rate=0.01,
@@ -357,7 +406,8 @@ TRAIN_CASES = {
 
 
 @pytest.mark.parametrize("case", list(TRAIN_CASES))
-def test_lm_trains_with_each_router_dispatch_and_expert_type(case):
+def test_lm_trains_with_each_router_dispatch_and_expert_type(case, monkeypatch):
+  pallas_traces = _use_interpreted_pallas_gmm(monkeypatch)
   moe = dict(num_experts=4, top_k=2, d_ff=16, **TRAIN_CASES[case])
   cfg = dataclasses.replace(_lm_cfg(**moe), num_layers=2 if moe.get("gating_residual") else 1)
   model = DecoderLM(cfg)
@@ -382,6 +432,9 @@ def test_lm_trains_with_each_router_dispatch_and_expert_type(case):
     losses.append(float(metrics["train_loss"]))
   assert all(np.isfinite(losses)) and losses[-1] < losses[0]
   m = cfg.moe
+  # the three expert matmuls (gate, up: [E, D, F]; down: [E, F, D]) ran on the Pallas kernel
+  assert bool(pallas_traces) == (m.gmm_impl == "pallas")
+  assert set(pallas_traces) <= {(4, cfg.d_model, 16), (4, 16, cfg.d_model)}
   load = np.asarray(metrics["layers_0/mlp/expert_load"])
   assert load.shape == (m.num_routed,)
   tokens_per_step = 4 * 8
