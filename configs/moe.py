@@ -17,6 +17,10 @@ the dense base ("equal active parameters"):
   shared         1 shared expert + top-1 of 8 routed experts
   upcycle        top2 with full-width experts (d_ff), initialised from a dense run of BASE:
                  --config.train.init_from=WORKDIR; 300 steps at a third of the learning rate
+  evomoe_diversify  EvoMoE's two phases, the dense run of BASE being its single expert:
+                 upcycle's set-up, but each copy has a random 25% of its weights zeroed
+                 (expert-diversify; the ratio is our choice) and the gate is dense-to-sparse,
+                 annealed over the first two thirds of the steps, hard top-1 Gumbel after
 
 For example:
 
@@ -27,7 +31,7 @@ For example:
 from configs import lm
 
 VARIANTS = ("top2", "capacity", "mixtral", "sigmoid_bias", "expert_choice", "evomoe", "moepp",
-            "shared", "upcycle")
+            "shared", "upcycle", "evomoe_diversify")
 
 
 def get_config(arg: str = "top2"):
@@ -56,9 +60,14 @@ def get_config(arg: str = "top2"):
              gating_residual=True)
   elif variant == "shared":
     m.update(top_k=1, num_shared_experts=1)
-  elif variant == "upcycle":
-    m.update(d_ff=c.model.d_ff, upcycle_noise=0.01)
+  elif variant in ("upcycle", "evomoe_diversify"):
+    m.d_ff = c.model.d_ff
     n = 300 if c.train.num_steps >= 300 else c.train.num_steps
     c.train.update(num_steps=n, eval_every=max(n // 3, 1), checkpoint_every=n)
     c.optim.update(warmup_steps=max(n // 10, 1), learning_rate=c.optim.learning_rate / 3)
+    if variant == "upcycle":
+      m.upcycle_noise = 0.01
+    else:
+      m.update(upcycle_mask=0.25, router="dense_to_sparse", temp_start=2.0, temp_end=0.3,
+               anneal_steps=max(2 * n // 3, 1), threshold=0.05, hard_gumbel=True)
   return c

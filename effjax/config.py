@@ -138,6 +138,7 @@ class MoEConfig:
   anneal_steps: int = 500
   anneal: str = "exponential"
   threshold: float = 0.05
+  hard_gumbel: bool = False  # after the anneal: hard top-1 Gumbel gate (straight-through)
   num_zero_experts: int = 0
   num_copy_experts: int = 0
   num_constant_experts: int = 0
@@ -148,6 +149,7 @@ class MoEConfig:
   ep_buffer_factor: float = 0.0
   ep_reroute: bool = False  # a pair whose destination buffer is full tries its next expert
   upcycle_noise: float = 0.0  # train.init_from: relative std of noise added to each copy
+  upcycle_mask: float = 0.0  # train.init_from: fraction of each copy's weights zeroed (EvoMoE)
 
   def __post_init__(self):
     for name in ("num_experts", "top_k", "every_n"):
@@ -167,6 +169,11 @@ class MoEConfig:
       _require(getattr(self, name) >= 0,
                f"model.moe.{name} must be >= 0, got {getattr(self, name)!r}")
     _require(0 <= self.jitter < 1, f"model.moe.jitter must be in [0, 1), got {self.jitter}")
+    _require(0 <= self.upcycle_mask < 1,
+             f"model.moe.upcycle_mask must be in [0, 1), got {self.upcycle_mask}")
+    _require(not self.hard_gumbel or self.router == "dense_to_sparse",
+             f"model.moe.hard_gumbel is a phase of the dense_to_sparse router, not of "
+             f"router={self.router!r}")
     _require(self.top_k <= self.num_routed,
              f"model.moe.top_k={self.top_k} exceeds the {self.num_routed} experts a token can "
              f"be routed to (model.moe.num_experts={self.num_experts} plus "

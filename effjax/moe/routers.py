@@ -14,6 +14,8 @@ Every router returns the same structure, so dispatch never depends on the router
   dense_to_sparse  EvoMoE's gate: Gumbel-softmax at temperature tau(step), annealed from
                    temp_start to temp_end; every expert whose gate >= threshold is used (always
                    at least the best one), weighted by its gate: dense at high tau, top-1 at low.
+                   With hard_gumbel, once tau has reached temp_end the gate is hard top-1
+                   (weight 1, straight-through gradient), EvoMoE's final phase.
 
 For expert_choice and dense_to_sparse K = E and slot k is expert k (`dense_slots`).
 """
@@ -48,8 +50,11 @@ def temperature(step, cfg: MoEConfig):
   """dense_to_sparse temperature after `step` updates (held at temp_end after anneal_steps)."""
   frac = jnp.clip(jnp.asarray(step, jnp.float32) / cfg.anneal_steps, 0.0, 1.0)
   if cfg.anneal == "linear":
-    return cfg.temp_start + (cfg.temp_end - cfg.temp_start) * frac
-  return cfg.temp_start * (cfg.temp_end / cfg.temp_start) ** frac
+    tau = cfg.temp_start + (cfg.temp_end - cfg.temp_start) * frac
+  else:
+    tau = cfg.temp_start * (cfg.temp_end / cfg.temp_start) ** frac
+  # exactly temp_end once annealed (rounding could leave it an ulp off): hard_gumbel keys on it
+  return jnp.where(frac >= 1.0, jnp.float32(cfg.temp_end), tau)
 
 
 def _alternates(select_TR, idx_TK, num_experts: int):
@@ -111,8 +116,15 @@ def route(logits_TR, cfg: MoEConfig, *, train: bool, temperature=None, rng=None,
     gate = jax.nn.softmax(noisy / tau, axis=-1)
     best = jax.nn.one_hot(jnp.argmax(gate, axis=-1), num_experts, dtype=jnp.bool_)
     valid = (gate >= cfg.threshold) | best
+    weights = gate * valid
     extra["temperature"] = tau
-    return Routing(slots, gate * valid, valid, probs, None, dense_slots=True), extra
+    if cfg.hard_gumbel:
+      # annealed: hard top-1 with weight 1, gradients straight through the soft gate
+      hard = tau <= jnp.float32(cfg.temp_end)
+      valid = jnp.where(hard, best, valid)
+      weights = jnp.where(hard, best * (1.0 + gate - jax.lax.stop_gradient(gate)), weights)
+      extra["hard_gate"] = hard.astype(jnp.float32)
+    return Routing(slots, weights, valid, probs, None, dense_slots=True), extra
   raise ValueError(f"model.moe.router={name!r} is not one of the known routers")
 
 

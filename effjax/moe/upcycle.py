@@ -1,8 +1,9 @@
 """Sparse upcycling: a dense LM's params -> the params of the same LM with MoE FFN layers.
 
-A pure function. Every MoE layer's experts become copies of the dense SwiGLU at the same place
-(optionally each copy plus Gaussian noise of `noise` x the weight's standard deviation, to
-break the symmetry); the router, gating residual, constant and shared experts keep the values
+A pure function. Every MoE layer's experts become copies of the dense SwiGLU at the same place;
+two optional ways make the copies differ: Gaussian noise of `noise` x the weight's standard
+deviation, and EvoMoE's expert-diversify, which zeroes a random fraction `mask` of each copy's
+weights (an independent mask per expert and weight; the kept weights are not rescaled). The router, gating residual, constant and shared experts keep the values
 of `moe_params` (a fresh initialisation of the MoE model); every other param is copied from
 the dense model. With renormalised top-k weights (softmax_topk with renormalize, topk_softmax,
 sigmoid_bias with renormalize), dropless dispatch, no zero/copy/constant or shared experts and
@@ -28,13 +29,17 @@ def _is_dense_ffn(node) -> bool:
       isinstance(node.get(w), Mapping) and "kernel" in node[w] for w in EXPERT_WEIGHTS)
 
 
-def upcycle_params(dense_params, moe_params, rng=None, noise: float = 0.0):
+def upcycle_params(dense_params, moe_params, rng=None, noise: float = 0.0, mask: float = 0.0):
   """`moe_params`' structure, with each MoE layer's experts copied from `dense_params`.
 
   Params that differ in kind elsewhere (e.g. a dense kernel where `moe_params` has Monarch
   factors) are left as in `dense_params`, for a later projection. Scanned layers (a leading
-  layers axis on both) are handled: the expert axis goes after it.
+  layers axis on both) are handled: the expert axis goes after it. `noise` and `mask` need `rng`.
   """
+  if (noise or mask) and rng is None:
+    raise ValueError(f"upcycle_params: noise={noise} and mask={mask} need an rng")
+  if not 0 <= mask < 1:
+    raise ValueError(f"upcycle_params: mask={mask} must be in [0, 1)")
   counter = [0]
 
   def walk(p, t, path):
@@ -54,12 +59,15 @@ def upcycle_params(dense_params, moe_params, rng=None, noise: float = 0.0):
                            "model.d_ff)")
         copies = jnp.broadcast_to(jnp.expand_dims(w, lead),
                                   target.shape).astype(target.dtype)
-        if noise and rng is not None:
-          key = jax.random.fold_in(rng, counter[0])
-          counter[0] += 1
+        key = jax.random.fold_in(rng, counter[0]) if rng is not None else None
+        counter[0] += 1
+        if noise:
           std = jnp.std(w.astype(jnp.float32))
-          copies = copies + (noise * std * jax.random.normal(key, target.shape)).astype(
-              target.dtype)
+          copies = copies + (noise * std * jax.random.normal(
+              jax.random.fold_in(key, 0), target.shape)).astype(target.dtype)
+        if mask:
+          keep = jax.random.bernoulli(jax.random.fold_in(key, 1), 1.0 - mask, target.shape)
+          copies = jnp.where(keep, copies, jnp.zeros((), target.dtype))
         out[name] = copies
       return out
     if isinstance(t, Mapping) and isinstance(p, Mapping):

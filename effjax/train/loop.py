@@ -19,8 +19,8 @@ takes the params of DIR's latest checkpoint, written by a run of the same model 
 projection dense, projects them onto this model's Monarch layers (`surgery.
 project_params_to_monarch`) and starts with fresh optimizer state and step 0. When this
 model has MoE FFN layers (sparse upcycling), DIR's run has dense FFNs there, and each is first
-copied into every expert (`effjax.moe.upcycle_params`, optional noise model.moe.upcycle_noise;
-routers start fresh).
+copied into every expert (`effjax.moe.upcycle_params`; optional noise model.moe.upcycle_noise
+and EvoMoE's random masking model.moe.upcycle_mask make the copies differ; routers start fresh).
 """
 from __future__ import annotations
 
@@ -151,11 +151,12 @@ def _restore_latest(checkpointer: Checkpointer, abstract_for_step: Callable[[int
 
 
 def _init_from_dense(source: str, dense_model, model_abstract, model_shardings, tx, mesh,
-                     tcfg, seq_len: int, moe_params=None, upcycle_noise: float = 0.0):
+                     tcfg, seq_len: int, moe_params=None, moe_cfg=None):
   """(params of this model projected from `source`'s latest checkpoint, its step, rel. error).
 
   With `moe_params` (this model's fresh params, when it has MoE layers) the dense FFNs are
-  first upcycled into every expert (`effjax.moe.upcycle_params`; router etc. kept fresh)."""
+  first upcycled into every expert (`effjax.moe.upcycle_params` with `moe_cfg`'s noise and
+  mask; router etc. kept fresh)."""
   directory = os.path.join(source, "checkpoints")
   if not os.path.isdir(directory):
     directory = source
@@ -178,7 +179,8 @@ def _init_from_dense(source: str, dense_model, model_abstract, model_shardings, 
   with step_lib.sharding_context(mesh):
     source_params = dense_state.params
     if moe_params is not None:
-      upcycle = lambda d, m: upcycle_params(d, m, jax.random.key(tcfg.seed + 1), upcycle_noise)
+      upcycle = lambda d, m: upcycle_params(d, m, jax.random.key(tcfg.seed + 1),
+                                            moe_cfg.upcycle_noise, moe_cfg.upcycle_mask)
       source_params = jax.jit(upcycle)(source_params, moe_params)
     params = jax.jit(surgery.project_params_to_monarch,
                      out_shardings=model_shardings.params)(source_params,
@@ -272,12 +274,13 @@ def train_and_evaluate(cfg: ExperimentConfig, workdir: str, *, devices=None,
       params, source_step, rel = _init_from_dense(
           tcfg.init_from, DecoderLM(dataclasses.replace(dense_model_cfg, ffn="dense")),
           abstract, shardings, tx, mesh, tcfg, cfg.data.seq_len,
-          moe_params=state.params if moe else None, upcycle_noise=cfg.model.moe.upcycle_noise)
+          moe_params=state.params if moe else None, moe_cfg=cfg.model.moe)
       state = state.replace(params=params)  # AdamW's fresh state does not depend on values
       if moe:
         logging.info("Initialised from %s (step %d): each dense FFN copied into %d experts "
-                     "(noise %g).", tcfg.init_from, source_step, cfg.model.moe.num_experts,
-                     cfg.model.moe.upcycle_noise)
+                     "(noise %g, mask %g).", tcfg.init_from, source_step,
+                     cfg.model.moe.num_experts, cfg.model.moe.upcycle_noise,
+                     cfg.model.moe.upcycle_mask)
       if not moe or cfg.model.linear.uses_monarch:
         logging.info("Initialised from %s (step %d): dense weights projected onto Monarch "
                      "with relative Frobenius error %.4f.", tcfg.init_from, source_step, rel)
