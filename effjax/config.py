@@ -19,6 +19,7 @@ FFN_KINDS = ("dense", "moe")
 MOE_ROUTERS = ("softmax_topk", "topk_softmax", "sigmoid_bias", "expert_choice",
                "dense_to_sparse")
 MOE_DISPATCH = ("capacity", "dropless")
+MOE_GATE_ACTIVATIONS = ("none", "tanh", "sigmoid")  # dense_to_sparse: applied to the logits
 # grouped-matmul implementations of effjax.moe.gmm.GMM_IMPLS: jax.lax.ragged_dot, or effjax's
 # Pallas gmm (its GPU/TPU kernel; on a CPU its jnp reference, not a kernel)
 MOE_GMM_IMPLS = ("ragged_dot", "pallas")
@@ -139,6 +140,7 @@ class MoEConfig:
   anneal: str = "exponential"
   threshold: float = 0.05
   hard_gumbel: bool = False  # after the anneal: hard top-1 Gumbel gate (straight-through)
+  gate_activation: str = "none"  # activation dense-to-sparse gate: softmax(act(logits) / tau)
   num_zero_experts: int = 0
   num_copy_experts: int = 0
   num_constant_experts: int = 0
@@ -161,6 +163,7 @@ class MoEConfig:
     _one_of("model.moe.dispatch", self.dispatch, MOE_DISPATCH)
     _one_of("model.moe.gmm_impl", self.gmm_impl, MOE_GMM_IMPLS)
     _one_of("model.moe.anneal", self.anneal, ("exponential", "linear"))
+    _one_of("model.moe.gate_activation", self.gate_activation, MOE_GATE_ACTIVATIONS)
     _positive("model.moe.capacity_factor", self.capacity_factor)
     _positive("model.moe.eval_capacity_factor", self.eval_capacity_factor)
     for name in ("aux_loss_weight", "z_loss_weight", "bias_rate", "upcycle_noise",
@@ -171,9 +174,10 @@ class MoEConfig:
     _require(0 <= self.jitter < 1, f"model.moe.jitter must be in [0, 1), got {self.jitter}")
     _require(0 <= self.upcycle_mask < 1,
              f"model.moe.upcycle_mask must be in [0, 1), got {self.upcycle_mask}")
-    _require(not self.hard_gumbel or self.router == "dense_to_sparse",
-             f"model.moe.hard_gumbel is a phase of the dense_to_sparse router, not of "
-             f"router={self.router!r}")
+    for name, default in (("hard_gumbel", False), ("gate_activation", "none")):
+      _require(getattr(self, name) == default or self.router == "dense_to_sparse",
+               f"model.moe.{name}={getattr(self, name)!r} belongs to the dense_to_sparse "
+               f"router, not to router={self.router!r}")
     _require(self.top_k <= self.num_routed,
              f"model.moe.top_k={self.top_k} exceeds the {self.num_routed} experts a token can "
              f"be routed to (model.moe.num_experts={self.num_experts} plus "

@@ -228,6 +228,17 @@ def test_hard_gumbel_gate_is_top1_with_straight_through_gradient_once_annealed()
   np.testing.assert_allclose(grad, expected, rtol=1e-5, atol=1e-7)
 
 
+def test_activation_gate_applies_the_activation_before_the_tempered_softmax():
+  logits = 4 * jax.random.normal(jax.random.key(0), (6, 4))
+  for activation, fn in (("tanh", jnp.tanh), ("sigmoid", jax.nn.sigmoid)):
+    cfg = MoEConfig(num_experts=4, router="dense_to_sparse", gate_activation=activation,
+                    threshold=0.05)
+    r, _ = routers.route(logits, cfg, train=False, temperature=0.5)
+    gate = jax.nn.softmax(fn(logits) / 0.5, axis=-1)
+    np.testing.assert_allclose(r.weights, gate * (gate >= 0.05), rtol=1e-6)
+    assert float(jnp.max(jnp.abs(r.weights - jax.nn.softmax(logits / 0.5, -1)))) > 0.1
+
+
 def test_selection_bias_moves_a_skewed_router_toward_balance():
   layer = _layer(num_experts=4, top_k=1, router="sigmoid_bias", bias_rate=0.02,
                  aux_loss_weight=0.0)
@@ -292,8 +303,10 @@ def test_zero_copy_constant_experts_discard_identity_and_constant_mix():
     (dict(dispatch="ragged"), {}, r"model.moe.dispatch='ragged' is not one of"),
     (dict(gmm_impl="triton"), {}, r"model.moe.gmm_impl='triton' is not one of"),
     (dict(ep_reroute=True, num_experts=4, top_k=3), {}, r"ep_reroute needs 2 \* top_k"),
-    (dict(hard_gumbel=True), {}, r"hard_gumbel is a phase of the dense_to_sparse router, not "
-                                 r"of router='softmax_topk'"),
+    (dict(hard_gumbel=True), {}, r"hard_gumbel=True belongs to the dense_to_sparse router, "
+                                 r"not to router='softmax_topk'"),
+    (dict(router="dense_to_sparse", gate_activation="relu"), {},
+     r"model.moe.gate_activation='relu' is not one of"),
     (dict(upcycle_mask=1.0), {}, r"upcycle_mask must be in \[0, 1\), got 1.0"),
 ])
 def test_bad_moe_config_fails_clearly(moe, mesh, message):

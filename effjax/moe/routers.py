@@ -15,7 +15,9 @@ Every router returns the same structure, so dispatch never depends on the router
                    temp_start to temp_end; every expert whose gate >= threshold is used (always
                    at least the best one), weighted by its gate: dense at high tau, top-1 at low.
                    With hard_gumbel, once tau has reached temp_end the gate is hard top-1
-                   (weight 1, straight-through gradient), EvoMoE's final phase.
+                   (weight 1, straight-through gradient), EvoMoE's final phase. With
+                   gate_activation the logits pass through tanh or sigmoid first (the
+                   "activation dense-to-sparse gate" of the sample-efficiency analysis).
 
 For expert_choice and dense_to_sparse K = E and slot k is expert k (`dense_slots`).
 """
@@ -110,7 +112,8 @@ def route(logits_TR, cfg: MoEConfig, *, train: bool, temperature=None, rng=None,
     return Routing(slots, probs * valid, valid, probs, None, dense_slots=True), extra
   if name == "dense_to_sparse":
     tau = jnp.asarray(cfg.temp_start if temperature is None else temperature, jnp.float32)
-    noisy = logits_TR
+    noisy = {"none": lambda z: z, "tanh": jnp.tanh,
+             "sigmoid": jax.nn.sigmoid}[cfg.gate_activation](logits_TR)
     if train and rng is not None:
       noisy = logits_TR + jax.random.gumbel(rng, logits_TR.shape, jnp.float32)
     gate = jax.nn.softmax(noisy / tau, axis=-1)
