@@ -281,9 +281,12 @@ def train_and_evaluate(cfg: ExperimentConfig, workdir: str, *, devices=None,
                      "(noise %g, mask %g).", tcfg.init_from, source_step,
                      cfg.model.moe.num_experts, cfg.model.moe.upcycle_noise,
                      cfg.model.moe.upcycle_mask)
-      if not moe or cfg.model.linear.uses_monarch:
+      if cfg.model.linear.uses_monarch:
         logging.info("Initialised from %s (step %d): dense weights projected onto Monarch "
                      "with relative Frobenius error %.4f.", tcfg.init_from, source_step, rel)
+      elif not moe:
+        logging.info("Initialised from %s (step %d): params copied, fresh optimizer state.",
+                     tcfg.init_from, source_step)
       writer.write(0, {"init_from_step": source_step, "projection_rel_error": rel})
   else:
     start, state, data_state = restored
