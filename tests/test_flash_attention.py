@@ -72,6 +72,15 @@ def _loss(fn, cot):
   return lambda q, k, v: jnp.sum(fn(q, k, v).astype(jnp.float32) * cot)
 
 
+def _jitted_value_and_vjp(fn, cot):
+  """fn(q, k, v) and the gradient of sum(fn(q, k, v) * cot), compiled as one program (eager
+  op-by-op dispatch of the interpreted kernels costs several times more)."""
+  def value_and_vjp(q, k, v):
+    out, vjp = jax.vjp(fn, q, k, v)
+    return out, vjp(cot.astype(out.dtype))
+  return jax.jit(value_and_vjp)
+
+
 def _check_against_reference(c: Case, implementation, interpret):
   q, k, v, seg, cot = _inputs(c)
 
@@ -84,11 +93,10 @@ def _check_against_reference(c: Case, implementation, interpret):
                                v.astype(jnp.float32), segment_ids_BT=seg, **c.kwargs)
 
   tol = F32_TOL if c.dtype == "float32" else BF16_TOL
-  out = kernel(q, k, v)
+  out, grads = _jitted_value_and_vjp(kernel, cot)(q, k, v)
+  ref_out, ref_grads = _jitted_value_and_vjp(ref, cot)(q, k, v)
   assert out.shape == q.shape and out.dtype == q.dtype
-  assert _rel(out, ref(q, k, v)) < tol
-  grads = jax.grad(_loss(kernel, cot), argnums=(0, 1, 2))(q, k, v)
-  ref_grads = jax.grad(_loss(ref, cot), argnums=(0, 1, 2))(q, k, v)
+  assert _rel(out, ref_out) < tol
   for name, g, r in zip("qkv", grads, ref_grads):
     assert g.shape == r.shape and g.dtype == q.dtype, name
     assert _rel(g, r) < tol, f"d{name}"
@@ -251,7 +259,7 @@ def test_lm_with_pallas_attention_matches_xla_in_logits_and_gradients():
   tokens = jax.random.randint(jax.random.key(1), (2, 40), 0, 256)
   segments = jnp.array([[1] * 15 + [2] * 25, [1] * 40])
   positions = jnp.array([list(range(15)) + list(range(25)), list(range(40))])
-  params = nn.meta.unbox(DecoderLM(cfg).init(jax.random.key(0), tokens)["params"])
+  params = nn.meta.unbox(jax.jit(DecoderLM(cfg).init)(jax.random.key(0), tokens)["params"])
   results = {}
   for impl in ("xla", "pallas"):
     model = DecoderLM(dataclasses.replace(cfg, attention_impl=impl))
@@ -260,7 +268,7 @@ def test_lm_with_pallas_attention_matches_xla_in_logits_and_gradients():
       logits = model.apply({"params": params}, tokens, segments, positions)
       return jnp.mean(jax.nn.logsumexp(logits, -1) - logits[..., 0]), logits
 
-    results[impl] = jax.grad(loss, has_aux=True)(params)
+    results[impl] = jax.jit(jax.grad(loss, has_aux=True))(params)
   (g_xla, logits_xla), (g_pallas, logits_pallas) = results["xla"], results["pallas"]
   assert _rel(logits_pallas, logits_xla) < 1e-5
   for path, a, b in zip(jax.tree_util.tree_leaves_with_path(g_pallas),

@@ -97,10 +97,12 @@ def _numpy_loop(lhs, rhs, sizes, cot, transpose_rhs):
 
 
 def _gmm_and_grads(lhs, rhs, sizes, cot, **kwargs):
+  """out, dlhs, drhs of sum(out * cot), compiled as one program (eager op-by-op dispatch is
+  several times slower); `sizes` stays a constant, so host-side checks still see its values."""
   def loss(lhs, rhs):
     out = gmm(lhs, rhs, sizes, **kwargs)
     return jnp.sum(out.astype(jnp.float32) * cot), out
-  (dlhs, drhs), out = jax.grad(loss, argnums=(0, 1), has_aux=True)(lhs, rhs)
+  (dlhs, drhs), out = jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))(lhs, rhs)
   return out, dlhs, drhs
 
 
