@@ -30,7 +30,7 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
                    checkpoint_every=1000)
   elif variant == "test":
     c.model.update(d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, d_ff=64)
-    c.data.update(seq_len=32, eval_batches=2)
+    c.data.update(seq_len=32, eval_batches=2, final_eval_batches=2)
     c.optim.update(warmup_steps=2)
     c.train.update(global_batch_size=8, num_steps=8, log_every=2, eval_every=4,
                    checkpoint_every=2, async_checkpointing=False)

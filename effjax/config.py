@@ -318,11 +318,33 @@ class DataConfig:
   seq_len: int = 256
   train_split: str = "train"
   eval_split: str = "validation"
-  eval_batches: int = 32  # 0 means the whole evaluation split
+  # Evaluations during training use N batches spread evenly over the evaluation split (0 = all
+  # of it); the one at the last step uses final_eval_batches (0 = the whole split, the number
+  # a run reports). See effjax/train/evaluation.py.
+  eval_batches: int = 32
+  final_eval_batches: int = 0
+  # training rows are shuffled within windows of this many packed rows (1 = file order)
+  shuffle_window: int = 8192
+  # percent of train_split's files held out from training for choosing hyperparameters
+  # (pipeline.selection_split); 0 = none
+  select_percent: int = 0
 
   def __post_init__(self):
     _positive("data.seq_len", self.seq_len)
-    _require(self.eval_batches >= 0, f"data.eval_batches must be >= 0, got {self.eval_batches}")
+    _require(isinstance(self.eval_batches, int) and self.eval_batches >= 0,
+             f"data.eval_batches must be an integer >= 0 (0 = whole split), got "
+             f"{self.eval_batches!r}")
+    _require(isinstance(self.final_eval_batches, int) and self.final_eval_batches >= 0,
+             f"data.final_eval_batches must be an integer >= 0 (0 = whole split), got "
+             f"{self.final_eval_batches!r}")
+    _require(isinstance(self.shuffle_window, int) and self.shuffle_window >= 1,
+             f"data.shuffle_window must be an integer >= 1 (1 = no row shuffle), got "
+             f"{self.shuffle_window!r}")
+    _require(isinstance(self.select_percent, int) and 0 <= self.select_percent < 50,
+             f"data.select_percent must be an integer in [0, 50), got {self.select_percent!r}")
+    _require(not self.select_percent or "[" not in self.train_split,
+             f"data.select_percent={self.select_percent} slices data.train_split, which is "
+             f"already a slice ({self.train_split!r})")
     _require(bool(self.dataset), "data.dataset must name a dataset")
 
 

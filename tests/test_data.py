@@ -108,3 +108,127 @@ def test_registered_array_record_dataset_is_read_by_name(data_config, mesh):
   a = next(pipeline.train_batches(generic, mesh, global_batch_size=4, seed=0))
   b = next(pipeline.train_batches(data_config, mesh, global_batch_size=4, seed=0))
   np.testing.assert_array_equal(np.asarray(a["tokens"]), np.asarray(b["tokens"]))
+
+
+# --- sequence-level shuffle, evaluation coverage, the selection slice (issue 14) ---
+
+def _document_of(row_tokens, row_segments, texts):
+  """The training files containing this row's longest packed piece. Identical text in
+  several files (licence headers) maps to one shared key, so distinctness is undercounted."""
+  ids, counts = np.unique(row_segments[row_segments > 0], return_counts=True)
+  piece = row_tokens[row_segments == ids[np.argmax(counts)]]
+  text = bytes(piece[piece < 256].astype(np.uint8))
+  return frozenset(i for i, t in enumerate(texts) if text in t)
+
+
+@pytest.mark.parametrize("window, min_distinct", [(DataConfig().shuffle_window, 8), (1, None)])
+def test_tiny_training_batches_mix_documents(tfds_dir, mesh, window, min_distinct):
+  from effjax.config import TrainConfig
+  cfg = DataConfig(data_dir=tfds_dir, shuffle_window=window)  # the tiny config's data
+  batch_size = TrainConfig().global_batch_size
+  texts = [ex["text"] for ex in pipeline.data_source(cfg, cfg.train_split)]
+  batches = pipeline.train_batches(cfg, mesh, global_batch_size=batch_size, seed=0)
+  distinct = []
+  for _ in range(4):
+    batch = {k: np.asarray(v) for k, v in next(batches).items()}
+    docs = [_document_of(batch["tokens"][r], batch["segment_ids"][r], texts)
+            for r in range(batch_size)]
+    assert all(docs)  # every row was found in the corpus
+    distinct.append(len(set(docs)))
+  if min_distinct:
+    assert min(distinct) >= min_distinct, distinct
+  else:  # without the row shuffle a batch is one contiguous run of a file
+    assert max(distinct) <= 2, distinct
+
+
+@pytest.mark.parametrize("skip", [5, 8])  # mid-window and exactly at a window's end
+def test_window_shuffle_state_resumes_exactly(data_config, mesh, skip):
+  import dataclasses
+  cfg = dataclasses.replace(data_config, shuffle_window=16)  # 4 batches of 4 per window
+  first = pipeline.train_batches(cfg, mesh, global_batch_size=4, seed=3)
+  for _ in range(skip):
+    next(first)
+  state = json.loads(json.dumps(first.get_state()))
+  expected = [np.asarray(next(first)["tokens"]) for _ in range(9)]
+  second = pipeline.train_batches(cfg, mesh, global_batch_size=4, seed=3)
+  second.set_state(state)
+  for want in expected:
+    np.testing.assert_array_equal(np.asarray(next(second)["tokens"]), want)
+
+
+def test_window_shuffle_permutes_the_packed_rows(data_config):
+  import dataclasses
+  def rows(window, n):
+    cfg = dataclasses.replace(data_config, shuffle_window=window)
+    it = iter(pipeline.packed_rows(cfg, "train", seed=0, train=True))
+    return [tuple(next(it)["tokens"]) for _ in range(n)]
+  plain, shuffled = rows(1, 64), rows(64, 64)
+  assert plain != shuffled and sorted(plain) == sorted(shuffled)  # same window, new order
+
+
+def test_selection_slice_is_held_out_from_training_and_validation(tfds_dir):
+  cfg = DataConfig(data_dir=tfds_dir, seq_len=32, select_percent=10)
+  paths = {name: {ex["path"] for ex in pipeline.data_source(cfg, split)}
+           for name, split in (("train", pipeline.training_split(cfg)),
+                               ("select", pipeline.selection_split(cfg)),
+                               ("validation", cfg.eval_split),
+                               ("all_train", cfg.train_split))}
+  assert paths["train"].isdisjoint(paths["select"])
+  assert paths["select"].isdisjoint(paths["validation"])
+  assert paths["train"] | paths["select"] == paths["all_train"]
+  assert 0.05 < len(paths["select"]) / len(paths["all_train"]) < 0.15
+  with pytest.raises(ValueError, match=r"select_percent=0"):
+    pipeline.selection_split(DataConfig(data_dir=tfds_dir))
+
+
+@pytest.mark.parametrize("field, value", [("shuffle_window", 0), ("select_percent", 50),
+                                          ("select_percent", -1), ("eval_batches", -2),
+                                          ("final_eval_batches", -1)])
+def test_bad_data_fields_are_named(field, value):
+  with pytest.raises(ValueError, match=rf"data\.{field} .*{value}"):
+    DataConfig(**{field: value})
+
+
+def test_spread_indices_reach_both_ends():
+  from effjax.train.evaluation import spread_indices
+  idx = spread_indices(100, 5)
+  assert idx.tolist() == [0, 25, 50, 74, 99]
+  assert spread_indices(3, 0).tolist() == [0, 1, 2] == spread_indices(3, 10).tolist()
+
+
+def _eval_setup(tfds_dir, batch_sizes, split):
+  import flax.linen as nn
+  import jax.numpy as jnp
+  from effjax.config import ExperimentConfig, ModelConfig, TrainConfig
+  from effjax.models.decoder_lm import DecoderLM
+  from effjax.train import step as step_lib
+  model_cfg = ModelConfig(d_model=32, num_layers=1, num_heads=2, num_kv_heads=1, d_ff=64)
+  cfgs = {b: ExperimentConfig(model=model_cfg,
+                              data=DataConfig(data_dir=tfds_dir, seq_len=32, eval_split=split),
+                              train=TrainConfig(global_batch_size=b, num_steps=100))
+          for b in batch_sizes}
+  model = DecoderLM(model_cfg)
+  init = jax.jit(lambda key: model.init(key, jnp.zeros((1, 8), jnp.int32))["params"])
+  return cfgs, jax.jit(step_lib.make_eval_step(model)), nn.meta.unbox(init(jax.random.key(0)))
+
+
+def test_evaluation_covers_every_row_including_the_last_partial_batch(tfds_dir, mesh):
+  from effjax.train.evaluation import evaluate
+  split = "validation[:3]"  # three files: fast, and not a multiple of either batch size
+  rows = list(pipeline.packed_rows(DataConfig(data_dir=tfds_dir, seq_len=32), split, seed=0,
+                                   train=False))
+  segments = np.stack([r["segment_ids"] for r in rows])
+  targets = int(((segments[:, 1:] == segments[:, :-1]) & (segments[:, 1:] != 0)).sum())
+  results = {}
+  cfgs, eval_step, params = _eval_setup(tfds_dir, (8, 10), split)
+  for batch_size, cfg in cfgs.items():
+    assert len(rows) % batch_size  # a partial last batch is there to be dropped
+    results[batch_size] = evaluate(eval_step, params, {}, cfg, mesh)
+    assert results[batch_size]["eval_tokens"] == targets
+    assert results[batch_size]["eval_batches"] == -(-len(rows) // batch_size)
+  # the same rows, differently batched and padded: the same loss (padding adds nothing)
+  np.testing.assert_allclose(results[8]["eval_loss"], results[10]["eval_loss"], rtol=1e-5)
+  sample = evaluate(eval_step, params, {}, cfg, mesh, max_batches=2)
+  assert sample["eval_batches"] == 2 and sample["eval_tokens"] < targets
+  with pytest.raises(ValueError, match=r"max_batches must be an integer >= 0.*-1"):
+    evaluate(eval_step, params, {}, cfg, mesh, max_batches=-1)

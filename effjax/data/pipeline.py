@@ -59,15 +59,35 @@ def _sync(name: str) -> None:
 
 
 def data_source(config: DataConfig, split: str, shard: tuple[int, int] | None = None):
-  """Share `shard = (index, count)` of `split` (default: this process's), random access."""
+  """Share `shard = (index, count)` of `split` (default: this process's), random access.
+
+  `split` may carry a TFDS slice, e.g. "train[:95%]" (see training_split)."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   builder = get_builder(config)
-  if split not in builder.info.splits:
+  base = split.split("[", 1)[0]
+  if base not in builder.info.splits:
     raise ValueError(f"split {split!r} not in {config.dataset!r}; it has "
                      f"{sorted(builder.info.splits)}")
   index, count = shard if shard is not None else (jax.process_index(), jax.process_count())
   return builder.as_data_source(
       split=tfds.split_for_jax_process(split, process_index=index, process_count=count))
+
+
+def training_split(config: DataConfig) -> str:
+  """The split training reads: `train_split` less its last `select_percent` percent."""
+  if not config.select_percent:
+    return config.train_split
+  return f"{config.train_split}[:{100 - config.select_percent}%]"
+
+
+def selection_split(config: DataConfig) -> str:
+  """The held-out slice for choosing hyperparameters: the last `select_percent` percent of
+  `train_split` (whole files, in the order TFDS stored them), never trained on and disjoint
+  from `eval_split`, so reported numbers are not the ones they were selected on."""
+  if not config.select_percent:
+    raise ValueError("data.select_percent=0: there is no held-out selection slice; set it "
+                     "to the percent of the training split to hold out (e.g. 5)")
+  return f"{config.train_split}[{100 - config.select_percent}%:]"
 
 
 def _text_of(example, key: str):
@@ -77,10 +97,18 @@ def _text_of(example, key: str):
   return example[key]
 
 
-def packed_dataset(config: DataConfig, split: str, *, batch_size: int, seed: int, train: bool,
-                   shard: tuple[int, int] | None = None):
-  """grain IterDataset of per-process batches {tokens, segment_ids, positions}, each [b, L+1]
-  (`shard` as in data_source)."""
+def _window_seed(seed: int) -> int:
+  # decorrelated from the file-shuffle seed; grain adds the window index to it
+  return int(np.random.SeedSequence([seed, 0x5E0]).generate_state(1)[0] >> 2)
+
+
+def packed_rows(config: DataConfig, split: str, *, seed: int, train: bool,
+                shard: tuple[int, int] | None = None):
+  """grain IterDataset of packed rows {tokens, segment_ids, positions}, each [L+1].
+
+  Training rows are shuffled twice: files before packing (a new order every epoch), then
+  rows within windows of `config.shuffle_window` rows after packing, because consecutive
+  packed rows continue one file. Evaluation rows come in file order."""
   import grain  # pylint: disable=g-import-not-at-top
   ds = grain.MapDataset.source(data_source(config, split, shard))
   if train:  # a new shuffle every epoch, forever
@@ -91,7 +119,20 @@ def packed_dataset(config: DataConfig, split: str, *, batch_size: int, seed: int
       ds, length_struct={"tokens": config.seq_len + 1})
   ds = ds.map(lambda ex: {"tokens": ex["tokens"], "segment_ids": ex["tokens_segment_ids"],
                           "positions": ex["tokens_positions"]})
-  return ds.batch(batch_size, drop_remainder=True)
+  if train and config.shuffle_window > 1:
+    # Its state is where the current window started in the stream plus the position in it;
+    # set_state refills that window, so a restored iterator yields exactly the same rows.
+    ds = grain.experimental.WindowShuffleIterDataset(
+        ds, window_size=config.shuffle_window, seed=_window_seed(seed))
+  return ds
+
+
+def packed_dataset(config: DataConfig, split: str, *, batch_size: int, seed: int, train: bool,
+                   shard: tuple[int, int] | None = None):
+  """grain IterDataset of per-process batches {tokens, segment_ids, positions}, each [b, L+1]
+  (`shard` as in data_source); only full batches."""
+  return packed_rows(config, split, seed=seed, train=train, shard=shard).batch(
+      batch_size, drop_remainder=True)
 
 
 class GlobalBatches:
@@ -113,7 +154,16 @@ class GlobalBatches:
     return self._iterator.get_state()
 
   def set_state(self, state: dict) -> None:
-    self._iterator.set_state(state)
+    self._iterator.set_state(_slices_as_tuples(state))
+
+
+def _slices_as_tuples(state):
+  """grain's packing compares its slices with the tuple (-1, -1); a state that went through
+  JSON (every checkpoint) holds lists there, which would restore a phantom remainder."""
+  if isinstance(state, dict):
+    return {k: ({f: tuple(v) for f, v in s.items()} if k == "remainder_slices"
+                else _slices_as_tuples(s)) for k, s in state.items()}
+  return state
 
 
 def per_process_batch_size(global_batch_size: int, mesh) -> int:
@@ -130,15 +180,17 @@ def per_process_batch_size(global_batch_size: int, mesh) -> int:
 
 def train_batches(config: DataConfig, mesh, *, global_batch_size: int, seed: int) -> GlobalBatches:
   batch = per_process_batch_size(global_batch_size, mesh)
-  return GlobalBatches(packed_dataset(config, config.train_split, batch_size=batch, seed=seed,
-                                      train=True), mesh)
+  return GlobalBatches(packed_dataset(config, training_split(config), batch_size=batch,
+                                      seed=seed, train=True), mesh)
 
 
-def eval_batches(config: DataConfig, mesh, *, global_batch_size: int) -> GlobalBatches:
-  """A fresh pass over the evaluation split, in file order."""
+def eval_batches(config: DataConfig, mesh, *, global_batch_size: int,
+                 split: str | None = None) -> GlobalBatches:
+  """A fresh pass over `split` (default the evaluation split) in file order, full batches
+  only. effjax.train.evaluation.evaluate covers the last partial batch too."""
   batch = per_process_batch_size(global_batch_size, mesh)
-  return GlobalBatches(packed_dataset(config, config.eval_split, batch_size=batch, seed=0,
-                                      train=False), mesh)
+  return GlobalBatches(packed_dataset(config, split or config.eval_split, batch_size=batch,
+                                      seed=0, train=False), mesh)
 
 
 def unigram_baseline_bpb(config: DataConfig) -> float:
@@ -154,7 +206,7 @@ def unigram_baseline_bpb(config: DataConfig) -> float:
                        minlength=tokenizer.VOCAB_SIZE)
     return c
 
-  train = counts(config.train_split).astype(np.float64) + 1.0
+  train = counts(training_split(config)).astype(np.float64) + 1.0
   train[[tokenizer.BOS, tokenizer.PAD]] = 0.0  # never predicted
   log2p = np.log2(np.where(train > 0, train, 1.0) / train.sum())
   held_out = counts(config.eval_split)

@@ -44,7 +44,7 @@ from effjax.moe.upcycle import upcycle_params
 from effjax.optim import lowrank
 from effjax.parallel import build_mesh
 from effjax.train import step as step_lib
-from effjax.train import surgery
+from effjax.train import evaluation, surgery
 from effjax.train.checkpoint import Checkpointer, IncompatibleCheckpointError
 from effjax.train.metrics import MetricsWriter
 
@@ -119,20 +119,6 @@ def _write_config(workdir: str, cfg: ExperimentConfig, start_step: int) -> None:
                     workdir, path)
   with open(path, "w", encoding="utf-8") as f:
     json.dump(resolved, f, indent=2, sort_keys=True)
-
-
-def evaluate(eval_step, params, model_state, cfg: ExperimentConfig, mesh) -> dict[str, float]:
-  batches = pipeline.eval_batches(cfg.data, mesh, global_batch_size=cfg.train.global_batch_size)
-  sums = None
-  for i, batch in enumerate(batches):
-    if cfg.data.eval_batches and i >= cfg.data.eval_batches:
-      break
-    out = eval_step(params, model_state, batch)
-    sums = out if sums is None else jax.tree.map(lambda a, b: a + b, sums, out)
-  if sums is None:
-    raise ValueError(f"evaluation split {cfg.data.eval_split!r} yields no full batch of "
-                     f"{cfg.train.global_batch_size} x {cfg.data.seq_len + 1} tokens")
-  return step_lib.eval_summary(jax.device_get(sums))
 
 
 def _restore_latest(checkpointer: Checkpointer, abstract_for_step: Callable[[int], object]):
@@ -378,7 +364,9 @@ def train_and_evaluate(cfg: ExperimentConfig, workdir: str, *, devices=None,
 
   def run_eval(step: int) -> None:
     t = time.perf_counter()
-    result = evaluate(eval_step, state.params, state.model_state, cfg, mesh)
+    result = evaluation.evaluate(  # the last one (the reported number) on final_eval_batches
+        eval_step, state.params, state.model_state, cfg, mesh,
+        max_batches=cfg.data.final_eval_batches if step == tcfg.num_steps else None)
     logging.info("eval at step %d | loss %.4f | ppl %.2f | %.4f bits/byte | %.1fs", step,
                  result["eval_loss"], result["eval_perplexity"], result["eval_bpb"],
                  time.perf_counter() - t)
