@@ -6,7 +6,7 @@ CONFIG ?= configs/lm.py:tiny
 WORKDIR ?= runs/tiny
 ARGS ?=
 
-.PHONY: train test bench clean-venv
+.PHONY: train test test-drills test-kernels-latest bench clean-venv
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,36 @@ train: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(PY) -m pytest -q -n 2 $(ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest: no tests were selected (exit 5), treated as success"; rc=0; fi; \
+	exit $$rc
+
+# The kill/fault drills (minutes of real subprocesses); CI runs them after `make test`.
+test-drills: $(VENV)/.installed
+	EFFJAX_DRILLS=1 $(PY) -m pytest -q -n 2 -m drill $(ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest: no drills were selected (exit 5), treated as success"; rc=0; fi; \
+	exit $$rc
+
+# The kernel tests again on the newest JAX, which needs Python >= 3.12 (3.11 tops out at 0.10.2):
+# a python3.12 on PATH, else pyenv's newest 3.12.x; skipped, saying so, when there is neither.
+VENV312 := .venv312
+PYTHON312 ?= $(shell python3.12 -c 'import sys; print(sys.executable)' 2>/dev/null || \
+  (command -v pyenv >/dev/null && v=$$(pyenv versions --bare 2>/dev/null | grep -E '^3\.12\.[0-9]+$$' | sort -V | tail -n1) && \
+   [ -n "$$v" ] && echo "$$(pyenv root)/versions/$$v/bin/python3.12"))
+KERNEL_TESTS := tests/test_flash_attention.py tests/test_grouped_matmul.py tests/test_mosaic_gpu_gmm.py
+
+$(VENV312)/.installed: setup.cfg pyproject.toml
+	$(PYTHON312) -m venv $(VENV312)
+	$(VENV312)/bin/python -m pip install --quiet --upgrade pip
+	$(VENV312)/bin/python -m pip install --quiet --upgrade -e '.[test]' jax
+	touch $@
+
+test-kernels-latest:
+	@if [ -z "$(PYTHON312)" ]; then \
+	  echo "test-kernels-latest: SKIPPED: no Python 3.12 found (python3.12 on PATH or pyenv 3.12.x)"; \
+	  exit 0; fi; \
+	$(MAKE) --no-print-directory $(VENV312)/.installed || exit $$?; \
+	$(VENV312)/bin/python -c 'import sys, jax; print("test-kernels-latest: Python", sys.version.split()[0], "jax", jax.__version__)'; \
+	$(VENV312)/bin/python -m pytest -q -n 2 $(KERNEL_TESTS) $(ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest: no kernel tests were selected (exit 5), treated as success"; rc=0; fi; \
 	exit $$rc
 
 bench: $(VENV)/.installed

@@ -2,10 +2,6 @@ import dataclasses
 import glob
 import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
@@ -14,7 +10,6 @@ from effjax.train.checkpoint import CORRUPT_DIR, Checkpointer, IncompatibleCheck
 from effjax.train.loop import NonFiniteLossError, train_and_evaluate
 from effjax.train.metrics import read_metrics
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _with(cfg, **train):
@@ -75,7 +70,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(test_co
   # An absurd learning rate overflows the weights, so a later loss is not finite.
   exploding = dataclasses.replace(good, optim=dataclasses.replace(good.optim, learning_rate=1e38,
                                                                   warmup_steps=0))
-  with pytest.raises(NonFiniteLossError, match=r"train_loss is (nan|inf) at step [5-8].*checkpoint \(step 4\) .* untouched"):
+  with pytest.raises(NonFiniteLossError, match=r"not finite at step [5-8] .*checkpoint \(step 4\) .* untouched"):
     train_and_evaluate(exploding, workdir)
   assert Checkpointer(os.path.join(workdir, "checkpoints")).all_steps() == [4]
   after = {f: open(f, "rb").read() for f in before}
@@ -91,65 +86,6 @@ def test_checkpoint_from_another_config_is_refused_not_moved(test_config, tmp_pa
     train_and_evaluate(wider, workdir)
   assert Checkpointer(os.path.join(workdir, "checkpoints")).all_steps() == [4]
   assert not os.path.exists(os.path.join(workdir, CORRUPT_DIR))
-
-
-def _launch(workdir, tfds_dir):
-  """Starts the real entry point; its log goes to WORKDIR.log (a pipe could fill and block it)."""
-  cmd = [sys.executable, "-m", "experiments.train", "--config=configs/lm.py:test",
-         f"--workdir={workdir}", f"--config.data.data_dir={tfds_dir}",
-         "--config.train.num_steps=40", "--config.train.log_every=1",
-         "--config.train.checkpoint_every=5", "--config.train.eval_every=0"]
-  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
-  log = open(workdir + ".log", "a")
-  return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-
-
-def _log(workdir):
-  with open(workdir + ".log") as f:
-    return f.read()[-3000:]
-
-
-def _wait_for_checkpoint(proc, workdir, step, timeout=120.0):
-  target = os.path.join(workdir, "checkpoints", str(step))
-  deadline = time.monotonic() + timeout
-  while not os.path.isdir(target):
-    if proc.poll() is not None:
-      raise AssertionError(f"training exited early ({proc.returncode}): {_log(workdir)}")
-    if time.monotonic() > deadline:
-      proc.kill()
-      raise AssertionError(f"no checkpoint {step} within {timeout}s: {_log(workdir)}")
-    time.sleep(0.05)
-
-
-@pytest.mark.slow
-def test_sigterm_saves_and_exits_cleanly_and_sigkill_resume_matches(tfds_dir, tmp_path):
-  straight = str(tmp_path / "straight")
-  proc = _launch(straight, tfds_dir)
-  assert proc.wait(timeout=300) == 0, _log(straight)
-
-  drill = str(tmp_path / "drill")
-  proc = _launch(drill, tfds_dir)
-  try:
-    _wait_for_checkpoint(proc, drill, 5)
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=120) == 0, _log(drill)
-  finally:
-    proc.kill()
-  stopped_at = max(_losses(drill))
-  assert stopped_at < 40
-  assert os.path.isdir(os.path.join(drill, "checkpoints", str(stopped_at)))  # saved on SIGTERM
-
-  proc = _launch(drill, tfds_dir)  # resumes, then dies without warning
-  try:
-    _wait_for_checkpoint(proc, drill, (stopped_at // 5 + 2) * 5)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=60)
-  finally:
-    proc.kill()
-  proc = _launch(drill, tfds_dir)
-  assert proc.wait(timeout=300) == 0, _log(drill)
-  assert _losses(drill) == _losses(straight)
-  np.testing.assert_equal(len(_losses(drill)), 40)
 
 
 def _moe_test_config(tfds_dir):

@@ -6,6 +6,11 @@ position), so a resumed run sees exactly the batches it would have seen. Restori
 into an abstract target that carries shardings, so a checkpoint written on one mesh restores onto
 another. A checkpoint that cannot be read is reported, moved aside (never deleted) and the
 previous one is used. Every process must call save and restore.
+
+Each checkpoint also records its run's *identity* (`config_identity`): the config fields that
+change the model's function or the optimizer state's structure. Resuming refuses any change
+to them by name, even when every array shape still matches (fewer heads with the same kernel
+shapes would silently reinterpret the weights), and leaves the checkpoint untouched.
 """
 from __future__ import annotations
 
@@ -17,11 +22,33 @@ import time
 from absl import logging
 import jax
 
+from effjax.errors import RunError
+
 CORRUPT_DIR = "corrupt_checkpoints"
 
+# Model fields a resume may change: they pick an implementation or a numeric precision, or act
+# only when a run starts, so the trained function and the state's structure stay the same.
+RESUMABLE_MODEL_FIELDS = ("attention_impl", "remat", "dtype", "moe.gmm_impl",
+                          "moe.upcycle_noise", "moe.upcycle_mask", "linear.relora_every",
+                          "linear.relora_prune", "linear.sst_every", "linear.sst_sampling",
+                          "linear.sst_round")
 
-class IncompatibleCheckpointError(ValueError):
-  """A readable checkpoint whose arrays do not match the current model and optimizer."""
+
+class IncompatibleCheckpointError(RunError, ValueError):
+  """A readable checkpoint written by a different model or optimizer."""
+
+
+def config_identity(cfg) -> dict:
+  """The fields of an ExperimentConfig a checkpoint belongs to: every model field except
+  RESUMABLE_MODEL_FIELDS, and what decides the optimizer state's structure and phase."""
+  from effjax.train.workdir import flat_config  # pylint: disable=g-import-not-at-top
+  flat = flat_config(cfg)
+  identity = {k: v for k, v in flat.items()
+              if k.startswith("model.") and k[len("model."):] not in RESUMABLE_MODEL_FIELDS}
+  identity["optim.grad_clip > 0"] = cfg.optim.grad_clip > 0
+  identity["optim.galore_rank"] = cfg.optim.galore_rank
+  identity["train.dense_from_step"] = cfg.train.dense_from_step
+  return identity
 
 
 def _shapes_by_path(tree) -> dict[str, tuple[int, ...]]:
@@ -70,7 +97,8 @@ class Checkpointer:
     self._manager = ocp.CheckpointManager(
         self.directory, options=options,
         item_handlers={"state": ocp.StandardCheckpointHandler(),
-                       "data": ocp.JsonCheckpointHandler()})
+                       "data": ocp.JsonCheckpointHandler(),
+                       "identity": ocp.JsonCheckpointHandler()})
 
   def all_steps(self) -> list[int]:
     return sorted(self._manager.all_steps())
@@ -78,11 +106,13 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
-  def save(self, step: int, state, data_state: dict) -> None:
+  def save(self, step: int, state, data_state: dict, identity: dict | None = None) -> None:
     """Every process calls this with its own iterator state; all of them are stored."""
     data = {"processes": _allgather_json(data_state)}
-    args = self._ocp.args.Composite(state=self._ocp.args.StandardSave(state),
-                                    data=self._ocp.args.JsonSave(data))
+    items = {"state": self._ocp.args.StandardSave(state), "data": self._ocp.args.JsonSave(data)}
+    if identity is not None:
+      items["identity"] = self._ocp.args.JsonSave(identity)
+    args = self._ocp.args.Composite(**items)
     self._manager.save(step, args=args, force=True)
 
   def restore(self, step: int, abstract_state):
@@ -101,12 +131,20 @@ class Checkpointer:
       return restored["state"], None
     return restored["state"], per_process[jax.process_index()]
 
-  def restore_latest(self, abstract_state):
+  def identity(self, step: int) -> dict | None:
+    """The identity stored with checkpoint `step` (None for checkpoints written without one)."""
+    if not os.path.isdir(os.path.join(self.directory, str(step), "identity")):
+      return None
+    restored = self._manager.restore(
+        step, args=self._ocp.args.Composite(identity=self._ocp.args.JsonRestore()))
+    return restored["identity"]
+
+  def restore_latest(self, abstract_state, identity: dict | None = None):
     """(step, state, data_state) from the newest readable checkpoint, or None if there is none.
 
-    An unreadable checkpoint is moved aside and the previous one tried. A readable one whose
-    arrays do not match `abstract_state` (the config changed) raises IncompatibleCheckpointError
-    and is left exactly where it is.
+    An unreadable checkpoint is moved aside and the previous one tried. A readable one written
+    with a different `identity` (config_identity) or whose arrays do not match
+    `abstract_state` raises IncompatibleCheckpointError and is left exactly where it is.
     """
     self.wait()
     expected = _shapes_by_path(abstract_state)
@@ -116,9 +154,19 @@ class Checkpointer:
         if metadata is None:
           raise ValueError("no readable metadata for the train state")
         on_disk = _shapes_by_path(metadata)
+        stored_identity = self.identity(step)
       except Exception as e:  # orbax raises many kinds for damaged files
         self._report_corrupt(step, e)
         continue
+      if identity is not None and stored_identity is not None:
+        changed = [f"{k} {stored_identity[k]!r} -> {identity[k]!r}"
+                   for k in sorted(set(stored_identity) & set(identity))
+                   if stored_identity[k] != identity[k]]
+        if changed:
+          raise IncompatibleCheckpointError(
+              f"the checkpoint at step {step} in {self.directory} was written by a different "
+              f"model or optimizer: {'; '.join(changed)}. Resume with the config it was "
+              "written with, or use a new --workdir.")
       if on_disk != expected:
         raise IncompatibleCheckpointError(
             f"the checkpoint at step {step} in {self.directory} does not match the current model "

@@ -2,6 +2,8 @@
 
 Only process 0 writes. A resumed run appends; it first writes a line {"step": N, "event":
 "resumed"}, and `read_metrics` keeps the last record per step, i.e. the resumed run's values.
+A run that starts from step 0 first writes {"step": 0, "event": "fresh_start"}; `read_metrics`
+forgets everything before it.
 """
 from __future__ import annotations
 
@@ -60,6 +62,9 @@ def read_metrics(path: str) -> dict[int, dict[str, Any]]:
   with open(path, encoding="utf-8") as f:
     for line in f:
       record = json.loads(line)
+      if record.get("event") == "fresh_start":  # a run started over in this workdir
+        by_step = {}
+        continue
       if record.get("event") == "resumed":
         resumed_at = record["step"]
         by_step = {s: r for s, r in by_step.items() if s <= resumed_at}

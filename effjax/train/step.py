@@ -162,7 +162,27 @@ def token_losses(model, params, batch, rng=None, *, model_state=None, train=Fals
   return nll, weights, targets, outputs
 
 
-def make_train_step(model, tx, lr_fn):
+# Bits of the train step's "nonfinite" metric: which quantity was NaN or Inf.
+NONFINITE_LOSS, NONFINITE_GRAD, NONFINITE_STATE = 1, 2, 4
+
+
+def describe_nonfinite(code: int) -> str:
+  names = [name for bit, name in ((NONFINITE_LOSS, "train_loss"), (NONFINITE_GRAD, "grad_norm"),
+                                  (NONFINITE_STATE, "the updated parameters or optimizer state"))
+           if code & bit]
+  return " and ".join(names)
+
+
+def _all_finite(tree) -> jax.Array:
+  checks = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(checks)) if checks else jnp.bool_(True)
+
+
+def make_train_step(model, tx, lr_fn, *, skip_nonfinite: bool = False):
+  """The jitted-to-be train step. Its "nonfinite" metric flags (NONFINITE_* bits) a NaN/Inf loss,
+  gradient or updated state, so the loop never checkpoints one. With `skip_nonfinite` such an
+  update is dropped: the state keeps its old values and only the step advances."""
   def train_step(state: TrainState, batch):
     step_rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
 
@@ -173,14 +193,25 @@ def make_train_step(model, tx, lr_fn):
       return loss + outputs.aux_loss, (loss, outputs)
 
     (_, (loss, outputs)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    # model_state: SST's clipping weighs its enhanced gradients by sigma[idx] (optim/lowrank.py)
+    updates, opt_state = optax.with_extra_args_support(tx).update(
+        grads, state.opt_state, state.params, model_state=state.model_state)
     params = optax.apply_updates(state.params, updates)
+    grad_norm = optax.tree.norm(grads)
+    new = (params, opt_state, outputs.model_state)
+    nonfinite = (jnp.where(jnp.isfinite(loss), 0, NONFINITE_LOSS)
+                 | jnp.where(jnp.isfinite(grad_norm), 0, NONFINITE_GRAD)
+                 | jnp.where(_all_finite(new), 0, NONFINITE_STATE)).astype(jnp.int32)
+    if skip_nonfinite:
+      old = (state.params, state.opt_state, state.model_state)
+      new = jax.tree.map(lambda n, o: jnp.where(nonfinite == 0, n, o), new, old)
+    params, opt_state, model_state = new
     # train_loss is the cross-entropy alone, comparable across models; the auxiliary losses,
     # when the model sows any, are optimised too and logged as aux_loss.
-    metrics = {"train_loss": loss, "grad_norm": optax.tree.norm(grads),
+    metrics = {"train_loss": loss, "grad_norm": grad_norm, "nonfinite": nonfinite,
                "learning_rate": lr_fn(state.step), **outputs.metrics}
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                         model_state=outputs.model_state), metrics
+                         model_state=model_state), metrics
 
   return train_step
 
@@ -203,13 +234,14 @@ def eval_summary(sums) -> dict[str, float]:
           "eval_bpb": nll / max(n_bytes, 1.0) / math.log(2)}
 
 
-def compile_steps(model, tx, lr_fn, mesh, state, state_shardings, batch_shape):
+def compile_steps(model, tx, lr_fn, mesh, state, state_shardings, batch_shape, *,
+                  skip_nonfinite: bool = False):
   """AOT-compiles the train and eval steps for these shardings and batch shape."""
   data = batch_sharding(mesh)
   batch = {k: jax.ShapeDtypeStruct(batch_shape, jnp.int32, sharding=data)
            for k in ("tokens", "segment_ids", "positions")}
   with sharding_context(mesh):
-    train = jax.jit(make_train_step(model, tx, lr_fn),
+    train = jax.jit(make_train_step(model, tx, lr_fn, skip_nonfinite=skip_nonfinite),
                     in_shardings=(state_shardings, data), out_shardings=(state_shardings, None),
                     donate_argnums=0).lower(state, batch).compile()
     evaluate = jax.jit(make_eval_step(model),

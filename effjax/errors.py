@@ -1,0 +1,18 @@
+"""Known failures of a run. The command line prints their message as one line (no traceback);
+anything else is a bug and keeps its traceback."""
+
+
+class RunError(Exception):
+  """A failure the user can act on: the message names the bad value and what to do."""
+
+
+class ConfigError(RunError, ValueError):
+  """A config value that does not fit the machine or the data (mesh, batch, memory)."""
+
+
+class DatasetUnavailableError(RunError, FileNotFoundError):
+  """The dataset is unknown, not prepared, or its directory is unusable."""
+
+
+class WorkdirError(RunError):
+  """The workdir cannot be used: not a directory, not writable, locked, or would lose work."""
