@@ -7,6 +7,16 @@ restricted to tokens of the same segment (packed documents never attend to each 
          (CUDA GPUs, bfloat16).
   pallas effjax's Pallas flash attention kernels (GPU Triton-style, TPU Mosaic; interpret
          mode on CPU).
+`sliding_window` w > 0 restricts query i to keys i - w < j <= i (0 = the whole prefix).
+
+Decoding (`Attention.decode`, used by effjax/models/decode.py) keeps a KV cache in the
+variable collection "cache": `cached_key`, `cached_value` [B, S, K, H] (grouped-query: the K
+kv heads only), S the fixed maximum length, slot s holding the token at position s.
+"prefill" starts a sequence: it writes the prompt's keys and values into their slots and
+attends with the configured implementation over the prompt alone. "step" writes the new
+tokens at their positions and attends over the cache with the reference einsums (the flash
+kernels are built for long query blocks, not one token): query at position p sees slots
+s <= p (and s > p - w), so slots past a row's length, stale or empty, are never read.
 """
 from __future__ import annotations
 
@@ -21,36 +31,61 @@ from effjax.layers.embeddings import apply_rope
 from effjax.layers.linear import make_linear
 
 
-def attention_mask(segment_ids_BL):
-  """[B, 1, L, L] boolean: causal and same segment."""
+CACHE_COLLECTION = "cache"
+CACHE_AXES = ("cache_batch", "cache_length", "cache_heads", "cache_kv")  # [B, S, K, H]
+DECODE_MODES = ("", "prefill", "step")
+
+
+def attention_mask(segment_ids_BL, sliding_window: int = 0):
+  """[B, 1, L, L] boolean: causal, same segment, and within the window when there is one."""
   length = segment_ids_BL.shape[1]
   causal_LL = jnp.tril(jnp.ones((length, length), jnp.bool_))
+  if sliding_window:  # drop keys j <= i - w
+    causal_LL = causal_LL & ~jnp.tril(jnp.ones((length, length), jnp.bool_), -sliding_window)
   same_BLL = segment_ids_BL[:, :, None] == segment_ids_BL[:, None, :]
   return (causal_LL[None] & same_BLL)[:, None]
 
 
-def attention_xla(q_BLNH, k_BSKH, v_BSKH, segment_ids_BL, scale: float):
+def attention_xla(q_BLNH, k_BSKH, v_BSKH, segment_ids_BL, scale: float,
+                  sliding_window: int = 0):
   """Reference attention; K kv heads are shared by groups of N // K query heads."""
+  return _grouped_attention(q_BLNH, k_BSKH, v_BSKH,
+                            attention_mask(segment_ids_BL, sliding_window)[:, :, None], scale)
+
+
+def attention_over_cache(q_BLNH, k_BSKH, v_BSKH, positions_BL, scale: float,
+                         sliding_window: int = 0):
+  """Queries at `positions_BL` against a KV cache whose slot s holds position s."""
+  slots_11S = jnp.arange(k_BSKH.shape[1])[None, None, :]
+  pos_BL1 = positions_BL[:, :, None]
+  visible_BLS = slots_11S <= pos_BL1
+  if sliding_window:
+    visible_BLS = visible_BLS & (slots_11S > pos_BL1 - sliding_window)
+  return _grouped_attention(q_BLNH, k_BSKH, v_BSKH, visible_BLS[:, None, None], scale)
+
+
+def _grouped_attention(q_BLNH, k_BSKH, v_BSKH, mask_B11LS, scale: float):
   b, l, n, h = q_BLNH.shape
   k = k_BSKH.shape[2]
   q_BLKGH = q_BLNH.reshape(b, l, k, n // k, h)
   logits_BKGLS = jnp.einsum("blkgh,bskh->bkgls", q_BLKGH, k_BSKH,
                             preferred_element_type=jnp.float32) * scale
-  mask_B11LS = attention_mask(segment_ids_BL)[:, :, None]
   logits_BKGLS = jnp.where(mask_B11LS, logits_BKGLS, jnp.finfo(jnp.float32).min)
   probs_BKGLS = jax.nn.softmax(logits_BKGLS, axis=-1).astype(v_BSKH.dtype)
   out_BLKGH = jnp.einsum("bkgls,bskh->blkgh", probs_BKGLS, v_BSKH)
   return out_BLKGH.reshape(b, l, n, h)
 
 
-def attention_cudnn(q_BLNH, k_BSKH, v_BSKH, segment_ids_BL, scale: float):
+def attention_cudnn(q_BLNH, k_BSKH, v_BSKH, segment_ids_BL, scale: float,
+                    sliding_window: int = 0):
   if jax.default_backend() != "gpu":
     raise NotImplementedError(
         f"attention_impl='cudnn' needs a CUDA GPU; this process runs on "
         f"{jax.default_backend()!r}. Use attention_impl='xla' there.")
   mask_B1LS = attention_mask(segment_ids_BL)
+  window = {"local_window_size": (sliding_window - 1, 0)} if sliding_window else {}
   return jax.nn.dot_product_attention(q_BLNH, k_BSKH, v_BSKH, mask=mask_B1LS, scale=scale,
-                                      is_causal=True, implementation="cudnn")
+                                      is_causal=True, implementation="cudnn", **window)
 
 
 def _pallas_shard_specs(mesh, q_shape, k_shape):
@@ -74,7 +109,8 @@ def _pallas_shard_specs(mesh, q_shape, k_shape):
   return P(batch, None, heads, None), P(batch, None, heads, None), P(batch, None)
 
 
-def attention_pallas(q_BLNH, k_BSKH, v_BSKH, segment_ids_BL, scale: float):
+def attention_pallas(q_BLNH, k_BSKH, v_BSKH, segment_ids_BL, scale: float,
+                     sliding_window: int = 0):
   """effjax's Pallas flash attention (pallas_kernels.attention): the Triton-style kernel on
   GPUs, the Mosaic kernel on TPUs; on a CPU the same GPU kernel runs in interpret mode (slow,
   for tests: it checks the kernel, not speed)."""
@@ -83,7 +119,7 @@ def attention_pallas(q_BLNH, k_BSKH, v_BSKH, segment_ids_BL, scale: float):
 
   def attend(q, k, v, segment_ids):
     return flash_attention(q, k, v, causal=True, segment_ids=segment_ids, sm_scale=scale,
-                           interpret=interpret)
+                           sliding_window=sliding_window or None, interpret=interpret)
 
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or mesh.size == 1 or not nn.get_logical_axis_rules():
@@ -108,9 +144,15 @@ class Attention(nn.Module):
   init_std: float = 0.02
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  sliding_window: int = 0  # 0 = every earlier key of the segment
+  decode: str = ""  # DECODE_MODES: "" trains/evaluates; "prefill" / "step" use the KV cache
 
   @nn.compact
   def __call__(self, x_BLD, segment_ids_BL, positions_BL):
+    if self.decode not in DECODE_MODES:
+      raise ValueError(f"Attention.decode={self.decode!r} is not one of {list(DECODE_MODES)}")
+    if self.sliding_window < 0:
+      raise ValueError(f"Attention.sliding_window must be >= 0, got {self.sliding_window}")
     b, l, d = x_BLD.shape
     n, k, h = self.num_heads, self.num_kv_heads, self.head_dim
 
@@ -125,6 +167,34 @@ class Attention(nn.Module):
     q_BLNH = nn.with_logical_constraint(apply_rope(q_BLNH, positions_BL, self.rope_theta),
                                         ("batch", "length", "heads", "kv"))
     k_BLKH = apply_rope(k_BLKH, positions_BL, self.rope_theta)
-    out_BLNH = ATTENTION_FNS[self.impl](q_BLNH, k_BLKH, v_BLKH, segment_ids_BL, h ** -0.5)
+    if self.decode:
+      out_BLNH = self._attend_with_cache(q_BLNH, k_BLKH, v_BLKH, segment_ids_BL, positions_BL)
+    elif self.sliding_window:
+      out_BLNH = ATTENTION_FNS[self.impl](q_BLNH, k_BLKH, v_BLKH, segment_ids_BL, h ** -0.5,
+                                         sliding_window=self.sliding_window)
+    else:
+      out_BLNH = ATTENTION_FNS[self.impl](q_BLNH, k_BLKH, v_BLKH, segment_ids_BL, h ** -0.5)
     out_BLNH = nn.with_logical_constraint(out_BLNH, ("batch", "length", "heads", "kv"))
     return proj(d, "heads", "embed", "out", group="attn_out")(out_BLNH.reshape(b, l, n * h))
+
+  def _attend_with_cache(self, q_BLNH, k_BLKH, v_BLKH, segment_ids_BL, positions_BL):
+    """Writes k, v into the cache at their positions; attention as the module docstring says.
+
+    The cache is created with this call's length when it is not passed in (to size it, call
+    once with the maximum length under jax.eval_shape)."""
+    b, l, k, h = k_BLKH.shape
+    zeros = nn.with_logical_partitioning(jnp.zeros, CACHE_AXES)
+    key = self.variable(CACHE_COLLECTION, "cached_key", zeros, (b, l, k, h), k_BLKH.dtype)
+    value = self.variable(CACHE_COLLECTION, "cached_value", zeros, (b, l, k, h), v_BLKH.dtype)
+    rows_B1 = jnp.arange(b)[:, None]
+    key.value = nn.with_logical_constraint(
+        key.value.at[rows_B1, positions_BL].set(k_BLKH.astype(key.value.dtype)), CACHE_AXES)
+    value.value = nn.with_logical_constraint(
+        value.value.at[rows_B1, positions_BL].set(v_BLKH.astype(value.value.dtype)), CACHE_AXES)
+    scale = self.head_dim ** -0.5
+    window = {"sliding_window": self.sliding_window} if self.sliding_window else {}
+    if self.decode == "prefill":  # the sequence starts here: its own keys are all there is
+      return ATTENTION_FNS[self.impl](q_BLNH, k_BLKH, v_BLKH, segment_ids_BL, scale, **window)
+    return attention_over_cache(q_BLNH, key.value.astype(q_BLNH.dtype),
+                                value.value.astype(q_BLNH.dtype), positions_BL, scale,
+                                self.sliding_window)

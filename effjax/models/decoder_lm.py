@@ -28,6 +28,7 @@ class Block(nn.Module):
   config: ModelConfig
   train: bool = False  # training behaviour (router noise, train capacity, state updates)
   layer: int = 0  # index in the stack (which layers are MoE); 0 under scan (all alike)
+  decode: str = ""  # "" trains/evaluates; "prefill" / "step": KV-cache decoding (decode.py)
 
   @nn.compact
   def __call__(self, x_BLD, segment_ids_BL, positions_BL, step):
@@ -43,7 +44,7 @@ class Block(nn.Module):
     h_BLD = RMSNorm(cfg.norm_eps, dtype, param_dtype, name="attn_norm")(x_BLD)
     h_BLD = Attention(cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim, cfg.rope_theta,
                       cfg.attention_impl, cfg.linear, cfg.init_std, dtype, param_dtype,
-                      name="attn")(h_BLD, segment_ids_BL, positions_BL)
+                      decode=self.decode, name="attn")(h_BLD, segment_ids_BL, positions_BL)
     x_BLD = nn.with_logical_constraint(x_BLD + h_BLD, ("batch", "length", "embed"))
     h_BLD = RMSNorm(cfg.norm_eps, dtype, param_dtype, name="mlp_norm")(x_BLD)
     if cfg.is_moe_layer(self.layer):
@@ -60,11 +61,13 @@ class DecoderLM(nn.Module):
 
   @nn.compact
   def __call__(self, tokens_BL, segment_ids_BL=None, positions_BL=None, *, train: bool = False,
-               step=None):
+               step=None, decode: str = ""):
     """Logits [B, L, V] in float32. Without segment ids, the whole row is one sequence.
 
     `train` switches on training-only behaviour; `step` (int32 scalar, default 0) is the number
-    of updates applied, for schedules inside layers.
+    of updates applied, for schedules inside layers. `decode` ("prefill" or "step") reads and
+    writes the KV cache (collection "cache"; see effjax/models/decode.py), with `positions_BL`
+    the cache slots of the tokens.
     """
     cfg = self.config
     step = jnp.zeros((), jnp.int32) if step is None else jnp.asarray(step, jnp.int32)
@@ -87,11 +90,12 @@ class DecoderLM(nn.Module):
       stack = nn.scan(block, variable_axes={True: 0}, split_rngs={"params": True, "noise": True},
                       in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.num_layers,
                       metadata_params={nn.PARTITION_NAME: "layers"})
-      x_BLD, _ = stack(cfg, train, name="layers")(x_BLD, segment_ids_BL, positions_BL, step)
+      x_BLD, _ = stack(cfg, train, decode=decode, name="layers")(x_BLD, segment_ids_BL,
+                                                                 positions_BL, step)
     else:
       for i in range(cfg.num_layers):
-        x_BLD, _ = block(cfg, train, i, name=f"layers_{i}")(x_BLD, segment_ids_BL,
-                                                             positions_BL, step)
+        x_BLD, _ = block(cfg, train, i, decode, name=f"layers_{i}")(x_BLD, segment_ids_BL,
+                                                                     positions_BL, step)
     if isinstance(x_BLD, tuple):
       x_BLD = x_BLD[0]
 

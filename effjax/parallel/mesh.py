@@ -32,6 +32,12 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("embed", "fsdp"),
     ("norm", None),
     ("layers", None),
+    # KV cache [B, S, K, H] (effjax/layers/attention.py): rows like activations, kv heads over
+    # the axis the attention projections' heads use
+    ("cache_batch", ("data", "fsdp", "expert")),
+    ("cache_length", None),
+    ("cache_heads", "tensor"),
+    ("cache_kv", None),
 )
 
 
