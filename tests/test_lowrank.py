@@ -145,3 +145,87 @@ def test_galore_projects_the_smaller_side_refreshes_every_t_and_keeps_moments(sh
   fresh = tx.init(params)
   _, after_one = update({"kernel": grads[2]}, fresh)
   assert not np.allclose(state.mu["kernel"], after_one.mu["kernel"])
+
+
+# -- fairness fixes (issue 14): clipping on the true gradient, re-warm-up scope ---------------
+
+def _sst_grads(d=16, rank=4, seed=0):
+  """(params, model_state, enhanced grads, true grads) of one SST layer on a random loss."""
+  from effjax.layers.spectral import SST_COLLECTION, SSTLinear, merged_bases
+  layer = SSTLinear(d, rank, "embed", "mlp")
+  variables = nn.meta.unbox(jax.jit(layer.init)(jax.random.key(seed), jnp.zeros((1, d))))
+  params, state = split_variables(variables)
+  x = jax.random.normal(jax.random.key(seed + 1), (32, d))
+  target = jax.random.normal(jax.random.key(seed + 2), (32, d))
+  enhanced = jax.grad(lambda p: jnp.sum((layer.apply({"params": p, **state}, x) - target) ** 2)
+                      )(params)
+  s = state[SST_COLLECTION]
+
+  def plain(p):  # the same function without the custom (enhanced) backward pass
+    u, v = merged_bases(p["u_cols"], p["v_cols"], s["u"], s["v"], s["idx"])
+    return jnp.sum(((x @ u) * p["sigma"] @ v.T - target) ** 2)
+  return params, state, enhanced, jax.grad(plain)(params)
+
+
+def _norm(tree):
+  return float(optax.tree.norm(tree))
+
+
+def test_sst_clipping_measures_the_true_gradient_and_scales_everything_by_one_factor():
+  params, state, enhanced, true = _sst_grads()
+  true_norm, enhanced_norm = _norm(true), _norm(enhanced)
+  assert enhanced_norm > 1.5 * true_norm  # sigma ~ 0.1: the enhanced gradient is far larger
+  clip = lowrank.clip_by_true_global_norm
+  between = 0.5 * (true_norm + enhanced_norm)  # plain clipping would act here, this must not
+  out, _ = clip(between).update(enhanced, optax.EmptyState(), params, model_state=state)
+  for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(enhanced)):
+    np.testing.assert_array_equal(a, b)
+  plain, _ = optax.clip_by_global_norm(between).update(enhanced, optax.EmptyState())
+  assert _norm(plain) < 0.99 * enhanced_norm
+  out, _ = clip(0.5 * true_norm).update(enhanced, optax.EmptyState(), params, model_state=state)
+  for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(enhanced)):  # enhanced stays enhanced
+    np.testing.assert_allclose(a, b * 0.5, rtol=1e-5)
+  with pytest.raises(ValueError, match=r"needs params and model_state"):
+    clip(1.0).update(enhanced, optax.EmptyState(), params)
+
+
+def test_sst_chain_clips_on_the_true_norm():
+  params, state, enhanced, true = _sst_grads()
+  max_norm = 0.5 * (_norm(true) + _norm(enhanced))
+  args = dict(b1=0.9, b2=0.999, eps=1e-8, sst=True)
+  fixed = lowrank.lowrank_chain(lambda s: 1e-3, grad_clip=max_norm, **args)
+  unclipped = lowrank.lowrank_chain(lambda s: 1e-3, **args)
+  a, _ = fixed.update(enhanced, fixed.init(params), params, model_state=state)
+  b, _ = unclipped.update(enhanced, unclipped.init(params), params)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-9)
+
+
+def test_rewarm_scales_only_the_reset_params_after_each_restart():
+  tx = lowrank.scale_by_rewarm(10, 4, ("u_cols", "v_cols"))
+  ones = {"embed": jnp.ones(3), "layer": {"sigma": jnp.ones(2), "u_cols": jnp.ones((3, 2)),
+                                          "v_cols": jnp.ones((3, 2))}}
+  state = tx.init(ones)
+  seen = []
+  for _ in range(25):
+    out, state = tx.update(ones, state)
+    seen.append((float(out["layer"]["u_cols"][0, 0]), float(out["layer"]["v_cols"][0, 0]),
+                 float(out["layer"]["sigma"][0]), float(out["embed"][0])))
+  want = [1.0] * 10 + [0.25, 0.5, 0.75, 1.0] + [1.0] * 6 + [0.25, 0.5, 0.75, 1.0, 1.0]
+  assert [s[0] for s in seen] == want == [s[1] for s in seen]
+  assert all(s[2] == 1.0 and s[3] == 1.0 for s in seen)  # sigma, embeddings: never re-warmed
+
+
+@pytest.mark.parametrize("kind, names", [("sst", ("u_cols", "v_cols")),
+                                         ("lora", ("lora_a", "lora_b"))])
+def test_optimizer_for_rewarms_only_what_the_method_resets(kind, names):
+  from effjax.config import (ExperimentConfig, LinearConfig, ModelConfig, OptimConfig,
+                             TrainConfig)
+  linear = LinearConfig(kind=kind, rank=4, sst_every=20, relora_every=20 if kind == "lora" else 0)
+  cfg = ExperimentConfig(model=ModelConfig(linear=linear),
+                         optim=OptimConfig(rewarm_steps=2, warmup_steps=5),
+                         train=TrainConfig(num_steps=100))
+  assert lowrank.reset_params(cfg) == names
+  _, lr_fn = lowrank.optimizer_for(cfg)
+  envelope = jagged_cosine(cfg.optim.learning_rate, 5, 100, cfg.optim.min_lr_ratio)
+  assert float(lr_fn(20)) == float(envelope(20))  # the global schedule does not dip

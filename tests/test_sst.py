@@ -244,6 +244,7 @@ def test_sst_trains_the_lm_with_a_resample_and_re_warm_up(tfds_dir, tmp_path):
   o = cfg.optim
   envelope = optax.warmup_cosine_decay_schedule(0.0, o.learning_rate, o.warmup_steps, 4,
                                                 o.learning_rate * o.min_lr_ratio)
-  # the update after the resample runs at half the envelope (re-warm over 2 steps)
-  np.testing.assert_allclose(m[3]["learning_rate"], 0.5 * float(envelope(2)), rtol=1e-6)
+  # the logged (global) learning rate is the envelope: the re-warm-up after the resample
+  # scales only u_cols / v_cols (tests/test_lowrank.py test_rewarm_*)
+  np.testing.assert_allclose(m[3]["learning_rate"], float(envelope(2)), rtol=1e-6)
   np.testing.assert_allclose(m[4]["learning_rate"], float(envelope(3)), rtol=1e-6)
