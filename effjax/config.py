@@ -115,21 +115,31 @@ class MoEConfig:
   Expert ids: 0..num_experts-1 are SwiGLU FFN experts, then `num_zero_experts` zero,
   `num_copy_experts` copy and `num_constant_experts` constant experts (MoE++); the router
   chooses among all of them. Capacity C = ceil(capacity_factor * tokens * top_k /
-  num_experts) per expert and batch (capacity dispatch and expert choice).
+  num_experts) per expert and token group (`group_size`; 0 = the batch), from the group's real
+  (non-padding) tokens (capacity dispatch and expert choice).
   """
   num_experts: int = 8
   top_k: int = 2
   every_n: int = 1  # layer i (0-based) is MoE iff (i + 1) % every_n == 0
   d_ff: int = 0  # hidden width of one FFN expert; 0 = model.d_ff
   router: str = "softmax_topk"
-  renormalize: bool = True  # softmax_topk: the k weights renormalised to sum to 1
+  # softmax_topk / sigmoid_bias: the k weights renormalised to sum to 1 (refused with top_k=1:
+  # the single weight would be p / p = 1 and the task loss would not reach the router)
+  renormalize: bool = True
   jitter: float = 0.0  # training: router input multiplied by U(1 - jitter, 1 + jitter)
   dispatch: str = "dropless"
   capacity_factor: float = 1.25  # training (capacity dispatch; expert choice always)
-  eval_capacity_factor: float = 2.0
+  # evaluation; 0 = capacity_factor (evaluate the mixture that was trained). A different value
+  # is opt-in and sown as the "capacity_factor" metric
+  eval_capacity_factor: float = 0.0
+  # capacity dispatch and expert choice route within groups of this many tokens (GShard), so
+  # the [tokens, E, C] dispatch tensors grow linearly with the batch; 0 = one group
+  group_size: int = 0
   gmm_impl: str = "ragged_dot"  # dropless expert matmuls: "ragged_dot" or "pallas" (see gmm.py)
   aux_loss_weight: float = 0.01  # Switch load-balancing loss
   z_loss_weight: float = 1e-3  # ST-MoE router z-loss
+  # MoE++ heterogeneous load balance: zero/copy/constant experts' terms weighted by this
+  moepp_tau: float = 0.75
   bias_rate: float = 1e-3  # sigmoid_bias: selection-bias step per update
   allow_noncausal: bool = False  # expert_choice in a causal LM needs this opt-in
   # dense_to_sparse (EvoMoE): Gumbel-softmax temperature from temp_start to temp_end over
@@ -141,6 +151,10 @@ class MoEConfig:
   threshold: float = 0.05
   hard_gumbel: bool = False  # after the anneal: hard top-1 Gumbel gate (straight-through)
   gate_activation: str = "none"  # activation dense-to-sparse gate: softmax(act(logits) / tau)
+  # dense_to_sparse, dropless, one device: while tokens use at most this many experts on
+  # average, the expert matmuls run over this many rows per token, not E (exact; the sparse
+  # phase's cost); 0 = off
+  compact_experts_per_token: int = 0
   num_zero_experts: int = 0
   num_copy_experts: int = 0
   num_constant_experts: int = 0
@@ -165,8 +179,27 @@ class MoEConfig:
     _one_of("model.moe.anneal", self.anneal, ("exponential", "linear"))
     _one_of("model.moe.gate_activation", self.gate_activation, MOE_GATE_ACTIVATIONS)
     _positive("model.moe.capacity_factor", self.capacity_factor)
-    _positive("model.moe.eval_capacity_factor", self.eval_capacity_factor)
-    for name in ("aux_loss_weight", "z_loss_weight", "bias_rate", "upcycle_noise",
+    _require(self.eval_capacity_factor >= 0, "model.moe.eval_capacity_factor must be >= 0 "
+             f"(0 = capacity_factor), got {self.eval_capacity_factor!r}")
+    _require(self.router not in ("softmax_topk", "sigmoid_bias", "topk_softmax")
+             or self.top_k > 1 or (self.router != "topk_softmax" and not self.renormalize),
+             f"model.moe.router={self.router!r} with top_k=1 "
+             + ("always weights the chosen expert by softmax over one logit = 1"
+                if self.router == "topk_softmax" else "and renormalize=True weights the chosen "
+                "expert by p / p = 1") + ", so the task loss gives the router no gradient; use "
+             + ("router='softmax_topk' with renormalize=False (Switch)"
+                if self.router == "topk_softmax" else "renormalize=False (Switch: the raw gate "
+                "value)"))
+    for name in ("group_size", "compact_experts_per_token"):
+      _require(isinstance(getattr(self, name), int) and getattr(self, name) >= 0,
+               f"model.moe.{name} must be an integer >= 0, got {getattr(self, name)!r}")
+    _require(self.compact_experts_per_token == 0 or self.router == "dense_to_sparse",
+             f"model.moe.compact_experts_per_token={self.compact_experts_per_token} belongs to "
+             f"the dense_to_sparse router, not to router={self.router!r}")
+    _require(self.compact_experts_per_token <= self.num_experts,
+             f"model.moe.compact_experts_per_token={self.compact_experts_per_token} exceeds "
+             f"model.moe.num_experts={self.num_experts}")
+    for name in ("aux_loss_weight", "z_loss_weight", "bias_rate", "upcycle_noise", "moepp_tau",
                  "ep_buffer_factor", "num_zero_experts", "num_copy_experts",
                  "num_constant_experts", "num_shared_experts"):
       _require(getattr(self, name) >= 0,
@@ -212,9 +245,23 @@ class MoEConfig:
 
   @property
   def active_ffn_experts(self) -> int:
-    """FFN experts per token counted in FLOPs: top_k (an upper bound with zero-computation
-    experts; expert choice: the average); dense_to_sparse: all (its dense start)."""
+    """Slots per token in the capacity formula: top_k (expert choice: C = cf * T * top_k / E);
+    dense_to_sparse: all experts."""
     return self.num_experts if self.router == "dense_to_sparse" else self.top_k
+
+  @property
+  def ffn_experts_per_token(self) -> float:
+    """FFN experts that run per token, counted in FLOPs: top_k (an upper bound with
+    zero-computation experts); expert choice: capacity_factor * top_k, what its capacity makes
+    it compute (training); dense_to_sparse: all (its dense start; the sparse phase with
+    compact_experts_per_token costs that many)."""
+    if self.router == "expert_choice":
+      return min(self.capacity_factor * self.top_k, float(self.num_experts))
+    return float(self.active_ffn_experts)
+
+  @property
+  def resolved_eval_capacity_factor(self) -> float:
+    return self.eval_capacity_factor or self.capacity_factor
 
 
 @dataclasses.dataclass(frozen=True)

@@ -123,12 +123,15 @@ def test_capacity_dispatch_drops_overflow_in_slot_order_and_reports_it():
   w = jnp.full((t, 2), 0.5)
   experts = {k: jax.random.normal(jax.random.key(i), s) for i, (k, s) in enumerate(
       [("wi_gate", (2, D, F)), ("wi_up", (2, D, F)), ("wo", (2, F, D))])}
-  y, dropped = jax.jit(functools.partial(capacity_dispatch, capacity=2, dense_slots=False,
-                                         dtype=jnp.float32))(x, idx, valid, w, experts)
+  y, dropped, computed = jax.jit(functools.partial(
+      capacity_dispatch, capacity=2, dense_slots=False, dtype=jnp.float32))(x, idx, valid, w,
+                                                                            experts)
   assert float(dropped) == 8  # 4 of 6 tokens per expert did not fit
-  y_all, none = jax.jit(functools.partial(dropless_dispatch, impl="ragged_dot",
-                                          dtype=jnp.float32))(x, idx, valid, w, experts)
+  np.testing.assert_array_equal(computed, [2, 2])  # the load that ran: 2 per expert
+  y_all, none, computed_all = jax.jit(functools.partial(
+      dropless_dispatch, impl="ragged_dot", dtype=jnp.float32))(x, idx, valid, w, experts)
   assert float(none) == 0
+  np.testing.assert_array_equal(computed_all, [6, 6])
   np.testing.assert_allclose(y[:2], y_all[:2], rtol=1e-5, atol=1e-6)  # tokens 0, 1 kept
   np.testing.assert_array_equal(np.asarray(y[2:]), 0)  # the rest pass only the residual
 
@@ -182,7 +185,7 @@ def test_dense_to_sparse_gate_goes_from_uniform_dense_to_top1():
   hot = _layer(num_experts=4, router="dense_to_sparse", temp_start=1e4, temp_end=1e4,
                threshold=0.05, dispatch="capacity", capacity_factor=1.0)
   cold = _layer(num_experts=4, router="dense_to_sparse", temp_start=1e-3, temp_end=1e-3)
-  top1 = _layer(num_experts=4, top_k=1, router="softmax_topk", renormalize=True)
+  top1 = _layer(num_experts=4, top_k=1, router="softmax_topk", renormalize=False)
   params = _params(hot, x)
   params["router"] = params["router"] * 10
   apply = lambda layer: jax.jit(lambda p, x: layer.apply(
@@ -197,7 +200,9 @@ def test_dense_to_sparse_gate_goes_from_uniform_dense_to_top1():
   assert m_hot["metrics"]["experts_per_token"][0] == 4.0
   assert _max_rel(y_hot.reshape(-1, D), mean) < 1e-3
   assert m_cold["metrics"]["experts_per_token"][0] == 1.0
-  assert _max_rel(y_cold, y_top1) < 1e-5
+  # the cold gate weights its expert by ~1; Switch top-1 by the raw probability p_max
+  p_max = jnp.max(jax.nn.softmax(x @ params["router"], axis=-1), axis=-1, keepdims=True)
+  assert _max_rel(y_cold, y_top1 / p_max) < 1e-5
   cfg = MoEConfig(router="dense_to_sparse", temp_start=2.0, temp_end=0.5, anneal_steps=10)
   taus = [float(routers.temperature(s, cfg)) for s in (0, 5, 10, 20)]
   np.testing.assert_allclose(taus, [2.0, 1.0, 0.5, 0.5], rtol=1e-6)  # exponential, then held
@@ -241,7 +246,7 @@ def test_activation_gate_applies_the_activation_before_the_tempered_softmax():
 
 def test_selection_bias_moves_a_skewed_router_toward_balance():
   layer = _layer(num_experts=4, top_k=1, router="sigmoid_bias", bias_rate=0.02,
-                 aux_loss_weight=0.0)
+                 aux_loss_weight=0.0, renormalize=False)
   x = _x(8, 8) + 0.5
   variables = nn.meta.unbox(jax.jit(layer.init)(jax.random.key(0), x))
   params = variables["params"]
@@ -297,7 +302,16 @@ def test_zero_copy_constant_experts_discard_identity_and_constant_mix():
      r"num_experts=6 is not divisible by mesh.expert=4"),
     (dict(num_experts=4, top_k=5), {}, r"top_k=5 exceeds the 4 experts"),
     (dict(capacity_factor=0.0), {}, r"capacity_factor must be > 0, got 0.0"),
-    (dict(eval_capacity_factor=-1.0), {}, r"eval_capacity_factor must be > 0"),
+    (dict(eval_capacity_factor=-1.0), {}, r"eval_capacity_factor must be >= 0"),
+    (dict(top_k=1), {}, r"router='softmax_topk' with top_k=1 and renormalize=True weights the "
+                        r"chosen expert by p / p = 1.*renormalize=False"),
+    (dict(top_k=1, router="sigmoid_bias"), {}, r"router='sigmoid_bias' with top_k=1"),
+    (dict(top_k=1, router="topk_softmax", renormalize=False), {},
+     r"router='topk_softmax' with top_k=1 always weights.*no gradient"),
+    (dict(group_size=-4), {}, r"group_size must be an integer >= 0, got -4"),
+    (dict(compact_experts_per_token=2), {}, r"compact_experts_per_token=2 belongs to the "
+                                            r"dense_to_sparse router"),
+    (dict(moepp_tau=-0.5), {}, r"moepp_tau must be >= 0, got -0.5"),
     (dict(router="hash"), {}, r"model.moe.router='hash' is not one of"),
     (dict(router="expert_choice"), {}, r"not causal.*allow_noncausal=True"),
     (dict(dispatch="ragged"), {}, r"model.moe.dispatch='ragged' is not one of"),

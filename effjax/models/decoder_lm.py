@@ -48,7 +48,8 @@ class Block(nn.Module):
     x_BLD = nn.with_logical_constraint(x_BLD + h_BLD, ("batch", "length", "embed"))
     h_BLD = RMSNorm(cfg.norm_eps, dtype, param_dtype, name="mlp_norm")(x_BLD)
     if cfg.is_moe_layer(self.layer):
-      h_BLD, logits = MoELayer(cfg, self.train, name="mlp")(h_BLD, step, prev_logits)
+      h_BLD, logits = MoELayer(cfg, self.train, name="mlp")(h_BLD, step, prev_logits,
+                                                            segment_ids_BL)
       prev_logits = logits if prev_logits is not None else None
     else:
       h_BLD = SwiGLU(cfg.d_ff, cfg.linear, cfg.init_std, dtype, param_dtype, name="mlp")(h_BLD)

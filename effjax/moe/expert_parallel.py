@@ -9,6 +9,9 @@ expert). On each device:
      case, when model.moe.ep_buffer_factor = 0, else ceil(factor * P_local / EP)); a pair that
      does not fit is counted as overflow (reported as dropped; its residual passes through),
      or, with ep_reroute, first offered to its token's next-ranked expert where there is room;
+     a rerouted pair is combined with the router's weight for the expert that computed it
+     (`Routing.alt_weights`, so the gradient reaches that expert's router logit) and counted
+     in that expert's computed load;
   3. `jax.lax.all_to_all` sends row block d to device d; the received rows are sorted by local
      expert and computed with one grouped matmul per SwiGLU weight;
   4. a second all_to_all returns them; they are unpacked, unsorted and combined in slot order.
@@ -61,8 +64,8 @@ def _fit(dest_P, room_D, num_dest: int):
   return (dest_P < num_dest) & (rank < room)
 
 
-def _local_dropless(x_TD, idx_TK, valid_TK, w_TK, alt_TK, wg, wu, wo, *, num_experts, ep,
-                    factor, reroute, impl, dtype, axes):
+def _local_dropless(x_TD, idx_TK, valid_TK, w_TK, alt_TK, alt_w_TK, wg, wu, wo, *, num_experts,
+                    ep, factor, reroute, impl, dtype, axes):
   num_tokens, k = idx_TK.shape
   local_experts = wg.shape[0]
   pairs = num_tokens * k
@@ -72,6 +75,7 @@ def _local_dropless(x_TD, idx_TK, valid_TK, w_TK, alt_TK, wg, wu, wo, *, num_exp
   full_room = jnp.full((ep,), rows, jnp.int32)
   keep_P = _fit(dest_P, full_room, ep)
   rerouted = jnp.zeros((), jnp.float32)
+  w_P = w_TK.T.reshape(-1)
   if reroute:
     alt_P = alt_TK.T.reshape(-1).astype(jnp.int32)
     kept_per_dest = jnp.sum(jax.nn.one_hot(dest_P, ep, dtype=jnp.int32) * keep_P[:, None], 0)
@@ -80,6 +84,7 @@ def _local_dropless(x_TD, idx_TK, valid_TK, w_TK, alt_TK, wg, wu, wo, *, num_exp
     keep_alt = _fit(alt_dest, rows - kept_per_dest, ep)
     e_P = jnp.where(keep_P, e_P, jnp.where(keep_alt, alt_P, num_experts))
     rerouted = jnp.sum(keep_alt).astype(jnp.float32)
+    w_P = jnp.where(keep_P, w_P, alt_w_TK.T.reshape(-1))
     keep_P = keep_P | keep_alt
   else:
     e_P = jnp.where(keep_P, e_P, num_experts)
@@ -115,15 +120,18 @@ def _local_dropless(x_TD, idx_TK, valid_TK, w_TK, alt_TK, wg, wu, wo, *, num_exp
   back = jax.lax.all_to_all(y_recv.reshape(ep, rows, d), EXPERT_AXIS, 0, 0, tiled=True)
   y_sorted = dispatch_lib.gather_rows(back.reshape(ep * rows, d), slot_of_sorted, src)
   y_KTD = dispatch_lib.gather_rows(y_sorted, inv_order, order).reshape(k, num_tokens, d)
-  w_TK = w_TK * keep_P.reshape(k, num_tokens).T
+  w_TK = (w_P * keep_P).reshape(k, num_tokens).T
   y_TD = dispatch_lib.combine_slots(y_KTD, w_TK)
-  stats = jnp.stack([overflowed.astype(jnp.float32), rerouted])
+  stats = jnp.concatenate([jnp.stack([overflowed.astype(jnp.float32), rerouted]),
+                           group_sizes.astype(jnp.float32)])  # + load where the work ran
   return y_TD, jax.lax.psum(stats, axes)
 
 
 def expert_parallel_dispatch(x_TD, expert_idx_TK, ffn_valid_TK, weights_TK, alt_TK, experts, *,
-                             mesh, factor: float, reroute: bool, impl: str, dtype):
-  """(y [T, D] float32, dropped pair count, rerouted pair count), over `mesh`'s expert axis."""
+                             mesh, factor: float, reroute: bool, impl: str, dtype,
+                             alt_weights_TK=None):
+  """(y [T, D] float32, dropped pair count, rerouted pair count, computed load [E]) over
+  `mesh`'s expert axis. `alt_TK`, `alt_weights_TK`: each slot's next expert and its weight."""
   ep = expert_parallel_size(mesh)
   num_experts = experts["wi_gate"].shape[0]
   if num_experts % ep:
@@ -131,15 +139,19 @@ def expert_parallel_dispatch(x_TD, expert_idx_TK, ffn_valid_TK, weights_TK, alt_
                      f"mesh axis ({ep} devices)")
   axes = batch_axes(mesh)
   tok = P(axes)
+  if reroute and (alt_TK is None or alt_weights_TK is None):
+    raise ValueError("expert_parallel_dispatch: reroute=True needs alt_TK and alt_weights_TK")
   if alt_TK is None:
     alt_TK = jnp.zeros_like(expert_idx_TK)
+  if alt_weights_TK is None:
+    alt_weights_TK = jnp.zeros_like(weights_TK)
   fn = lambda *a: _local_dropless(*a, num_experts=num_experts, ep=ep, factor=factor,
                                   reroute=reroute, impl=impl, dtype=dtype, axes=axes)
   w_spec = P(EXPERT_AXIS)
   # check_vma=False: a Pallas gmm's pallas_call output carries no varying-axes type. The
   # weights' cotangents are still summed over the axes they are replicated on (data).
   y_TD, stats = jax.shard_map(
-      fn, mesh=mesh, in_specs=(tok, tok, tok, tok, tok, w_spec, w_spec, w_spec),
+      fn, mesh=mesh, in_specs=(tok, tok, tok, tok, tok, tok, w_spec, w_spec, w_spec),
       out_specs=(tok, P()), check_vma=False)(x_TD, expert_idx_TK, ffn_valid_TK, weights_TK, alt_TK,
-                           experts["wi_gate"], experts["wi_up"], experts["wo"])
-  return y_TD, stats[0], stats[1]
+                           alt_weights_TK, experts["wi_gate"], experts["wi_up"], experts["wo"])
+  return y_TD, stats[0], stats[1], stats[2:]
