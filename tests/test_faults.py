@@ -359,3 +359,47 @@ def test_two_first_runs_prepare_the_corpus_once_without_colliding(tmp_path):
   counts = [out.split()[-1] for out, _ in results]
   assert counts[0] == counts[1] and int(counts[0]) > 0
   assert sum("Downloading and preparing" in out + err for out, err in results) == 1  # once
+
+
+def _popen_cli(args, log_path):
+  exe = os.path.join(os.path.dirname(sys.executable), "effjax-train")
+  cmd = [exe] if os.path.exists(exe) else [sys.executable, "-m", "experiments.train"]
+  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+  return subprocess.Popen(cmd + args, cwd=REPO, env=env, stdout=open(log_path, "w"),
+                          stderr=subprocess.STDOUT)
+
+
+def _wait_for_text(proc, log_path, text, timeout=240.0):
+  import time  # pylint: disable=g-import-not-at-top
+  deadline = time.monotonic() + timeout
+  while text not in open(log_path).read():
+    if proc.poll() is not None or time.monotonic() > deadline:
+      proc.kill()
+      raise AssertionError(f"{text!r} never appeared: {open(log_path).read()[-2000:]}")
+    time.sleep(0.005)
+
+
+@pytest.mark.slow
+def test_sigterm_during_compilation_exits_cleanly_and_leaves_the_workdir(tfds_dir, tmp_path):
+  import signal  # pylint: disable=g-import-not-at-top
+  workdir, log = str(tmp_path / "early"), str(tmp_path / "early.log")
+  proc = _popen_cli(["--config=configs/lm.py:test", f"--config.data.data_dir={tfds_dir}",
+                     f"--workdir={workdir}"], log)
+  _wait_for_text(proc, log, "mesh {")  # handlers are in place; compilation comes next
+  proc.send_signal(signal.SIGTERM)
+  assert proc.wait(timeout=120) == 0, open(log).read()[-2000:]
+  assert "Stopped before the first step" in open(log).read()
+  assert not Checkpointer(os.path.join(workdir, "checkpoints")).all_steps()
+
+
+def test_first_ctrl_c_asks_for_a_save_and_the_second_aborts():
+  import signal  # pylint: disable=g-import-not-at-top
+  flag = loop._StopFlag(multi_process=False)  # pylint: disable=protected-access
+  flag(signal.SIGINT, None)
+  assert flag.requested
+  with pytest.raises(KeyboardInterrupt):
+    flag(signal.SIGINT, None)
+  flag = loop._StopFlag(multi_process=False)  # pylint: disable=protected-access
+  flag(signal.SIGTERM, None)
+  flag(signal.SIGTERM, None)  # SIGTERM repeated (a scheduler's retry) still saves
+  assert flag.requested
