@@ -18,7 +18,6 @@ zeros), --warmup calls, then the median of --iters individually timed calls. FLO
 from __future__ import annotations
 
 import functools
-import json
 import statistics
 import time
 
@@ -232,8 +231,8 @@ def main(argv):
     print("\nNo GPU here: timing skipped (run this script on a GPU for the TF/s tables).")
 
   if _OUT.value:
-    with open(_OUT.value, "w", encoding="utf-8") as f:
-      json.dump(results, f, indent=2)
+    from effjax import provenance  # pylint: disable=g-import-not-at-top
+    provenance.write_json(_OUT.value, results)  # the command and commit give every setting
 
 
 if __name__ == "__main__":

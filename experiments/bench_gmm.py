@@ -55,7 +55,6 @@ preset, where gmm_impl=pallas is the jnp reference (the platform default there).
 from __future__ import annotations
 
 import functools
-import json
 import statistics
 import time
 
@@ -455,8 +454,8 @@ def main(argv):
           print(_moe_layer_line(row), flush=True)
 
   if _OUT.value:
-    with open(_OUT.value, "w", encoding="utf-8") as f:
-      json.dump(results, f, indent=2)
+    from effjax import provenance  # pylint: disable=g-import-not-at-top
+    provenance.write_json(_OUT.value, results)  # the command and commit give every setting
 
 
 if __name__ == "__main__":

@@ -205,8 +205,8 @@ def main(argv):
       print(f"| {m['tokens']} | {m['group_size']} | {m['capacity']} | "
             f"{m['dispatch_tensor_bytes'] / 2**20:.1f} | {m['temp_bytes'] / 2**20:.1f} |")
   if _OUT.value:
-    with open(_OUT.value, "w", encoding="utf-8") as fh:
-      json.dump({"rows": rows, "memory": memory}, fh, indent=2)
+    from effjax import provenance  # pylint: disable=g-import-not-at-top
+    provenance.write_json(_OUT.value, {"rows": rows, "memory": memory})
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ also prints model FLOPs utilisation against the device's dense bf16 peak.
 """
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 import time
@@ -119,8 +118,9 @@ def main(argv):
       cells += [f"{r['mfu_bare']:.1%}", f"{r['mfu_loop']:.1%}"]
     print("| " + " | ".join(cells) + " |")
   if _OUT.value:
-    with open(_OUT.value, "w", encoding="utf-8") as f:
-      json.dump(dict(device=device.device_kind, jax=jax.__version__, rows=rows), f, indent=2)
+    from effjax import provenance  # pylint: disable=g-import-not-at-top
+    provenance.write_json(_OUT.value, dict(device=device.device_kind, jax=jax.__version__,
+                                           rows=rows))
 
 
 if __name__ == "__main__":

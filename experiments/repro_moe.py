@@ -1,7 +1,13 @@
 """Dense vs top-2 MoE vs MoE++ vs the dense-to-sparse gate at equal active parameters.
 
-  python -m experiments.repro_moe --workdir=runs/repro_moe --out=runs/repro_moe.json   # ~30 min
-  python -m experiments.repro_moe --workdir=runs/rmoe_quick --preset=quick               # smoke
+  python -m experiments.repro_moe --workdir=runs/repro_moe --out=runs/repro_moe.json \
+      --seeds=0,1                                                              # ~1 h
+  python -m experiments.repro_moe --workdir=runs/rmoe_quick --preset=quick --allow_dirty
+
+Every variant runs once per --seeds seed; the final bits/byte is reported as mean and range,
+and a variant is called better or worse than dense only when the gap exceeds the seed ranges.
+Refuses a dirty tree or a non-empty --workdir (--allow_dirty, --allow_resume); the results
+file records provenance and every run's config.
 
 Variants (configs/lm.py:BASE and configs/moe.py:VARIANT,BASE; same seed, data order, tokens):
 
@@ -14,7 +20,8 @@ Variants (configs/lm.py:BASE and configs/moe.py:VARIANT,BASE; same seed, data or
             0.3 over the run, threshold 0.05): dense early, about top-1 late
 
 Presets: `full` trains the configs/lm.py:tiny model (4 x 128) on --seq_len (128) x --batch (8)
-token batches for --steps (200) steps, evaluating on 16 validation batches (32 minutes for
+token batches for --steps (200) steps, evaluating on 16 spread validation batches during
+training and the whole validation split at the end (32 minutes plus the final evaluations for
 the four variants on 2 busy CPU cores, EvoMoE's dense start half of it); `quick` trains the
 `test` base for 40 steps (about 2 minutes).
 
@@ -44,6 +51,7 @@ from effjax.models.decoder_lm import DecoderLM
 from effjax.moe.layer import MoELayer
 from effjax.train.loop import load_checkpoint, train_and_evaluate
 from effjax.train.metrics import read_metrics
+from experiments import runs
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A new directory; one subdirectory per variant.",
                                required=True)
@@ -57,11 +65,11 @@ _DATA_DIR = flags.DEFINE_string("data_dir", "", "TFDS data dir (default: the TFD
 _OUT = flags.DEFINE_string("out", "", "Optional JSON file for the results.")
 
 
-def variant_config(name: str):
+def variant_config(name: str, seed: int = 0):
   base = "tiny" if _PRESET.value == "full" else "test"
   c = lm.get_config(base) if name == "dense" else moe_configs.get_config(f"{name},{base}")
   c.data.data_dir = _DATA_DIR.value
-  c.train.async_checkpointing = False
+  c.train.update(async_checkpointing=False, seed=seed)
   steps = _STEPS.value if _PRESET.value == "full" else 40
   if _PRESET.value == "full":  # the tiny model on shorter, fewer rows: CPU-feasible x 4
     c.data.update(seq_len=_SEQ_LEN.value, eval_batches=16)
@@ -110,9 +118,9 @@ def expert_layer_throughput(cfg, workdir) -> dict:
           "experts_per_token": float(metrics["experts_per_token"])}
 
 
-def run_variant(name: str) -> dict:
-  cfg = variant_config(name)
-  workdir = os.path.join(_WORKDIR.value, name)
+def run_variant(name: str, seed: int) -> dict:
+  cfg = variant_config(name, seed)
+  workdir = os.path.join(_WORKDIR.value, f"{name}_s{seed}")
   if os.path.exists(os.path.join(workdir, "checkpoints")):
     raise SystemExit(f"{workdir} already holds a run; pass a new --workdir")
   start = time.perf_counter()
@@ -121,7 +129,7 @@ def run_variant(name: str) -> dict:
   metrics = read_metrics(os.path.join(workdir, "metrics.jsonl"))
   evals = {s: m["eval_bpb"] for s, m in sorted(metrics.items()) if "eval_bpb" in m}
   tps = sorted(m["tokens_per_sec"] for m in metrics.values() if "tokens_per_sec" in m)
-  row = dict(variant=name, params=metrics[0]["params"],
+  row = dict(variant=name, seed=seed, config=config_lib.to_dict(cfg), params=metrics[0]["params"],
              active_params=metrics[0].get("active_params", metrics[0]["params"]),
              train_flops_per_token=metrics[0]["flops_per_token"], eval_bpb=evals,
              final_bpb=evals[max(evals)], wall_s=wall, median_tokens_per_s=tps[len(tps) // 2],
@@ -141,15 +149,22 @@ def run_variant(name: str) -> dict:
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
+  seeds = runs.seeds()
+  runs.guard(_WORKDIR.value)
   rows = []
   for name in _VARIANTS.value:
-    print(f"running {name} ...", flush=True)
-    rows.append(run_variant(name))
-    print(json.dumps(rows[-1]), flush=True)
+    for seed in seeds:
+      print(f"running {name} seed {seed} ...", flush=True)
+      rows.append(run_variant(name, seed))
+      print(json.dumps({k: v for k, v in rows[-1].items() if k != "config"}), flush=True)
   _print_table(rows)
-  if _OUT.value:
-    with open(_OUT.value, "w", encoding="utf-8") as f:
-      json.dump(rows, f, indent=2)
+  summary, verdicts = runs.versus_baseline(rows)
+  print(summary)
+  runs.write(_OUT.value, {"rows": rows, "final_bpb": {k[0]: v for k, v in
+                                                      runs.group_by(rows, ("variant",),
+                                                                    "final_bpb").items()},
+                          "verdicts": verdicts})
+
 
 
 def _print_table(rows):
@@ -161,7 +176,7 @@ def _print_table(rows):
   print("|---|---|---:|---|---:|---:|---:|")
   for r in rows:
     by_step = ", ".join(f"{s}: {b:.4f}" for s, b in r["eval_bpb"].items())
-    print(f"| {r['variant']} | {r['params']:,} / {r['active_params']:,} | "
+    print(f"| {r['variant']} s{r['seed']} | {r['params']:,} / {r['active_params']:,} | "
           f"{r['train_flops_per_token']:,.0f} | {by_step} | {r['final_bpb']:.4f} | "
           f"{r['median_tokens_per_s']:,.0f} | {r['wall_s']:.0f} |")
   moe_rows = [r for r in rows if "layer_ms" in r]
@@ -172,7 +187,8 @@ def _print_table(rows):
           "final load max/mean | final dropped |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in moe_rows:
-      print(f"| {r['variant']} | {r['layer_ms']:.2f} | {r['layer_tokens_per_s']:,.0f} | "
+      print(f"| {r['variant']} s{r['seed']} | {r['layer_ms']:.2f} | "
+            f"{r['layer_tokens_per_s']:,.0f} | "
             f"{r['layer_tokens_per_s'] / ref['layer_tokens_per_s']:.2f} | "
             f"{r['ffn_rows_per_token']:.3f} | {r['experts_per_token']:.3f} | "
             f"{r.get('final_load_max_over_mean', float('nan')):.2f} | "

@@ -1,7 +1,13 @@
 """Monarch vs dense on the bundled corpus: the paper's "quality parity at about half the FLOPs".
 
-  python -m experiments.repro_monarch --workdir=runs/repro_monarch            # ~30 min, 2 CPUs
-  python -m experiments.repro_monarch --workdir=runs/rm_quick --preset=quick   # smoke, ~1 min
+  python -m experiments.repro_monarch --workdir=runs/repro_monarch --seeds=0,1 \
+      --out=runs/repro_monarch.json                                            # ~1 h, 2 CPUs
+  python -m experiments.repro_monarch --workdir=runs/rm_quick --preset=quick --allow_dirty
+
+Every variant runs once per --seeds seed (dense_to_mlp starts from the dense run of its seed);
+final bits/byte is reported as mean and range, and a variant is called better or worse than
+dense only when the gap exceeds the seed ranges. Refuses a dirty tree or a non-empty
+--workdir (--allow_dirty, --allow_resume); the results file records provenance and configs.
 
 Variants, configs/lm.py:tiny and configs/monarch.py:VARIANT (on configs/lm.py:test for
 --preset=quick), with the same seed, data order and number of tokens:
@@ -38,6 +44,7 @@ from configs import monarch as monarch_configs
 from effjax import config as config_lib
 from effjax.train.loop import compiled_step_on_one_batch, train_and_evaluate
 from effjax.train.metrics import read_metrics
+from experiments import runs
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A new directory; one subdirectory per variant.",
                                required=True)
@@ -64,7 +71,7 @@ VARIANT_CONFIGS = {"monarch_mlp": "mlp", "monarch_all": "all", "reverse_sparse":
                    "dense_to_mlp": "finetune"}  # configs/monarch.py variants
 
 
-def variant_config(name: str, dense_workdir: str = ""):
+def variant_config(name: str, dense_workdir: str = "", seed: int = 0):
   """configs/lm.py (dense) or configs/monarch.py (the rest) on the preset's base config."""
   if name != "dense" and name not in VARIANT_CONFIGS:
     raise ValueError(f"unknown variant {name!r}")
@@ -74,7 +81,7 @@ def variant_config(name: str, dense_workdir: str = ""):
   else:
     c = monarch_configs.get_config(f"{VARIANT_CONFIGS[name]},{base}")
   c.data.data_dir = _DATA_DIR.value
-  c.train.async_checkpointing = False
+  c.train.update(async_checkpointing=False, seed=seed)
   if _PRESET.value == "quick" and name != "dense_to_mlp":
     c.train.update(num_steps=40, eval_every=20, checkpoint_every=20, log_every=10)
   c.model.linear.nblocks = _NBLOCKS.value
@@ -103,8 +110,8 @@ def bare_step_seconds(cfg) -> Callable[[], float]:
   return timer
 
 
-def run_variant(name: str, workdir: str) -> dict:
-  cfg = variant_config(name, os.path.join(_WORKDIR.value, "dense"))
+def run_variant(name: str, workdir: str, seed: int) -> dict:
+  cfg = variant_config(name, os.path.join(_WORKDIR.value, f"dense_s{seed}"), seed)
   if os.path.exists(os.path.join(workdir, "checkpoints")):
     raise SystemExit(f"{workdir} already holds a run; pass a new --workdir")
   start = time.perf_counter()
@@ -121,7 +128,8 @@ def run_variant(name: str, workdir: str) -> dict:
     params = f"{metrics[0]['params']:,} -> {metrics[switch]['params']:,}"
   evals = {s: m["eval_bpb"] for s, m in sorted(metrics.items()) if "eval_bpb" in m}
   step_times = sorted(m["step_time_sec"] for m in metrics.values() if "step_time_sec" in m)
-  row = dict(variant=name, params=params, train_flops_per_token=flops,
+  row = dict(variant=name, seed=seed, config=config_lib.to_dict(cfg), params=params,
+             train_flops_per_token=flops,
              eval_bpb=evals, final_bpb=evals[max(evals)], wall_s=wall, steps=steps,
              tokens=steps * cfg.train.global_batch_size * cfg.data.seq_len,
              median_step_s=step_times[len(step_times) // 2])
@@ -136,6 +144,9 @@ def run_variant(name: str, workdir: str) -> dict:
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
+  seeds = runs.seeds()
+  if not _TIME_ONLY.value:
+    runs.guard(_WORKDIR.value)
   rows = []
   for name in _VARIANTS.value:
     if name == "dense_to_mlp" and not _FINETUNE_STEPS.value:
@@ -145,9 +156,10 @@ def main(argv):
       rows.append(dict(variant=name, steps=cfg.train.num_steps,
                        dense_from_step=cfg.train.dense_from_step))
       continue
-    print(f"running {name} ...", flush=True)
-    rows.append(run_variant(name, os.path.join(_WORKDIR.value, name)))
-    print(json.dumps(rows[-1]), flush=True)
+    for seed in seeds:
+      print(f"running {name} seed {seed} ...", flush=True)
+      rows.append(run_variant(name, os.path.join(_WORKDIR.value, f"{name}_s{seed}"), seed))
+      print(json.dumps({k: v for k, v in rows[-1].items() if k != "config"}), flush=True)
 
   if _BARE_STEPS.value:  # steady-state step time, the variants interleaved
     names = [r["variant"] for r in rows]
@@ -179,9 +191,14 @@ def main(argv):
       print(f"| {r['variant']} | {r['bare_step_s']:.3f} | {ratio} |")
   else:
     _print_table(rows, dense)
-  if _OUT.value:
-    with open(_OUT.value, "w", encoding="utf-8") as f:
-      json.dump(rows, f, indent=2)
+  body = {"rows": rows}
+  if not _TIME_ONLY.value:
+    summary, body["verdicts"] = runs.versus_baseline(rows)
+    body["final_bpb"] = {k[0]: v for k, v in
+                         runs.group_by(rows, ("variant",), "final_bpb").items()}
+    print(summary)
+  runs.write(_OUT.value, body)
+
 
 
 def _print_table(rows, dense):
@@ -193,7 +210,8 @@ def _print_table(rows, dense):
   for r in rows:
     ratio = f"{r['train_flops_per_token'] / dense['train_flops_per_token']:.2f}" if dense else "-"
     by_step = ", ".join(f"{s}: {b:.4f}" for s, b in r["eval_bpb"].items())
-    print(f"| {r['variant']} | {r['params']} | {r['train_flops_per_token']:,.0f} | {ratio} | "
+    print(f"| {r['variant']} s{r['seed']} | {r['params']} | "
+          f"{r['train_flops_per_token']:,.0f} | {ratio} | "
           f"{by_step} | {r['final_bpb']:.4f} | {r['wall_s']:.0f} | {r['median_step_s']:.3f} | "
           f"{r.get('bare_step_s', float('nan')):.3f} |")
   for r in rows:

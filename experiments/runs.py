@@ -134,6 +134,27 @@ def cell(s: dict, digits: int = 4) -> str:
   return f"{s['mean']:.{digits}f} ± {s['range'] / 2:.{digits}f}"
 
 
+def versus_baseline(rows: list[dict], baseline: str = "dense", key: str = "variant",
+                    metric: str = "final_bpb") -> tuple[str, dict]:
+  """A markdown table of `metric` per `key` over seeds, and each against `baseline` (lower is
+  better): {name: verdict}, claimed only when the seeds resolve it (see `ordered`)."""
+  by = {k[0]: v for k, v in group_by(rows, (key,), metric).items()}
+  lines = ["", f"| {key} | {metric}, mean [min, max] | seeds | vs {baseline} |",
+           "|---|---|---:|---|"]
+  verdicts = {}
+  for name, s in by.items():
+    if name == baseline or baseline not in by:
+      text = "-"
+    else:
+      claim = ordered(s, by[baseline])
+      text = ("not resolved by the seeds" if claim is None else
+              "better (lower)" if claim else "worse (higher)")
+      verdicts[name] = text
+    lines.append(f"| {name} | {s['mean']:.4f} [{s['min']:.4f}, {s['max']:.4f}] | {s['n']} | "
+                 f"{text} |")
+  return "\n".join(lines), verdicts
+
+
 def write(path: str, body) -> None:
   if path:
     provenance.write_json(path, body)
