@@ -448,9 +448,16 @@ class TrainConfig:
   # Dense-to-sparse: a workdir (or its checkpoints/ dir) of a run with the same shapes; its
   # latest params initialise this run, projected onto Monarch where this model uses Monarch.
   init_from: str = ""
+  # A step whose loss, gradient or updated state is NaN/Inf is never checkpointed. 0: the run
+  # stops there. N > 0: such an update is skipped (state unchanged, counted in the metric
+  # skipped_nonfinite) and the run stops only after N skipped steps in a row.
+  max_skipped_nonfinite: int = 0
 
   def __post_init__(self):
     _positive("train.global_batch_size", self.global_batch_size)
+    _require(isinstance(self.max_skipped_nonfinite, int) and self.max_skipped_nonfinite >= 0,
+             f"train.max_skipped_nonfinite must be an integer >= 0, got "
+             f"{self.max_skipped_nonfinite!r}")
     _positive("train.num_steps", self.num_steps)
     _positive("train.log_every", self.log_every)
     _require(self.eval_every >= 0, f"train.eval_every must be >= 0, got {self.eval_every}")

@@ -8,11 +8,15 @@ is checkpointable: its state is a small JSON-able dict saved with every checkpoi
 from __future__ import annotations
 
 import math
+import os
 
+from absl import logging
 import jax
 import numpy as np
 
 from effjax.config import DataConfig
+from effjax.errors import ConfigError, DatasetUnavailableError
+from effjax.filelock import FileLock
 from effjax.data import tokenizer
 from effjax.parallel import logical_sharding
 
@@ -23,33 +27,55 @@ def get_builder(config: DataConfig):
   """The TFDS builder for `config.dataset`, prepared in array_record format."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   data_dir = config.data_dir or None
+  if data_dir and os.path.exists(data_dir) and not os.path.isdir(data_dir):
+    raise DatasetUnavailableError(f"data.data_dir={data_dir!r} is a file, not a directory")
   if config.dataset == BUILTIN:
     from effjax.data import stdlib_corpus  # pylint: disable=g-import-not-at-top
     builder = stdlib_corpus.PythonStdlib(data_dir=data_dir, file_format="array_record")
     if not builder.is_prepared():
       if jax.process_index() == 0:
-        builder.download_and_prepare()
+        _prepare_once(builder, lambda: stdlib_corpus.PythonStdlib(
+            data_dir=data_dir, file_format="array_record"))
       _sync("effjax_prepare_data")
       builder = stdlib_corpus.PythonStdlib(data_dir=data_dir, file_format="array_record")
     return builder
   try:
     builder = tfds.builder(config.dataset, data_dir=data_dir)
   except Exception as e:  # tfds raises several kinds for an unknown name
-    raise ValueError(f"data.dataset={config.dataset!r} is not a TFDS dataset known here "
-                     f"({type(e).__name__}: {e})") from e
+    raise ConfigError(f"data.dataset={config.dataset!r} is not a TFDS dataset known here "
+                      f"({type(e).__name__}: {e})") from e
   if not builder.is_prepared():
-    raise FileNotFoundError(
+    raise DatasetUnavailableError(
         f"data.dataset={config.dataset!r} is not prepared under {builder.data_dir}. effjax never "
         "downloads at run time. On a machine with network access, prepare it in array_record "
         f"format (tfds.builder({config.dataset!r}, file_format='array_record')"
         ".download_and_prepare()) and copy the result to --config.data.data_dir, or use "
         f"--config.data.dataset={BUILTIN} (the offline corpus).")
   if builder.info.file_format != tfds.core.FileFormat.ARRAY_RECORD:
-    raise ValueError(
+    raise ConfigError(
         f"data.dataset={config.dataset!r} under {builder.data_dir} is stored as "
         f"{builder.info.file_format.value}; random access needs array_record. Prepare it again "
         "with file_format='array_record'.")
   return builder
+
+
+def _prepare_once(builder, rebuild) -> None:
+  """Prepares `builder` unless another process on this filesystem is doing it: that one holds
+  a lock file next to the data, this one waits for it and then reuses its result."""
+  root = os.path.dirname(os.path.dirname(os.path.dirname(builder.data_dir)))  # .../name/cfg/ver
+  try:
+    os.makedirs(root, exist_ok=True)
+  except OSError as e:
+    raise DatasetUnavailableError(f"cannot create the data directory {root}: {e.strerror}") from e
+  lock = FileLock(os.path.join(root, f".{builder.name}.prepare.lock"))
+  if not lock.acquire(blocking=False):
+    logging.info("Another process is preparing %s in %s; waiting for it.", builder.name, root)
+    lock.acquire(blocking=True)
+  try:
+    if not rebuild().is_prepared():  # prepared by the process that held the lock
+      builder.download_and_prepare()
+  finally:
+    lock.release()
 
 
 def _sync(name: str) -> None:
