@@ -107,3 +107,18 @@ def test_reproduce_moves_outputs_to_scratch_and_drops_resume():
                             "--seeds=0,1 --allow_resume --allow_dirty", "/scratch")
   assert args[1:] == ["-m", "experiments.repro_sst", "--workdir=/scratch/workdir",
                       "--out=/scratch/out.json", "--seeds=0,1", "--allow_dirty"]
+
+
+def test_orderings_are_claimed_only_when_the_gap_exceeds_the_seed_range():
+  from experiments import runs
+  a, b = runs.stats([1.00, 1.02]), runs.stats([1.10, 1.11])
+  assert runs.ordered(a, b) is True and runs.ordered(b, a) is False
+  wide = runs.stats([1.00, 1.20])  # range 0.2 > gap to b's mean
+  assert runs.ordered(wide, b) is None
+  assert runs.ordered(runs.stats([1.0]), runs.stats([2.0])) is None  # one seed: no claim
+  rows = [dict(variant=v, final_bpb=x) for v, x in
+          [("dense", 2.00), ("dense", 2.02), ("moe", 1.90), ("moe", 1.91), ("evo", 1.95),
+           ("evo", 2.10)]]
+  table, verdicts = runs.versus_baseline(rows)
+  assert verdicts == {"moe": "better (lower)", "evo": "not resolved by the seeds"}
+  assert "| moe | 1.9050 [1.9000, 1.9100] | 2 | better (lower) |" in table
