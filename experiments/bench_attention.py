@@ -63,7 +63,6 @@ def _jax_mha(q, k, v, causal, interpret=False):
   from jax.experimental.pallas.ops.gpu import attention as jax_attention
   if q.shape[2] != k.shape[2]:
     raise NotImplementedError("no grouped-query attention")  # it would return wrong heads
-  compat.quiet_triton_deprecation()
   return jax_attention.mha(q, k, v, None, sm_scale=q.shape[-1] ** -0.5, causal=causal,
                              interpret=interpret)
 

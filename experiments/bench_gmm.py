@@ -1,4 +1,4 @@
-"""Grouped matmul side by side: effjax's Pallas gmm vs jax.lax.ragged_dot vs a padded einsum.
+"""Grouped matmul side by side: effjax's Pallas gmms vs jax.lax.ragged_dot vs a padded einsum.
 
   python -m experiments.bench_gmm                           # on a GPU: correctness, then timing
   python -m experiments.bench_gmm --out=gmm.json            # also records the rows as JSON
@@ -9,8 +9,10 @@
 Per shape [m, k] x [G, k, n] and group-size distribution, each direction of the MoE expert
 matmul is timed on its own: forward (out = gmm(x, w)), input gradient (dx = gmm(dout, w.T)),
 weight gradient (dw = tgmm(x, dout), the ragged contraction over rows). Implementations:
-  effjax         pallas_kernels.grouped_matmul with its platform kernel (Triton-style on GPU);
-                 each direction with its own tiles (Tiling.fwd / dlhs / drhs).
+  effjax_mosaic_gpu  pallas_kernels.grouped_matmul's Mosaic GPU kernels (Hopper only: TMA
+                 pipelines + wgmma; the default on compute capability 9.x), MOSAIC_GPU_TILING;
+  effjax_triton  its Triton-style kernels (implementation="gpu"), GPU_TILING; both with each
+                 direction's own tiles (Tiling.fwd / dlhs / drhs; --tiles_* override both).
   effjax_ref     the same API's pure-jnp reference (a scan over groups); CPU preset only.
   ragged_dot     raw jax.lax.ragged_dot; its gradients are JAX's own (jax.vjp w.r.t. one input,
                  so only that direction's op is compiled).
@@ -18,8 +20,9 @@ weight gradient (dw = tgmm(x, dout), the ragged contraction over rows). Implemen
                  [G, max, k], one batched einsum, gather back (capacity-style dispatch with
                  capacity = max group size, so nothing is dropped); gradients by jax.vjp.
 The Pallas GPU kernels cannot run on a CPU (the interpreter's speed means nothing): the CPU
-preset times effjax_ref / ragged_dot / padded_einsum and marks effjax "n/a"; the correctness
-section still runs effjax's kernels there, in their interpreters.
+preset times effjax_ref / ragged_dot / padded_einsum and marks the kernels "n/a"; the
+correctness section still runs effjax's kernels there, in their interpreters (Mosaic GPU's
+from jax 0.12, on bf16 copies of the inputs: it takes no float32 operands).
 
 Timing: random normal inputs (--dtype; bf16 on GPU, float32 on the CPU preset), group sizes
 passed as a traced argument (one compilation per shape), --warmup calls after compilation,
@@ -65,7 +68,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels import compat
-from pallas_kernels.grouped_matmul import GPU_TILING, Tiles, Tiling, gmm, tgmm
+from pallas_kernels.grouped_matmul import GPU_TILING, MOSAIC_GPU_TILING, Tiles, Tiling, gmm, tgmm
 
 GPU_SHAPES = {  # name: (m, k, n, G)
     "mixtral": (8192, 4096, 14336, 8),
@@ -92,7 +95,7 @@ _IMPLS = flags.DEFINE_list("impls", [], "Implementations to time (default: the p
 _DTYPE = flags.DEFINE_enum("dtype", "", ["", "bfloat16", "float16", "float32"],
                            "Operand dtype (default: bfloat16 for gpu, float32 for cpu).")
 _TILES = {d: flags.DEFINE_list(f"tiles_{d}", [], f"block_m,block_k,block_n for effjax's {d} "
-                               "(default: GPU_TILING)") for d in DIRECTIONS}
+                               "(default: GPU_TILING / MOSAIC_GPU_TILING)") for d in DIRECTIONS}
 _WARMUP = flags.DEFINE_integer("warmup", None, "Untimed calls after compilation (default: 3 "
                                 "for gpu, 1 for cpu).")
 _ITERS = flags.DEFINE_integer("iters", None, "Timed calls; the median is reported (default: "
@@ -138,17 +141,18 @@ def group_sizes(m: int, num_groups: int, distribution: str, seed: int = 0) -> np
 # direction (ARGS): lhs [m, k], rhs [G, k, n], dout [m, n], gs [G]; the gradient directions
 # also receive the input being differentiated (VJP-based implementations need it).
 
-def _effjax_tiling() -> Tiling:
+def _effjax_tiling(implementation=None) -> Tiling:
+  base = MOSAIC_GPU_TILING if implementation == "mosaic_gpu" else GPU_TILING
   tiles = {}
   for d in DIRECTIONS:
-    default = getattr(GPU_TILING, {"fwd": "fwd", "dlhs": "dlhs_tiles", "drhs": "drhs_tiles"}[d])
+    default = getattr(base, {"fwd": "fwd", "dlhs": "dlhs_tiles", "drhs": "drhs_tiles"}[d])
     tiles[d] = Tiles(*map(int, _TILES[d].value)) if _TILES[d].value else default
   return Tiling(fwd=tiles["fwd"], dlhs=tiles["dlhs"], drhs=tiles["drhs"])
 
 
 def _effjax(sizes, implementation=None, interpret=False):
   del sizes
-  tiling = _effjax_tiling()
+  tiling = _effjax_tiling(implementation)
   kw = dict(implementation=implementation, interpret=interpret)
   return {
       "fwd": lambda lhs, rhs, gs: gmm(lhs, rhs, gs, tiling=tiling, **kw),
@@ -199,8 +203,25 @@ def _effjax_reference(sizes):
   return _effjax(sizes, implementation="reference")
 
 
-IMPLS = {"effjax": _effjax, "effjax_ref": _effjax_reference, "ragged_dot": _ragged_dot,
+def _in_bf16(make):
+  """make's functions on bf16 copies of their float inputs, returning float32 (for kernels
+  without float32 operands, checked on the CPU preset's float32 inputs)."""
+  def made(sizes):
+    def cast(fn):
+      def run(*args):
+        args = [a.astype(jnp.bfloat16) if jnp.issubdtype(a.dtype, jnp.floating) else a
+                for a in args]
+        return fn(*args).astype(jnp.float32)
+      return run
+    return {d: cast(fn) for d, fn in make(sizes).items()}
+  return made
+
+
+IMPLS = {"effjax_mosaic_gpu": functools.partial(_effjax, implementation="mosaic_gpu"),
+         "effjax_triton": functools.partial(_effjax, implementation="gpu"),
+         "effjax_ref": _effjax_reference, "ragged_dot": _ragged_dot,
          "padded_einsum": _padded_einsum}
+KERNEL_IMPLS = ("effjax_mosaic_gpu", "effjax_triton")
 ARGS = {"fwd": ("lhs", "rhs", "gs"), "dlhs": ("dout", "rhs", "gs", "lhs"),
         "drhs": ("lhs", "dout", "gs", "rhs")}
 
@@ -391,11 +412,19 @@ def main(argv):
   dtype = jnp.dtype(_DTYPE.value or ("float32" if cpu else "bfloat16")).type
 
   # Correctness first: what runs here against the float32 reference (3 rows past the sum).
+  hopper = on_gpu and (compat.cuda_compute_capability() or (0,))[0] == 9
   if on_gpu:
-    checked = {n: IMPLS[n] for n in ("effjax", "ragged_dot", "padded_einsum")}
+    checked = {n: IMPLS[n] for n in ("effjax_mosaic_gpu", "effjax_triton", "ragged_dot",
+                                     "padded_einsum") if hopper or n != "effjax_mosaic_gpu"}
     check_shape, check_dtype = (4096, 1024, 2048, 16), dtype
   else:
+    mosaic_gpu = {}
+    if compat.has_gpu_interpreter():
+      mosaic_gpu["effjax (Mosaic GPU, GPU interpreter, bf16 inputs)"] = _in_bf16(
+          functools.partial(_effjax, implementation="mosaic_gpu",
+                            interpret=compat.gpu_interpret_params(detect_races=True)))
     checked = {
+        **mosaic_gpu,
         "effjax (Triton-style, interpreted)": functools.partial(
             _effjax, implementation="gpu", interpret=True),
         "effjax (Mosaic TPU, TPU simulator)": functools.partial(
@@ -416,11 +445,13 @@ def main(argv):
   shapes = CPU_SHAPES if cpu else GPU_SHAPES
   if _SHAPES.value:
     shapes = {name: shapes[name] for name in _SHAPES.value}
-  names = _IMPLS.value or (["effjax", "effjax_ref", "ragged_dot", "padded_einsum"] if cpu else
-                           ["effjax", "ragged_dot", "padded_einsum"])
+  names = _IMPLS.value or (
+      ["effjax_mosaic_gpu", "effjax_triton", "effjax_ref", "ragged_dot", "padded_einsum"]
+      if cpu else ["effjax_mosaic_gpu", "effjax_triton", "ragged_dot", "padded_einsum"])
   impls = {name: IMPLS[name] for name in names}
-  if not on_gpu and "effjax" in impls:
-    impls["effjax"] = None  # the GPU kernel cannot run here
+  for name in KERNEL_IMPLS:
+    if name in impls and (not on_gpu or (name == "effjax_mosaic_gpu" and not hopper)):
+      impls[name] = None  # the GPU kernel cannot run here (Mosaic GPU: Hopper only)
   if _KERNELS.value and not cpu and not on_gpu:
     print("\nThe gpu preset's shapes need a GPU; use --preset=cpu here.")
   elif _KERNELS.value:
@@ -428,7 +459,8 @@ def main(argv):
     print(f"\nPer direction, {jnp.dtype(dtype).name}; median of {iters} calls after "
           f"{warmup} warm-up calls; {_flops_unit()[0]} = 2 m k n / time; temp MiB = "
           "compiled temp allocation"
-          + ("; effjax n/a: its GPU kernels do not run on a CPU" if not on_gpu else "") + ":")
+          + ("; effjax kernels n/a: they do not run on a CPU" if not on_gpu else "")
+          + ("; Mosaic GPU n/a: not a Hopper GPU" if on_gpu and not hopper else "") + ":")
     print(_timing_header(list(impls)), flush=True)
     results["timing"] = timing_rows(impls, shapes, dtype)
 

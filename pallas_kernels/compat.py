@@ -1,16 +1,22 @@
-"""Everything that differs between the JAX versions effjax runs on (0.10.2 and 0.11.x).
+"""Everything that differs between the JAX versions effjax runs on (0.10.2, 0.11.x, 0.12.x).
 
 Kernels import Pallas through here for the version-sensitive pieces only:
   - Triton compiler params: in 0.10.2 they are what makes a GPU pallas_call use Triton rather
-    than Mosaic GPU; in 0.11 the Triton backend still works but warns, at every lowering,
-    that it is deprecated (filtered here, that message only).
+    than Mosaic GPU; from 0.11 the Triton backend is deprecated (JAX warns when it lowers one).
+    effjax says so once itself, the first time a Triton kernel is built for a real GPU
+    (`note_triton_use`); JAX's own warning is left alone.
+  - Lowering GPU kernels on a host without a GPU: from 0.11 Pallas asks the device for its
+    compute capability, so a CPU host must trace and lower inside `abstract_gpu()`.
+  - Mosaic GPU's interpreter (`plgpu.InterpretGPUParams`, exported from 0.12).
   - Squeezed block dimensions (`pl.squeezed`, formerly `None`).
   - TPU compiler params, VMEM scratch, scalar-prefetch grid specs and interpret params.
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
 
+import jax
 from jax.experimental import pallas as pl
 
 # A block dimension of size one that the kernel sees removed.
@@ -18,24 +24,65 @@ SQUEEZED = getattr(pl, "squeezed", None)
 
 TRITON_DEPRECATION = r"The Pallas Triton backend is deprecated"
 
+_triton_noted = False
 
-def quiet_triton_deprecation() -> None:
-  """Ignores 0.11's DeprecationWarning for the Pallas Triton backend, that message only.
 
-  We choose Triton on purpose: it is the portable GPU form and runs on every CUDA GPU JAX
-  supports (Mosaic GPU needs Hopper). JAX warns when the pallas_call is *lowered*, i.e. when
-  the enclosing jit compiles, long after our call returned, so a filter scoped to the call site
-  would miss it: this one is process-wide, (re)installed whenever a Triton kernel is built
-  (filterwarnings drops an identical earlier entry, so repeats do not pile up). On 0.10.2 the
-  message never appears and the filter is inert.
+def note_triton_use() -> None:
+  """Warns once per process that a (deprecated) Triton kernel is being built for a GPU.
+
+  A FutureWarning, so it is shown by default: JAX's own DeprecationWarning (0.11+) is hidden
+  outside __main__ and arrives only when the enclosing jit lowers. Called by the Triton-style
+  kernels when they are not interpreted.
   """
-  warnings.filterwarnings("ignore", message=TRITON_DEPRECATION, category=DeprecationWarning)
+  global _triton_noted
+  if _triton_noted:
+    return
+  _triton_noted = True
+  warnings.warn(
+      "effjax is running a Pallas kernel on the Triton backend (implementation='gpu'), which "
+      "JAX deprecates from 0.11 in favour of Mosaic GPU; on Hopper (compute capability 9.x) "
+      "pass implementation='mosaic_gpu' where the kernel has one.", FutureWarning, stacklevel=3)
 
 
 def triton_compiler_params(num_warps: int, num_stages: int):
-  quiet_triton_deprecation()
   from jax.experimental.pallas import triton as pl_triton  # pylint: disable=g-import-not-at-top
   return pl_triton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+
+
+ABSTRACT_H100 = ("NVIDIA H100", 132)  # device kind and SM count as JAX reports them
+
+
+def abstract_gpu(device_kind: str = ABSTRACT_H100[0], num_cores: int = ABSTRACT_H100[1]):
+  """A context in which GPU kernels trace and lower for `device_kind` on a host without one.
+
+  Create the inputs outside it, then `jax.jit(f).trace(...).lower(lowering_platforms=("cuda",))`
+  inside. Pallas (0.11+) reads the compute capability from the abstract device; on 0.10.2 it
+  is harmless.
+  """
+  mesh = jax.sharding.AbstractMesh(
+      (1,), ("x",), abstract_device=jax.sharding.AbstractDevice(device_kind, num_cores, "gpu"))
+  return jax.sharding.use_abstract_mesh(mesh)
+
+
+def has_gpu_interpreter() -> bool:
+  """Whether Mosaic GPU kernels can run on the CPU here (plgpu.InterpretGPUParams, jax 0.12+)."""
+  from jax.experimental.pallas import mosaic_gpu as plgpu  # pylint: disable=g-import-not-at-top
+  return hasattr(plgpu, "InterpretGPUParams")
+
+
+def gpu_interpret_params(**kwargs):
+  """Mosaic GPU's simulator params (e.g. detect_races=True) for `interpret=`."""
+  from jax.experimental.pallas import mosaic_gpu as plgpu  # pylint: disable=g-import-not-at-top
+  if not hasattr(plgpu, "InterpretGPUParams"):
+    raise NotImplementedError(f"Mosaic GPU interpret mode needs jax >= 0.12 "
+                              f"(plgpu.InterpretGPUParams); this is jax {jax.__version__}")
+  return plgpu.InterpretGPUParams(**kwargs)
+
+
+def is_gpu_interpret_params(interpret) -> bool:
+  from jax.experimental.pallas import mosaic_gpu as plgpu  # pylint: disable=g-import-not-at-top
+  cls = getattr(plgpu, "InterpretGPUParams", None)
+  return cls is not None and isinstance(interpret, cls)
 
 
 def tpu_compiler_params(dimension_semantics: tuple[str, ...]):
@@ -63,3 +110,33 @@ def tpu_prefetch_scalar_grid_spec(*, num_scalar_prefetch: int, grid, in_specs, o
   return pltpu.PrefetchScalarGridSpec(num_scalar_prefetch=num_scalar_prefetch, grid=grid,
                                       in_specs=in_specs, out_specs=out_specs,
                                       scratch_shapes=scratch_shapes)
+
+
+def cuda_compute_capability() -> tuple[int, int] | None:
+  """(major, minor) of the first CUDA GPU, or None when there is none (or it does not say)."""
+  try:
+    device = jax.devices("gpu")[0]
+  except RuntimeError:
+    return None
+  capability = getattr(device, "compute_capability", None)
+  if capability is None:
+    return None
+  major, minor = str(capability).split(".")[:2]
+  return int(major), int(minor)
+
+
+def transposed_ref(ref):
+  """A 2-D ref read transposed (an MMA operand): `ref.transpose` where refs have it, else the
+  older `plgpu.transpose_ref` (deprecated in 0.12)."""
+  if hasattr(ref, "transpose"):
+    return ref.transpose((1, 0))
+  from jax.experimental.pallas import mosaic_gpu as plgpu  # pylint: disable=g-import-not-at-top
+  return plgpu.transpose_ref(ref, (1, 0))
+
+
+def reset_gpu_interpreter() -> None:
+  """Clears Mosaic GPU interpret mode's global state, which JAX requires after a kernel raised
+  under it (e.g. on a detected race) before the next interpreted kernel in the process."""
+  # pylint: disable-next=g-import-not-at-top
+  from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call
+  interpret_pallas_call.reset_gpu_interpret_mode_state()

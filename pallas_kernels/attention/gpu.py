@@ -32,7 +32,9 @@ from pallas_kernels.attention import common
 _S = compat.SQUEEZED
 
 
-def _params(head_dim: int, num_stages: int):
+def _params(head_dim: int, num_stages: int, interpret):
+  if not interpret:
+    compat.note_triton_use()
   return compat.triton_compiler_params(num_warps=4 if head_dim <= 64 else 8,
                                        num_stages=num_stages)
 
@@ -91,7 +93,7 @@ def forward(p: common.Problem, q, k, v, q_seg, k_seg, *, block_q: int, block_k: 
                  pl.BlockSpec((_S, _S, block_q), lambda bi, h, qi: (bi, h, qi))],
       out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
                  jax.ShapeDtypeStruct((b, n, t), jnp.float32)],
-      compiler_params=_params(d, num_stages=2),
+      compiler_params=_params(d, num_stages=2, interpret=interpret),
       interpret=interpret,
       name="effjax_flash_fwd",
   )(*args)
@@ -182,7 +184,7 @@ def backward(p: common.Problem, q, k, v, q_seg, k_seg, out, lse, do, *, block_q:
       out_specs=[kv_out_spec, kv_out_spec],
       out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype),
                  jax.ShapeDtypeStruct(v.shape, v.dtype)],
-      compiler_params=_params(d, num_stages=2),
+      compiler_params=_params(d, num_stages=2, interpret=interpret),
       interpret=interpret,
       name="effjax_flash_dkv",
   )(*seg_args, q, k, v, do, lse, delta)
@@ -205,7 +207,7 @@ def backward(p: common.Problem, q, k, v, q_seg, k_seg, out, lse, do, *, block_q:
       in_specs=dq_specs,
       out_specs=pl.BlockSpec((_S, block_q, _S, d), lambda bi, h, qi: (bi, qi, h, 0)),
       out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-      compiler_params=_params(d, num_stages=2),
+      compiler_params=_params(d, num_stages=2, interpret=interpret),
       interpret=interpret,
       name="effjax_flash_dq",
   )(*seg_args, q, k, v, do, lse, delta)

@@ -22,16 +22,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels import compat
 from pallas_kernels.grouped_matmul import common
 from pallas_kernels.grouped_matmul import ragged_dot
 from pallas_kernels.grouped_matmul import reference
 
-IMPLEMENTATIONS = ("reference", "ragged_dot", "gpu", "tpu")
+IMPLEMENTATIONS = ("reference", "ragged_dot", "gpu", "mosaic_gpu", "tpu")
 DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 # Starting points, not tuned on hardware yet (see WORKSPACE.md); callers pass their own.
 GPU_TILING = common.Tiling(fwd=common.Tiles(128, 64, 128), dlhs=common.Tiles(128, 64, 128),
                            drhs=common.Tiles(64, 128, 128))
 TPU_TILING = common.Tiling(fwd=common.Tiles(256, 512, 512))
+# Mosaic GPU: multiples of 64; drhs contracts over rows (block_m) into a [block_k, block_n] tile.
+MOSAIC_GPU_TILING = common.Tiling(fwd=common.Tiles(128, 64, 128),
+                                  drhs=common.Tiles(64, 128, 128))
 _TPU_LANES, _TPU_SUBLANES = 128, 8
 
 
@@ -55,6 +59,13 @@ def _next_pow2(x: int) -> int:
 
 def _fit_tile(c: _Call, name: str, tile: int, dim: int, *, lane: bool) -> tuple[int, int]:
   """(tile, padded dim) for one axis of one kernel call; lane: a TPU lane (last) axis."""
+  if c.implementation == "mosaic_gpu":
+    from pallas_kernels.grouped_matmul import mosaic_gpu  # pylint: disable=g-import-not-at-top
+    if tile % mosaic_gpu.TILE_MULTIPLE:
+      raise ValueError(f"Mosaic GPU tiles must be multiples of {mosaic_gpu.TILE_MULTIPLE} (a "
+                       f"warpgroup's wgmma rows), got Tiles.{name}={tile}")
+    tile = min(tile, _round_up(dim, mosaic_gpu.TILE_MULTIPLE))
+    return tile, _round_up(dim, tile)
   if c.implementation == "gpu":
     if tile < 16 or tile & (tile - 1):
       raise ValueError(f"GPU tiles must be powers of two >= 16 (Triton tiles), got "
@@ -79,6 +90,9 @@ def _pad_to(x, shape):
 
 
 def _kernels(implementation: str):
+  if implementation == "mosaic_gpu":
+    from pallas_kernels.grouped_matmul import mosaic_gpu  # pylint: disable=g-import-not-at-top
+    return mosaic_gpu
   if implementation == "gpu":
     from pallas_kernels.grouped_matmul import gpu  # pylint: disable=g-import-not-at-top
     return gpu
@@ -214,29 +228,46 @@ def _check_dtype(name: str, dtype):
     raise ValueError(f"{name} must be one of float32/bfloat16/float16, got {jnp.dtype(dtype)}")
 
 
-def _call(implementation, interpret, tiling, transpose_rhs, out_dtype) -> _Call:
-  impl = implementation or default_implementation(interpret)
+def _call(implementation, interpret, tiling, transpose_rhs, out_dtype, dtype) -> _Call:
+  impl = implementation or default_implementation(interpret, dtype)
   if impl not in IMPLEMENTATIONS:
     raise ValueError(f"implementation={impl!r} is not one of {list(IMPLEMENTATIONS)} or None")
+  if impl == "mosaic_gpu" and interpret is not False and interpret is not None and (
+      not compat.is_gpu_interpret_params(interpret)):
+    raise ValueError(f"implementation='mosaic_gpu' runs on a CPU only in Mosaic GPU's "
+                     f"interpreter: pass interpret=compat.gpu_interpret_params(...) (jax >= "
+                     f"0.12), got interpret={interpret!r}")
+  if impl == "mosaic_gpu" and jnp.dtype(dtype) == jnp.float32:
+    raise NotImplementedError("implementation='mosaic_gpu' takes bfloat16/float16 operands, got "
+                              "float32 (wgmma computes float32 operands in tf32); use "
+                              "implementation='gpu' or 'ragged_dot'")
   if tiling is None:
-    tiling = TPU_TILING if impl == "tpu" else GPU_TILING
+    tiling = {"tpu": TPU_TILING, "mosaic_gpu": MOSAIC_GPU_TILING}.get(impl, GPU_TILING)
   if not isinstance(tiling, common.Tiling):
     raise ValueError(f"tiling must be a grouped_matmul.Tiling, got {tiling!r}")
   return _Call(impl, bool(transpose_rhs), tiling, jnp.dtype(out_dtype), interpret)
 
 
-def default_implementation(interpret: Any = False) -> str:
-  """gpu / tpu kernels on their platforms. Elsewhere the reference (ragged_dot's CPU lowering
-  builds a [G, m, k] masked copy of lhs; the reference loops over groups instead), or under
-  interpret mode the kernel family the interpret argument asks for (TPU params: the TPU one)."""
+def default_implementation(interpret: Any = False, dtype=None) -> str:
+  """The kernels of the platform: mosaic_gpu on Hopper (compute capability 9.x) for bf16/fp16
+  operands (dtype None: assumed so), gpu (Triton) for float32 there and on other GPUs, tpu on
+  TPUs. Elsewhere the reference (ragged_dot's CPU lowering builds a
+  [G, m, k] masked copy of lhs; the reference loops over groups instead), or under interpret
+  mode the kernel family the interpret argument asks for (True: gpu; Mosaic GPU interpret
+  params: mosaic_gpu; TPU params: tpu)."""
   platform = jax.default_backend()
   if platform in ("gpu", "cuda", "rocm"):
-    return "gpu"
+    capability = compat.cuda_compute_capability()
+    hopper = capability is not None and capability[0] == 9
+    half = dtype is None or jnp.dtype(dtype) != jnp.float32  # wgmma on f32 would be tf32
+    return "mosaic_gpu" if hopper and half else "gpu"
   if platform == "tpu":
     return "tpu"
   if interpret is False or interpret is None:
     return "reference"
-  return "gpu" if interpret is True else "tpu"
+  if interpret is True:
+    return "gpu"
+  return "mosaic_gpu" if compat.is_gpu_interpret_params(interpret) else "tpu"
 
 
 # ---------------------------------------------------------------------------------- public
@@ -261,13 +292,16 @@ def gmm(lhs, rhs, group_sizes, *, transpose_rhs: bool = False, group_offset=None
       (local groups past the end are empty).
     preferred_element_type: output dtype (default lhs.dtype); accumulation is float32.
     tiling: a Tiling (tiles per direction); defaults per implementation (GPU_TILING,
-      TPU_TILING). GPU tiles: powers of two >= 16. TPU tiles: multiples of 8, and the k/n
+      TPU_TILING, MOSAIC_GPU_TILING). GPU tiles: powers of two >= 16. Mosaic GPU tiles:
+      multiples of 64. TPU tiles: multiples of 8, and the k/n
       tiles multiples of 128 outside interpret mode (or at least the axis).
     implementation: "reference" (pure jnp), "ragged_dot" (jax.lax.ragged_dot, wrapped to
-      these semantics), "gpu" (Triton-style Pallas), "tpu" (Mosaic Pallas); None picks by
-      platform (see default_implementation).
+      these semantics), "gpu" (Triton-style Pallas), "mosaic_gpu" (Mosaic GPU Pallas,
+      Hopper; bf16/fp16 operands), "tpu" (Mosaic TPU Pallas); None picks by platform (see
+      default_implementation).
     interpret: run the Pallas kernels in an interpreter (True: the generic one; a
-      `pltpu.InterpretParams`: the TPU simulator).
+      `pltpu.InterpretParams`: the TPU simulator; `compat.gpu_interpret_params(...)`: the
+      Mosaic GPU simulator, jax >= 0.12).
 
   Returns:
     [m, n] in preferred_element_type or lhs.dtype.
@@ -288,7 +322,7 @@ def gmm(lhs, rhs, group_sizes, *, transpose_rhs: bool = False, group_offset=None
   out_dtype = jnp.dtype(preferred_element_type or lhs.dtype)
   _check_dtype("preferred_element_type", out_dtype)
   _check_group_args(group_sizes, group_offset, num_local=num_local, num_rows=m)
-  c = _call(implementation, interpret, tiling, transpose_rhs, out_dtype)
+  c = _call(implementation, interpret, tiling, transpose_rhs, out_dtype, lhs.dtype)
   if 0 in (m, k, n, num_local):  # nothing to multiply: zeros, and zero gradients
     return jnp.zeros((m, n), out_dtype)
   return _gmm_jit(c, lhs, rhs, group_sizes, group_offset)
@@ -324,7 +358,7 @@ def tgmm(lhs, grad, group_sizes, *, group_offset=None, num_groups: int | None = 
   out_dtype = jnp.dtype(preferred_element_type or lhs.dtype)
   _check_dtype("preferred_element_type", out_dtype)
   _check_group_args(group_sizes, group_offset, num_local=num_groups, num_rows=lhs.shape[0])
-  c = _call(implementation, interpret, tiling, False, out_dtype)
+  c = _call(implementation, interpret, tiling, False, out_dtype, lhs.dtype)
   (m, k), n = lhs.shape, grad.shape[1]
   if 0 in (m, k, n, num_groups):
     return jnp.zeros((num_groups, k, n), out_dtype)

@@ -32,7 +32,9 @@ from pallas_kernels.grouped_matmul import common
 _S = compat.SQUEEZED
 
 
-def _params(tile_elements: int):
+def _params(tile_elements: int, interpret):
+  if not interpret:
+    compat.note_triton_use()
   return compat.triton_compiler_params(num_warps=8 if tile_elements >= 128 * 128 else 4,
                                        num_stages=3)
 
@@ -85,7 +87,7 @@ def gmm(lhs, rhs, starts, ends, *, tiles: common.Tiles, transpose_rhs: bool, out
                 pl.BlockSpec((bm, k), lambda i, j: (i, 0)), rhs_spec],
       out_specs=pl.BlockSpec((bm, bn), lambda i, j: (i, j)),
       out_shape=jax.ShapeDtypeStruct((m, n), out_dtype),
-      compiler_params=_params(bm * bn),
+      compiler_params=_params(bm * bn, interpret),
       interpret=interpret,
       name="effjax_gmm",
   )(first_group, stop_group, starts, ends, lhs, rhs)
@@ -123,7 +125,7 @@ def tgmm(lhs, grad, starts, ends, *, tiles: common.Tiles, out_dtype, interpret=F
                 pl.BlockSpec((m, bn), lambda g, i, j: (0, j))],
       out_specs=pl.BlockSpec((_S, bk, bn), lambda g, i, j: (g, i, j)),
       out_shape=jax.ShapeDtypeStruct((num_groups, k, n), out_dtype),
-      compiler_params=_params(bk * bn),
+      compiler_params=_params(bk * bn, interpret),
       interpret=interpret,
       name="effjax_tgmm",
   )(starts, ends, lhs, grad)
