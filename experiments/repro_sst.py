@@ -136,7 +136,11 @@ def run_one(method: str, ratio: int, lr: float, seed: int) -> dict:
     row["select_loss"] = runs.selection_loss(cfg, workdir,
                                              PRESETS[_PRESET.value]["select_batches"])
   if method == "sst":
+    from effjax.layers import spectral  # pylint: disable=g-import-not-at-top
+    from effjax.train.loop import load_checkpoint  # pylint: disable=g-import-not-at-top
     row["sst_rounds"] = sst_rounds(cfg)
+    sst_state = load_checkpoint(cfg, workdir)[1].model_state[spectral.SST_COLLECTION]
+    row["sst_seen_fraction"] = spectral.seen_fraction(sst_state)
   if method == "full":  # dense AdamW: mu and nu of every param
     row["opt_state_bytes"] = row["opt_state_bytes"] or _adamw_bytes(cfg)
   return row
@@ -195,6 +199,7 @@ def by_setting(rows) -> dict[tuple, dict]:
         entry[metric] = None  # a diverged seed: this setting is not a candidate
     if "sst_rounds" in first:
       entry["sst_rounds"] = first["sst_rounds"]
+      entry["sst_seen_fraction"] = runs.stats([m["sst_seen_fraction"] for m in members])
     out[key] = entry
   return out
 
@@ -240,9 +245,9 @@ def summarize(rows, best) -> tuple[str, dict]:
                "half the range over seeds")
   lines.append("")
   lines.append("| method | r | r/d | chosen lr | val loss (nats/token) | val ppl | val bits/byte | "
-               "SST rounds | trainable params | optimizer state (KiB) | median logged s/step | "
-               "bare s/step |")
-  lines.append("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+               "SST rounds | singular vectors ever active | trainable params | "
+               "optimizer state (KiB) | median logged s/step | bare s/step |")
+  lines.append("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
   ratios = sorted({r["ratio"] for r in rows if r["ratio"]}, reverse=True)
   ordered = ([full] if full else []) + [best[(m, q)] for q in ratios
                                         for m in ("lora", "relora", "galore", "sst")
@@ -251,9 +256,12 @@ def summarize(rows, best) -> tuple[str, dict]:
     rd = f"1/{r['ratio']}" if r["ratio"] else "-"
     kib = f"{r['opt_state_bytes'] / 1024:,.0f}" if r["opt_state_bytes"] else "-"
     rounds = f"{r['sst_rounds']:.1f}" if "sst_rounds" in r else "-"
+    seen = (f"{100 * r['sst_seen_fraction']['mean']:.1f}%" if "sst_seen_fraction" in r
+            else "-")
     lines.append(f"| {r['name']} | {r['rank'] or '-'} | {rd} | {r['lr']:g} | "
                  f"{runs.cell(r['eval_loss'])} | {runs.cell(r['eval_ppl'], 3)} | "
-                 f"{runs.cell(r['eval_bpb'])} | {rounds} | {r['trainable_params']:,} | {kib} | "
+                 f"{runs.cell(r['eval_bpb'])} | {rounds} | {seen} | {r['trainable_params']:,} | "
+                 f"{kib} | "
                  f"{r['median_step_s']:.3f} | {r.get('bare_step_s', float('nan')):.3f} |")
   lines.append("")
   lines.append("All settings (mean final selection loss / validation loss by learning rate):")

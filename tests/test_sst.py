@@ -248,3 +248,18 @@ def test_sst_trains_the_lm_with_a_resample_and_re_warm_up(tfds_dir, tmp_path):
   # scales only u_cols / v_cols (tests/test_lowrank.py test_rewarm_*)
   np.testing.assert_allclose(m[3]["learning_rate"], float(envelope(2)), rtol=1e-6)
   np.testing.assert_allclose(m[4]["learning_rate"], float(envelope(3)), rtol=1e-6)
+
+
+def test_seen_marks_every_index_ever_active():
+  from effjax.layers.spectral import seen_fraction
+  _, params, state = _layer(24, 16, rank=3)
+  np.testing.assert_array_equal(np.flatnonzero(state["seen"]), np.sort(state["idx"]))
+  assert seen_fraction({"layer": state}) == pytest.approx(3 / 16)
+  resample = jax.jit(lambda p, s, k: sst_resample(p, s, k, sampling="uniform", do_resvd=False))
+  active = set(np.asarray(state["idx"]).tolist())
+  for i in range(6):
+    params, state = resample(params, state, jax.random.key(i))
+    active |= set(np.asarray(state["idx"]).tolist())
+    np.testing.assert_array_equal(np.flatnonzero(state["seen"]), sorted(active))
+  assert seen_fraction({"a": state, "b": {"seen": jnp.zeros(16)}}) == pytest.approx(
+      len(active) / 32)

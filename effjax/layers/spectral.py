@@ -13,6 +13,7 @@ Memory layout (static shapes, the step compiles once):
   model state, collection "sst" (never seen by the optimizer; checkpointed with the state)
     u [in, k], v [out, k]  the full bases; their active columns are stale while active
     idx [r] int32          which columns are active
+    seen [k] float32       1 at every position ever active (a statistic, not used in training)
 
 Forward: U and V with the active columns taken from the params, then ((x U) * sigma) V^T
 (2 k (in + out) FLOPs per token instead of 2 in out). Backward (a custom VJP): the usual
@@ -167,6 +168,11 @@ class SSTLinear(nn.Module):
     v = self.variable(SST_COLLECTION, "v", const("v", (self.out_axis, None), (n_out, k))).value
     idx = self.variable(SST_COLLECTION, "idx", const("idx", (None,), (r,), jnp.int32)).value
     if self.is_initializing():
+      init["seen"] = jnp.zeros((k,), jnp.float32).at[init["idx"]].set(1.0)
+    # 1 where index i (of the k singular values, by position) has ever been active: reported
+    # as the fraction of singular vectors SST trained (sst_seen_fraction)
+    self.variable(SST_COLLECTION, "seen", const("seen", (None,), (k,), jnp.float32))
+    if self.is_initializing():
       init["u_cols"], init["v_cols"] = init["u"][:, init["idx"]], init["v"][:, init["idx"]]
     sigma = self.param("sigma", const("sigma", (None,), (k,)))
     u_cols = self.param("u_cols", const("u_cols", (self.in_axis, None), (n_in, r)))
@@ -203,12 +209,25 @@ def _resample_one(params, state, key, *, rank: int, sampling: str, do_resvd: boo
     u, sigma, v = resvd(u, sigma, v)
   idx = sample_active(key, sigma, rank, sampling)
   new_params = dict(params, sigma=sigma, u_cols=u[:, idx], v_cols=v[:, idx])
-  return new_params, dict(state, u=u, v=v, idx=idx)
+  new_state = dict(state, u=u, v=v, idx=idx)
+  if "seen" in state:
+    new_state["seen"] = state["seen"].at[idx].set(1.0)
+  return new_params, new_state
+
+
+def seen_fraction(sst_state) -> float:
+  """Fraction of singular-vector positions ever active, over every SST layer in `sst_state`
+  (the model_state collection); nan without SST layers."""
+  seen = [x for path, x in jax.tree_util.tree_leaves_with_path(sst_state)
+          if getattr(path[-1], "key", None) == "seen"]
+  total = sum(x.size for x in seen)
+  return float(sum(jnp.sum(x) for x in seen) / total) if total else float("nan")
 
 
 def sst_resample(params, state, key, *, sampling: str, do_resvd: bool):
   """One SST layer after an iteration: write back, optionally re-SVD, draw and read out a new
-  active set. `params` {"sigma", "u_cols", "v_cols"}, `state` {"u", "v", "idx"}; extra leading
+  active set. `params` {"sigma", "u_cols", "v_cols"}, `state` {"u", "v", "idx"[, "seen"]};
+  `seen` marks the newly active positions too. Extra leading
   axes (scanned layers) are mapped over, each slice with its own key."""
   check_sampling(sampling)
   rank = params["u_cols"].shape[-1]
