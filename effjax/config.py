@@ -11,6 +11,7 @@ from typing import Any, Mapping
 
 ATTENTION_IMPLS = ("xla", "cudnn", "pallas")
 LINEAR_KINDS = ("dense", "monarch", "lora", "sst")
+MONARCH_IMPLS = ("xla", "pallas")  # see effjax/layers/monarch.py MONARCH_MULTIPLIES
 SST_SAMPLINGS = ("mixed", "sigma", "uniform", "top")  # see effjax/layers/spectral.py
 LINEAR_GROUPS = ("qkv", "attn_out", "mlp")  # projection groups that choose a kind
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
@@ -44,7 +45,8 @@ class LinearConfig:
 
   `kind` applies to every projection group; `qkv` (attention query/key/value), `attn_out`
   (attention output) and `mlp` (all three SwiGLU weights) override it per group ("" = use
-  `kind`). `nblocks` is the block count of Monarch layers (the paper uses 4).
+  `kind`). `nblocks` is the block count of Monarch layers (the paper uses 4);
+  `monarch_impl` computes them with XLA ("xla") or the fused kernel ("pallas").
 
   Low-rank kinds (effjax/layers/lora.py, effjax/layers/spectral.py, effjax/optim/lowrank.py):
   "lora" (frozen W0 + (alpha/r) B A; ReLoRA when relora_every > 0) and "sst" (Sparse
@@ -55,6 +57,7 @@ class LinearConfig:
   attn_out: str = ""
   mlp: str = ""
   nblocks: int = 4
+  monarch_impl: str = "xla"
   rank: int = 16  # lora: r of B A; sst: number of active singular vectors
   lora_alpha: float = 0.0  # LoRA scale alpha / r; 0 means alpha = r (scale 1)
   relora_every: int = 0  # ReLoRA: merge, re-init A/B and reset their Adam state every N steps
@@ -71,6 +74,7 @@ class LinearConfig:
         _one_of(f"model.linear.{group}", value, LINEAR_KINDS)
     _require(isinstance(self.nblocks, int) and self.nblocks >= 1,
              f"model.linear.nblocks must be an integer >= 1, got {self.nblocks!r}")
+    _one_of("model.linear.monarch_impl", self.monarch_impl, MONARCH_IMPLS)
     _require(isinstance(self.rank, int) and self.rank >= 1,
              f"model.linear.rank must be an integer >= 1, got {self.rank!r}")
     _require(self.lora_alpha >= 0, f"model.linear.lora_alpha must be >= 0, got {self.lora_alpha}")

@@ -1,38 +1,57 @@
-"""One linear layer, forward + backward: Monarch vs dense, time ratio beside FLOP ratio.
+"""One linear layer, forward + backward: dense vs Monarch, time ratio beside FLOP ratio.
 
   python -m experiments.bench_monarch                                   # the full grid (a GPU)
-  python -m experiments.bench_monarch --widths=512,1024,2048 --max_gflop=300 --reps=3   # 2 CPUs
+  python -m experiments.bench_monarch --widths=1024,2048 --pairs=768x3072,3072x768 \
+      --nblocks=4 --max_gflop=300 --reps=5 --out=/tmp/bench_monarch.json          # 2 CPUs
 
-For each dtype, shape (`square`: d -> d; `up4`: d -> 4d, the MLP's input; `down4`: 4d -> d)
-and width d it times the jitted value and gradient of sum(y * g) with respect to the weights
-and the input (the forward and both backward matmuls, the work of a training step), over a batch
-of `--tokens` tokens, for the dense layer and for MonarchLinear with each `--nblocks`. Weights
-and activations are both in the dtype. The analytic FLOP ratio (Monarch / dense =
-params / (in x out)) is printed beside the time ratio; `XLA flops` is the compiled program's
-own count (cost analysis), a check that nothing hidden (padding, transposes materialised as
-matmuls) changes the work. Prints a markdown table; --out writes the rows as JSON.
+For each dtype and layer shape (`--shapes` of each `--widths` d: `square` d -> d, `up4`
+d -> 4d, `down4` 4d -> d; plus the explicit `--pairs` in x out, by default GPT-2 small's MLP,
+768 -> 3072 and 3072 -> 768) it times one layer's forward and backward (y, then dx and the
+weight gradients for a cotangent dy: the work of a training step) over `--tokens` tokens, for
+the dense layer and, with each `--nblocks`, for each Monarch implementation in `--impls`:
+
+  xla        monarch_multiply, the copy-free layout the layer uses;
+  reference  monarch_multiply_reference, the first formulation, differentiated by JAX.
+
+The implementations of one case are timed in turns (dense, xla, reference, dense, ...), so
+a change in the machine's load hits them alike; the median of `--reps` turns is reported.
+Weights and activations are both in the dtype. Beside each time ratio: the analytic FLOP
+ratio (Monarch / dense = params / (in x out)), `XLA flops` (the compiled program's own count,
+a check that nothing hidden changes the work), and `copies`: the passes in the optimised
+program that only move a full activation (effjax.layers.monarch.activation_copies; the
+dense layer has none). `ratio of ratios` = time ratio / FLOP ratio: 1 means Monarch runs at
+dense's FLOP rate. The load average is printed and recorded, since on a shared machine it
+moves the absolute times (ratios from one run are what to compare). --out writes the rows
+as JSON with provenance (commit, versions, device, command, date).
 """
 from __future__ import annotations
 
+import functools
 import json
+import os
 import statistics
 import time
 
 from absl import app
 from absl import flags
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from effjax.layers.monarch import MonarchLinear, monarch_param_count
+from effjax import provenance
+from effjax.layers.monarch import (activation_copies, monarch_multiply,
+                                   monarch_multiply_reference, monarch_param_count,
+                                   monarch_shapes)
 
 _WIDTHS = flags.DEFINE_list("widths", ["512", "1024", "2048", "4096"], "Model widths d.")
 _SHAPES = flags.DEFINE_list("shapes", ["square", "up4"], "square (d->d), up4 (d->4d), "
                             "down4 (4d->d).")
+_PAIRS = flags.DEFINE_list("pairs", ["768x3072", "3072x768"], "Extra layer shapes INxOUT.")
 _NBLOCKS = flags.DEFINE_list("nblocks", ["2", "4", "8"], "Monarch block counts.")
 _DTYPES = flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "Compute dtypes.")
+_IMPLS = flags.DEFINE_list("impls", ["xla", "reference"], "Monarch implementations: xla, "
+                           "reference.")
 _TOKENS = flags.DEFINE_integer("tokens", 8192, "Tokens per batch (rows of x).")
-_REPS = flags.DEFINE_integer("reps", 10, "Timed calls per case (after two warm-up calls).")
+_REPS = flags.DEFINE_integer("reps", 10, "Timed turns per case (after one warm-up turn).")
 _MAX_GFLOP = flags.DEFINE_float("max_gflop", 0.0, "Skip cases whose dense forward+backward "
                                 "exceeds this many GFLOP (0: no limit); for slow devices.")
 _OUT = flags.DEFINE_string("out", "", "Optional JSON file for the results.")
@@ -40,94 +59,138 @@ _OUT = flags.DEFINE_string("out", "", "Optional JSON file for the results.")
 SHAPES = {"square": (1, 1), "up4": (1, 4), "down4": (4, 1)}
 
 
-def _dense_layer(features):
-  class Dense(nn.Module):
-    dtype: jnp.dtype
-
-    @nn.compact
-    def __call__(self, x):
-      w = self.param("kernel", nn.initializers.normal(0.02), (x.shape[-1], features), self.dtype)
-      return x @ w
-  return Dense
+def _reference_multiply(x, w1, w2, out_features):
+  k, _, p = w1.shape
+  x = jnp.pad(x, ((0, 0), (0, k * p - x.shape[-1])))
+  return monarch_multiply_reference(x, w1, w2)[:, :out_features]
 
 
-def time_layer(layer, n_in: int, n_out: int, dtype) -> tuple[float, float | None]:
-  """(median seconds per forward+backward, XLA's flop count or None)."""
-  kx, kg, kp = jax.random.split(jax.random.key(0), 3)
-  x = jax.random.normal(kx, (_TOKENS.value, n_in), dtype)
-  g = jax.random.normal(kg, (_TOKENS.value, n_out), dtype)
-  params = layer.init(kp, x)["params"]
+MONARCH_IMPLS = {"xla": monarch_multiply, "reference": _reference_multiply}
 
-  def loss(params, x):
-    return jnp.sum((layer.apply({"params": params}, x) * g).astype(jnp.float32))
 
-  # value_and_grad: with grad alone the loss (linear in y) is dead code and XLA drops the
-  # forward's last matmul, timing 2 of dense's 3 matmuls and 5 of Monarch's 6.
-  compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(params, x).compile()
+def _forward_backward(multiply, dy, x, *weights):
+  y, vjp = jax.vjp(multiply, x, *weights)
+  return y, vjp(dy)
+
+
+def layer_shapes(shapes, widths, pairs) -> list[tuple[str, int, int]]:
+  """[(name, n_in, n_out)] from the shape names x widths and the INxOUT pairs."""
+  out = []
+  for shape in shapes:
+    if shape not in SHAPES:
+      raise app.UsageError(f"--shapes: unknown shape {shape!r}; choose from {list(SHAPES)}")
+    a, b = SHAPES[shape]
+    out += [(shape, a * w, b * w) for w in widths]
+  for pair in pairs:
+    try:
+      n_in, n_out = (int(v) for v in pair.lower().split("x"))
+    except ValueError:
+      raise app.UsageError(f"--pairs: {pair!r} is not INxOUT (e.g. 768x3072)") from None
+    out.append(("pair", n_in, n_out))
+  return out
+
+
+def compile_case(multiply, x, weights, dy):
+  """(compiled forward+backward, XLA's flop count or None, activation copies)."""
+  compiled = jax.jit(functools.partial(_forward_backward, multiply)).lower(
+      dy, x, *weights).compile()
   try:
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    xla_flops = float(cost["flops"]) if cost and "flops" in cost else None
-  except Exception:  # not every backend reports it
-    xla_flops = None
-  for _ in range(2):
-    jax.block_until_ready(compiled(params, x))
-  times = []
-  for _ in range(_REPS.value):
-    start = time.perf_counter()
-    jax.block_until_ready(compiled(params, x))
-    times.append(time.perf_counter() - start)
-  return statistics.median(times), xla_flops
+    flops = float(cost["flops"]) if cost and "flops" in cost else None
+  except Exception:  # pylint: disable=broad-except  (not every backend reports it)
+    flops = None
+  n_in, n_out = x.shape[-1], dy.shape[-1]
+  copies = activation_copies(compiled.as_text(), x.shape[0] * min(n_in, n_out))
+  return compiled, flops, len(copies)
+
+
+def time_in_turns(calls: dict, reps: int) -> dict:
+  """Median seconds of each zero-argument call, the calls run in turns."""
+  for call in calls.values():
+    jax.block_until_ready(call())
+  times = {name: [] for name in calls}
+  for _ in range(reps):
+    for name, call in calls.items():
+      start = time.perf_counter()
+      jax.block_until_ready(call())
+      times[name].append(time.perf_counter() - start)
+  return {name: statistics.median(t) for name, t in times.items()}
 
 
 def main(argv):
   del argv
+  for impl in _IMPLS.value:
+    if impl not in MONARCH_IMPLS:
+      raise app.UsageError(f"--impls: unknown {impl!r}; choose from {list(MONARCH_IMPLS)}")
+  cases = layer_shapes(_SHAPES.value, [int(w) for w in _WIDTHS.value], _PAIRS.value)
+  nblocks = [int(k) for k in _NBLOCKS.value]
+  for n_in, n_out, k in ((i, o, k) for _, i, o in cases for k in nblocks):
+    monarch_shapes(n_in, n_out, k, where="--nblocks")  # bad sizes fail before any timing
+  tokens = _TOKENS.value
   device = jax.devices()[0]
+  load_before = os.getloadavg()
+  print(f"load average before: {load_before[0]:.1f} (1 min), {os.cpu_count()} CPUs",
+        flush=True)
   rows = []
   for dtype_name in _DTYPES.value:
     dtype = jnp.dtype(dtype_name)
-    for shape in _SHAPES.value:
-      if shape not in SHAPES:
-        raise app.UsageError(f"--shapes: unknown shape {shape!r}; choose from {list(SHAPES)}")
-      a, b = SHAPES[shape]
-      for width in map(int, _WIDTHS.value):
-        n_in, n_out = a * width, b * width
-        dense_flops = 6.0 * _TOKENS.value * n_in * n_out
-        if _MAX_GFLOP.value and dense_flops > _MAX_GFLOP.value * 1e9:
-          print(f"skip {dtype_name} {shape} d={width}: {dense_flops / 1e9:.0f} GFLOP > "
-                f"--max_gflop", flush=True)
-          continue
-        dense_s, dense_xla = time_layer(_dense_layer(n_out)(dtype), n_in, n_out, dtype)
-        for k in map(int, _NBLOCKS.value):
-          layer = MonarchLinear(n_out, nblocks=k, dtype=dtype, param_dtype=dtype)
-          monarch_s, monarch_xla = time_layer(layer, n_in, n_out, dtype)
-          flops = 6.0 * _TOKENS.value * monarch_param_count(n_in, n_out, k)
-          row = dict(dtype=dtype_name, shape=shape, width=width, n_in=n_in, n_out=n_out,
-                     nblocks=k, dense_ms=dense_s * 1e3, monarch_ms=monarch_s * 1e3,
-                     flop_ratio=flops / dense_flops, time_ratio=monarch_s / dense_s,
-                     dense_tflops_per_s=dense_flops / dense_s / 1e12,
-                     monarch_tflops_per_s=flops / monarch_s / 1e12,
-                     xla_flop_ratio=(monarch_xla / dense_xla
-                                     if monarch_xla and dense_xla else None))
-          rows.append(row)
-          print(json.dumps(row), flush=True)
+    for shape, n_in, n_out in cases:
+      dense_flops = 6.0 * tokens * n_in * n_out
+      if _MAX_GFLOP.value and dense_flops > _MAX_GFLOP.value * 1e9:
+        print(f"skip {dtype_name} {n_in}x{n_out}: {dense_flops / 1e9:.0f} GFLOP > --max_gflop",
+              flush=True)
+        continue
+      kx, kd, kw = jax.random.split(jax.random.key(0), 3)
+      x = jax.random.normal(kx, (tokens, n_in), dtype)
+      dy = jax.random.normal(kd, (tokens, n_out), dtype)
+      w = (jax.random.normal(kw, (n_in, n_out)) / n_in ** 0.5).astype(dtype)
+      dense, dense_xla, dense_copies = compile_case(jnp.matmul, x, (w,), dy)
+      for k in nblocks:
+        w1_shape, w2_shape = monarch_shapes(n_in, n_out, k)
+        k1, k2 = jax.random.split(jax.random.fold_in(kw, k))
+        factors = (jax.random.normal(k1, w1_shape, dtype), jax.random.normal(k2, w2_shape, dtype))
+        calls = {"dense": functools.partial(dense, dy, x, w)}
+        stats = {}
+        for impl in _IMPLS.value:
+          multiply = functools.partial(MONARCH_IMPLS[impl], out_features=n_out)
+          compiled, xla_flops, copies = compile_case(multiply, x, factors, dy)
+          calls[impl] = functools.partial(compiled, dy, x, *factors)
+          stats[impl] = (xla_flops, copies)
+        seconds = time_in_turns(calls, _REPS.value)
+        flop_ratio = monarch_param_count(n_in, n_out, k) / (n_in * n_out)
+        row = dict(dtype=dtype_name, shape=shape, n_in=n_in, n_out=n_out, nblocks=k,
+                   tokens=tokens, flop_ratio=flop_ratio, dense_ms=seconds["dense"] * 1e3,
+                   dense_copies=dense_copies,
+                   dense_tflops_per_s=dense_flops / seconds["dense"] / 1e12)
+        for impl, (xla_flops, copies) in stats.items():
+          time_ratio = seconds[impl] / seconds["dense"]
+          row[impl] = dict(ms=seconds[impl] * 1e3, time_ratio=time_ratio, copies=copies,
+                           ratio_of_ratios=time_ratio / flop_ratio,
+                           xla_flop_ratio=(xla_flops / dense_xla
+                                           if xla_flops and dense_xla else None))
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+  load_after = os.getloadavg()
 
-  print(f"\ndevice: {device.device_kind} ({device.platform}), jax {jax.__version__}; "
-        f"{_TOKENS.value} tokens, forward+backward (dx and dW), median of {_REPS.value}")
-  print("| dtype | shape | d | in x out | nblocks | dense ms | Monarch ms | FLOP ratio | "
-        "XLA flops ratio | time ratio | speed-up | dense TFLOP/s | Monarch TFLOP/s |")
-  print("|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+  print(f"\ndevice: {device.device_kind} ({device.platform}), jax {jax.__version__}; {tokens} "
+        f"tokens, forward + backward (y, dx, dW), median of {_REPS.value} turns; load average "
+        f"{load_before[0]:.1f} before, {load_after[0]:.1f} after ({os.cpu_count()} CPUs)")
+  impls = list(_IMPLS.value)
+  head = "".join(f" {i} ms | {i} time ratio | {i} ratio of ratios | {i} copies |" for i in impls)
+  print(f"| dtype | in x out | nblocks | FLOP ratio | dense ms |{head}")
+  print("|---|---|---:|---:|---:|" + "---:|---:|---:|---:|" * len(impls))
   for r in rows:
-    xla = f"{r['xla_flop_ratio']:.3f}" if r["xla_flop_ratio"] else "-"
-    print(f"| {r['dtype']} | {r['shape']} | {r['width']} | {r['n_in']} x {r['n_out']} | "
-          f"{r['nblocks']} | {r['dense_ms']:.2f} | {r['monarch_ms']:.2f} | "
-          f"{r['flop_ratio']:.3f} | {xla} | {r['time_ratio']:.3f} | "
-          f"{1 / r['time_ratio']:.2f}x | {r['dense_tflops_per_s']:.3f} | "
-          f"{r['monarch_tflops_per_s']:.3f} |")
+    cells = "".join(f" {r[i]['ms']:.1f} | {r[i]['time_ratio']:.3f} | "
+                    f"{r[i]['ratio_of_ratios']:.2f} | {r[i]['copies']} |" for i in impls)
+    print(f"| {r['dtype']} | {r['n_in']} x {r['n_out']} | {r['nblocks']} | "
+          f"{r['flop_ratio']:.3f} | {r['dense_ms']:.1f} |{cells}")
   if _OUT.value:
-    with open(_OUT.value, "w", encoding="utf-8") as f:
-      json.dump(dict(device=device.device_kind, platform=device.platform, jax=jax.__version__,
-                     tokens=_TOKENS.value, rows=rows), f, indent=2)
+    config = dict(widths=_WIDTHS.value, shapes=_SHAPES.value, pairs=_PAIRS.value,
+                  nblocks=nblocks, dtypes=_DTYPES.value, impls=impls, tokens=tokens,
+                  reps=_REPS.value, max_gflop=_MAX_GFLOP.value)
+    provenance.write_json(_OUT.value, dict(rows=rows, load_average_before=load_before,
+                                           load_average_after=load_after), config)
 
 
 if __name__ == "__main__":

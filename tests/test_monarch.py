@@ -1,5 +1,6 @@
 """Monarch layers: the layer, its dense equivalent, projection, the LM, reverse sparsification."""
 import dataclasses
+import functools
 import os
 import shutil
 
@@ -14,8 +15,9 @@ from configs import lm as lm_configs
 from configs import monarch as monarch_configs
 from effjax import config as config_lib
 from effjax.config import ExperimentConfig, LinearConfig, MeshConfig, ModelConfig, OptimConfig
-from effjax.layers.monarch import (MonarchLinear, monarch_param_count, monarch_to_dense,
-                                   project_to_monarch)
+from effjax.layers.monarch import (MonarchLinear, activation_copies, monarch_multiply,
+                                   monarch_multiply_reference, monarch_param_count,
+                                   monarch_shapes, monarch_to_dense, project_to_monarch)
 from effjax.models.decoder_lm import (DecoderLM, count_params, flops_per_token,
                                       projection_macs_per_token)
 from effjax.parallel import LOGICAL_RULES, build_mesh
@@ -62,6 +64,90 @@ def test_layer_equals_dense_matrix_from_its_factors_and_projection_recovers_it(n
   projected = project(w, k)
   assert jax.tree.map(jnp.shape, projected) == jax.tree.map(jnp.shape, params)
   assert _rel(to_dense(projected, n_in, n_out), w) < 1e-5
+
+
+# (in, out, nblocks): square, expanding, contracting, padded output, padded both ways
+LAYOUT_CASES = [(64, 64, 4), (32, 128, 8), (128, 32, 2), (50, 70, 4), (70, 50, 8)]
+
+
+def _factors_and_data(n_in, n_out, k, tokens):
+  w1_shape, w2_shape = monarch_shapes(n_in, n_out, k)
+  keys = jax.random.split(jax.random.key(n_in * 1000 + n_out * 10 + k), 4)
+  return (jax.random.normal(keys[0], w1_shape) / np.sqrt(w1_shape[-1]),
+          jax.random.normal(keys[1], w2_shape) / np.sqrt(w2_shape[-1]),
+          jax.random.normal(keys[2], (tokens, n_in)),
+          jax.random.normal(keys[3], (tokens, n_out)))
+
+
+def _forward_backward(multiply, x, w1, w2, dy):
+  """One layer's forward and backward: y and the cotangents of (x, w1, w2) for dy."""
+  y, vjp = jax.vjp(multiply, x, w1, w2)
+  return (y,) + vjp(dy.astype(y.dtype))
+
+
+def _reference_multiply(n_out):
+  def multiply(x, w1, w2):
+    k, _, p = w1.shape
+    x = jnp.pad(x, ((0, 0), (0, k * p - x.shape[-1])))
+    return monarch_multiply_reference(x, w1, w2)[:, :n_out]
+  return multiply
+
+
+@pytest.mark.parametrize("n_in, n_out, k", LAYOUT_CASES)
+def test_copy_free_multiply_equals_the_reference_forward_and_gradients(n_in, n_out, k):
+  w1, w2, x, g = _factors_and_data(n_in, n_out, k, tokens=24)
+  new = functools.partial(monarch_multiply, out_features=n_out)
+  ref = _reference_multiply(n_out)
+
+  # bf16-representable inputs, so that the bf16 run and the float32 runs see the same values
+  x, w1, w2 = (a.astype(jnp.bfloat16).astype(jnp.float32) for a in (x, w1, w2))
+
+  @jax.jit
+  def runs(x, w1, w2, g):
+    bf16 = [a.astype(jnp.bfloat16) for a in (x, w1, w2)]
+    return (_forward_backward(new, x, w1, w2, g), _forward_backward(ref, x, w1, w2, g),
+            _forward_backward(new, *bf16, g))
+
+  f32, f32_ref, bf16 = runs(x, w1, w2, g)
+  for name, a, b, c in zip(("y", "dx", "dw1", "dw2"), f32, f32_ref, bf16):
+    assert a.shape == b.shape and a.dtype == jnp.float32 and c.dtype == jnp.bfloat16, name
+    assert float(jnp.linalg.norm(b)) > 0, name
+    assert _rel(a, b) < 1e-5, name
+    assert _rel(c.astype(jnp.float32), b) < 1e-2, name
+
+
+def test_copy_free_multiply_keeps_leading_axes_and_rejects_mismatched_factors():
+  w1, w2, x, _ = _factors_and_data(50, 70, 4, tokens=6)
+  y = monarch_multiply(x.reshape(2, 3, 50), w1, w2, 70)
+  np.testing.assert_allclose(y.reshape(6, 70), _reference_multiply(70)(x, w1, w2),
+                             rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match=r"x \[\.\.\., 50\] -> 80 does not fit factors"):
+    monarch_multiply(x, w1, w2, 80)  # 4 blocks of 18 outputs hold at most 72
+  with pytest.raises(ValueError, match=r"x \[\.\.\., 60\] -> 70 does not fit factors"):
+    monarch_multiply(jnp.zeros((2, 60)), w1, w2, 70)
+
+
+def _copies(multiply, n_in, n_out, k, dtype=jnp.float32):
+  tokens = 4 * max(n_in, n_out)  # so that only activations reach the size threshold
+  w1, w2, x, g = (a.astype(dtype) for a in _factors_and_data(n_in, n_out, k, tokens))
+  step = jax.jit(functools.partial(_forward_backward, multiply))
+  hlo = step.lower(x, w1, w2, g).compile().as_text()
+  return activation_copies(hlo, tokens * min(n_in, n_out))
+
+
+@pytest.mark.parametrize("n_in, n_out, k", LAYOUT_CASES)
+def test_copy_free_forward_and_backward_hold_the_minimum_six_activation_copies(n_in, n_out, k):
+  # x, the stride permutation and y in the forward; dy, dh and dx in the backward.
+  copies = _copies(functools.partial(monarch_multiply, out_features=n_out), n_in, n_out, k)
+  assert len(copies) == 6, "\n".join(copies)
+
+
+def test_activation_copies_counts_what_the_reference_formulation_adds():
+  """The counter sees the reference's extra copies, bf16 does not add any, k = 1 needs none."""
+  assert len(_copies(_reference_multiply(70), 50, 70, 4)) > 6
+  bf16 = _copies(functools.partial(monarch_multiply, out_features=64), 64, 64, 4, jnp.bfloat16)
+  assert len(bf16) == 6
+  assert not _copies(functools.partial(monarch_multiply, out_features=20), 12, 20, 1)
 
 
 @pytest.mark.parametrize("m", [3, 4])

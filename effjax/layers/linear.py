@@ -7,7 +7,8 @@ selectable per group from config without touching the model:
   dense    DenseLinear: one [in, features] weight `kernel` with logical names (in_axis, out_axis).
   monarch  MonarchLinear (effjax/layers/monarch.py): two block-diagonal factors `w1`, `w2`
            with `config.nblocks` blocks; the block axis is named "blocks". Uses the paper's
-           uniform initialisation, not `init_std`.
+           uniform initialisation, not `init_std`. `config.monarch_impl`: XLA or the fused
+           Pallas kernel.
   lora     LoRALinear (effjax/layers/lora.py): frozen W0 (model state "lora") + (alpha/r) A B.
   sst      SSTLinear (effjax/layers/spectral.py): U diag(sigma) V^T from the SVD of the dense
            init; sigma and r active columns trained, bases in model state "sst".
@@ -51,7 +52,8 @@ def make_linear(config: LinearConfig, features: int, *, group: str, in_axis: str
                        init_std=init_std, dtype=dtype, param_dtype=param_dtype, name=name)
   if kind == "monarch":
     return MonarchLinear(features=features, nblocks=config.nblocks, out_axis=out_axis,
-                         dtype=dtype, param_dtype=param_dtype, name=name)
+                         dtype=dtype, param_dtype=param_dtype, impl=config.monarch_impl,
+                         name=name)
   if kind == "lora":
     return LoRALinear(features=features, rank=config.rank, in_axis=in_axis, out_axis=out_axis,
                       alpha=config.lora_alpha, init_std=init_std, dtype=dtype,

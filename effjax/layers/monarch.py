@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 from typing import Any
 
 import flax.linen as nn
@@ -63,8 +64,13 @@ def monarch_param_count(in_features: int, out_features: int, nblocks: int,
   return math.prod(w1) + math.prod(w2) + (out_features if use_bias else 0)
 
 
-def monarch_multiply(x, w1_KQP, w2_KSR):
-  """x [..., k * p] (already padded) -> [..., s * k]; the layer's two batched matmuls."""
+def monarch_multiply_reference(x, w1_KQP, w2_KSR):
+  """x [..., k * p] (already padded) -> [..., s * k]; the layer's two batched matmuls.
+
+  The first formulation, written as the steps above read; kept as the reference that
+  `monarch_multiply` is tested against. Differentiated by JAX, its forward + backward holds
+  8 full-activation copies (10 with padding) where `monarch_multiply` holds 6.
+  """
   k, q, p = w1_KQP.shape
   l, s, r = w2_KSR.shape
   lead = x.shape[:-1]
@@ -76,12 +82,203 @@ def monarch_multiply(x, w1_KQP, w2_KSR):
   return jnp.swapaxes(y_BLS, -1, -2).reshape(*lead, s * l)
 
 
+# The copy-free formulation. A batched matmul on XLA wants its batch (block) axis outermost,
+# so every activation between the two factors lives block-major, [k, tokens, width], and the
+# matmuls and both weight gradients read and write it in place through their dimension
+# numbers (the weight gradients contract over tokens, the middle axis). What is left is one
+# pass per change between token-major and block-major order: x into blocks, the stride
+# permutation, y out of blocks, and the same three in reverse for dy, dh and dx: 6 in all,
+# each one fused pass (padding and the final slice ride along). The backward is written by
+# hand (custom_vjp) so that padding and slicing are transposed into those same passes
+# instead of standalone pads.
+
+def _contiguous_blocks(x_TN, k: int, p: int):
+  """[T, n] -> [k, T, p]; block j holds features j p .. j p + p - 1, zero past n."""
+  t, n = x_TN.shape
+  if n == k * p:
+    return x_TN.reshape(t, k, p).transpose(1, 0, 2)
+  # Slices padded one by one fuse into one pass; a pad of x followed by the transpose does
+  # not (XLA keeps the pad as its own full copy).
+  parts = []
+  for j in range(k):
+    lo, hi = min(j * p, n), min((j + 1) * p, n)
+    parts.append(jnp.pad(x_TN[:, lo:hi], ((0, 0), (0, p - (hi - lo)))))
+  return jnp.stack(parts)
+
+
+def _from_contiguous_blocks(x_KTP, n: int):
+  k, t, p = x_KTP.shape
+  return x_KTP.transpose(1, 0, 2).reshape(t, k * p)[:, :n]
+
+
+def _strided_blocks(y_TN, k: int, s: int):
+  """[T, n] -> [k, T, s]; block l holds features c k + l (c < s), zero past n."""
+  t, n = y_TN.shape
+  if n == k * s:
+    return y_TN.reshape(t, s, k).transpose(2, 0, 1)
+  parts = []
+  for l in range(k):
+    part = y_TN[:, l::k]
+    parts.append(jnp.pad(part, ((0, 0), (0, s - part.shape[1]))))
+  return jnp.stack(parts)
+
+
+def _from_strided_blocks(y_KTS, n: int):
+  k, t, s = y_KTS.shape
+  return y_KTS.transpose(1, 2, 0).reshape(t, s * k)[:, :n]
+
+
+def _stride_permute(h_KTQ):
+  """[j, T, a] -> [l, T, a'] with j q + a = a' k + l (the permutation between the factors)."""
+  k, t, q = h_KTQ.shape
+  return h_KTQ.transpose(1, 0, 2).reshape(t, q, k).transpose(2, 0, 1)
+
+
+def _stride_unpermute(h_KTR):
+  k, t, r = h_KTR.shape
+  return h_KTR.transpose(1, 2, 0).reshape(t, k, r).transpose(1, 0, 2)
+
+
+# Accumulate in float32 and round once where the result is stored (as a bf16 einsum does).
+def _blocks_times_factor(a_KTI, w_KOI):
+  return jax.lax.dot_general(a_KTI, w_KOI, (((2,), (2,)), ((0,), (0,))),
+                             preferred_element_type=jnp.float32)
+
+
+def _blocks_times_factor_transposed(d_KTO, w_KOI):
+  return jax.lax.dot_general(d_KTO, w_KOI, (((2,), (1,)), ((0,), (0,))),
+                             preferred_element_type=jnp.float32)
+
+
+def _factor_grad(d_KTO, a_KTI):
+  return jax.lax.dot_general(d_KTO, a_KTI, (((1,), (1,)), ((0,), (0,))),
+                             preferred_element_type=jnp.float32)
+
+
+def _monarch_forward(x_TN, w1_KQP, w2_KSR, out_features: int):
+  k, _, p = w1_KQP.shape
+  x_KTP = _contiguous_blocks(x_TN, k, p)
+  h_KTR = _stride_permute(_blocks_times_factor(x_KTP, w1_KQP)).astype(x_TN.dtype)
+  y_TN = _from_strided_blocks(_blocks_times_factor(h_KTR, w2_KSR), out_features)
+  return y_TN.astype(x_TN.dtype), (x_KTP, h_KTR, w1_KQP, w2_KSR)
+
+
+def _monarch_backward(in_features: int, out_features: int, residuals, dy_TN):
+  del out_features
+  x_KTP, h_KTR, w1_KQP, w2_KSR = residuals
+  k, s, _ = w2_KSR.shape
+  dy_KTS = _strided_blocks(dy_TN, k, s)
+  dh_KTQ = _stride_unpermute(_blocks_times_factor_transposed(dy_KTS, w2_KSR))
+  dh_KTQ = dh_KTQ.astype(dy_TN.dtype)
+  dw2 = _factor_grad(dy_KTS, h_KTR).astype(w2_KSR.dtype)
+  dw1 = _factor_grad(dh_KTQ, x_KTP).astype(w1_KQP.dtype)
+  dx = _from_contiguous_blocks(_blocks_times_factor_transposed(dh_KTQ, w1_KQP), in_features)
+  return dx.astype(x_KTP.dtype), dw1, dw2
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _monarch_2d(in_features: int, out_features: int, x_TN, w1_KQP, w2_KSR):
+  del in_features
+  return _monarch_forward(x_TN, w1_KQP, w2_KSR, out_features)[0]
+
+
+def _monarch_2d_forward(in_features, out_features, x_TN, w1_KQP, w2_KSR):
+  del in_features
+  return _monarch_forward(x_TN, w1_KQP, w2_KSR, out_features)
+
+
+_monarch_2d.defvjp(_monarch_2d_forward, _monarch_backward)
+
+
+def monarch_multiply(x, w1_KQP, w2_KSR, out_features: int):
+  """x [..., n_in] (not padded) -> [..., out_features]: the Monarch product, copy-free layout.
+
+  Equal to `monarch_multiply_reference` on the zero-padded x, cut to `out_features`.
+  """
+  k, q, p = w1_KQP.shape
+  l, s, r = w2_KSR.shape
+  n_in = x.shape[-1]
+  if l != k or r != q or not 0 < n_in <= k * p or not 0 < out_features <= k * s:
+    raise ValueError(f"monarch_multiply: x [..., {n_in}] -> {out_features} does not fit "
+                     f"factors w1 {w1_KQP.shape} and w2 {w2_KSR.shape}")
+  dtype = jnp.result_type(x, w1_KQP, w2_KSR)
+  x, w1_KQP, w2_KSR = (a.astype(dtype) for a in (x, w1_KQP, w2_KSR))
+  lead = x.shape[:-1]
+  y = _monarch_2d(n_in, out_features, x.reshape(math.prod(lead), n_in), w1_KQP, w2_KSR)
+  return y.reshape(*lead, out_features)
+
+
+def _pallas_multiply(x, w1_KQP, w2_KSR, out_features: int):
+  """The fused kernel with its platform default (an error where there is no kernel)."""
+  from pallas_kernels.monarch import monarch  # pylint: disable=g-import-not-at-top
+  dtype = jnp.result_type(x, w1_KQP, w2_KSR)
+  return monarch(x.astype(dtype), w1_KQP.astype(dtype), w2_KSR.astype(dtype), out_features)
+
+
+# model.linear.monarch_impl -> multiply(x, w1, w2, out_features); names match
+# effjax.config.MONARCH_IMPLS. Tests run the TPU kernel on a CPU by patching "pallas" with
+# one that passes interpret=pltpu.InterpretParams().
+MONARCH_MULTIPLIES = {"xla": monarch_multiply, "pallas": _pallas_multiply}
+
+
+# Opcodes that only move data, and those that may ride along in a data-moving fusion.
+_MOVES = frozenset({"transpose", "copy", "pad", "slice", "concatenate", "dynamic-slice",
+                    "dynamic-update-slice", "gather", "reverse"})
+_PASSIVE = frozenset({"parameter", "constant", "bitcast", "reshape", "broadcast", "convert",
+                      "select", "compare", "iota", "tuple", "get-tuple-element"})
+_HLO_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%\S+ = (\w+)\[([\d,]*)\]\S* ([\w-]+)\(")
+
+
+def activation_copies(hlo_text: str, min_elements: int) -> list[str]:
+  """The passes in an optimised HLO module that only move an array of >= `min_elements`.
+
+  A pass is an unfused copy/transpose/pad/slice/concatenate, or a fusion made of nothing but
+  such data movement (and reshapes, bitcasts, converts): a full read and write of the array
+  that computes nothing. Layout changes fused into a computing op (a dot, an elementwise
+  op) are not counted. Pass `jax.jit(f).lower(...).compile().as_text()`.
+  """
+  computations, current = {}, None
+  for line in hlo_text.splitlines():
+    header = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$", line)
+    if header:
+      current = computations.setdefault(header.group(1), [])
+    elif line.startswith("}"):
+      current = None
+    elif current is not None and _HLO_INSTRUCTION.match(line):
+      current.append(line.strip())
+
+  def parse(line):
+    dtype_, dims, opcode = _HLO_INSTRUCTION.match(line).groups()
+    del dtype_
+    return opcode, math.prod(int(d) for d in dims.split(",") if d)
+
+  fused = {c for lines in computations.values() for line in lines
+           if parse(line)[0] == "fusion" for c in re.findall(r"calls=%([\w.\-]+)", line)}
+  found = []
+  for name, lines in computations.items():
+    if name in fused:
+      continue
+    for line in lines:
+      opcode, size = parse(line)
+      if size < min_elements:
+        continue
+      if opcode == "fusion":
+        body = {parse(b)[0] for b in computations[re.search(r"calls=%([\w.\-]+)", line)[1]]}
+        if body & _MOVES and body <= _MOVES | _PASSIVE:
+          found.append(line)
+      elif opcode in _MOVES:
+        found.append(line)
+  return found
+
+
 class MonarchLinear(nn.Module):
   """y = Monarch(x) [+ bias]: any in/out size, `nblocks` blocks, the paper's initialisation.
 
   The block axis of both factors carries the logical name "blocks" (mapped to the `tensor`
   mesh axis), so the two batched matmuls split over tensor-parallel devices; the within-block
-  axes are replicated. `out_axis` names the bias.
+  axes are replicated. `out_axis` names the bias. `impl` picks the multiply
+  (MONARCH_MULTIPLIES: "xla", the copy-free XLA layout, or "pallas", the fused kernel); the
+  parameters are the same for both.
   """
   features: int
   nblocks: int = 4
@@ -89,10 +286,14 @@ class MonarchLinear(nn.Module):
   out_axis: str = "mlp"
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  impl: str = "xla"
 
   @nn.compact
   def __call__(self, x):
     n_in = x.shape[-1]
+    if self.impl not in MONARCH_MULTIPLIES:
+      raise ValueError(f"MonarchLinear: impl={self.impl!r} is not one of "
+                       f"{sorted(MONARCH_MULTIPLIES)}")
     where = f"MonarchLinear {'/'.join(self.scope.path) or self.name or ''}".rstrip()
     w1_shape, w2_shape = monarch_shapes(n_in, self.features, self.nblocks, where=where)
 
@@ -105,11 +306,9 @@ class MonarchLinear(nn.Module):
                     self.param_dtype)
     w2 = self.param("w2", nn.with_logical_partitioning(factor_init, names), w2_shape,
                     self.param_dtype)
-    k, _, p = w1_shape
-    x = x.astype(self.dtype)
-    if k * p != n_in:
-      x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, k * p - n_in)])
-    y = monarch_multiply(x, w1.astype(self.dtype), w2.astype(self.dtype))[..., :self.features]
+    multiply = MONARCH_MULTIPLIES[self.impl]
+    y = multiply(x.astype(self.dtype), w1.astype(self.dtype), w2.astype(self.dtype),
+                 self.features)
     if self.use_bias:
       bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros,
                                                               (self.out_axis,)),

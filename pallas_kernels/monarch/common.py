@@ -1,0 +1,58 @@
+"""Static routing of the stride permutation, shared by the kernels and the API.
+
+Between the factors, channel a of input block j (flat index f = j q + a) feeds channel
+a' = f // k of output block l = f % k. For one pair (j, l) the channels a that route j to l
+step by k, and their a' are consecutive. So if w1's rows are reordered per block, grouping
+them by l (and by a' within a group), the intermediate of block j comes out as k contiguous
+column groups, group l holding a run of consecutive a' of block l: the permutation becomes
+static slices, no gather and no transpose, and the intermediate never has to leave the chip.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class Blocks:
+  """Kernel block sizes: `tokens` rows of x per grid step (a multiple of 8)."""
+  tokens: int = 256
+
+
+@dataclasses.dataclass(frozen=True)
+class Route:
+  """One (input block j, output block l) run: columns [offset, offset + count) of block j's
+  reordered intermediate are channels [a_start, a_start + count) of output block l."""
+  j: int
+  l: int
+  offset: int
+  count: int
+  a_start: int
+
+
+@functools.lru_cache(maxsize=None)
+def routing(k: int, q: int) -> tuple[np.ndarray, tuple[Route, ...]]:
+  """(row_order [k, q], routes): w1[j][row_order[j]] is block j's reordered factor; routes
+  lists every non-empty (j, l) run, j-major, l-minor."""
+  order = np.zeros((k, q), np.int32)
+  routes = []
+  for j in range(k):
+    flat = j * q + np.arange(q)
+    rows = sorted(range(q), key=lambda a, flat=flat: (flat[a] % k, flat[a] // k))
+    order[j] = rows
+    offset = 0
+    for l in range(k):
+      run = [a for a in rows if flat[a] % k == l]
+      if run:
+        a_primes = [int(flat[a] // k) for a in run]
+        assert a_primes == list(range(a_primes[0], a_primes[0] + len(run)))  # consecutive
+        routes.append(Route(j, l, offset, len(run), a_primes[0]))
+        offset += len(run)
+  return order, tuple(routes)
+
+
+def input_span(j: int, p: int, n_in: int) -> tuple[int, int]:
+  """Columns [lo, hi) of x that block j reads (fewer than p, or none, at the padded end)."""
+  return min(j * p, n_in), min((j + 1) * p, n_in)

@@ -1,0 +1,160 @@
+"""The fused Monarch layer as Mosaic TPU `pallas_call`s: forward, and one backward for dx, dw1
+and dw2.
+
+Grid: one step per tile of `Blocks.tokens` rows. Both factors stay in VMEM for the whole grid
+(their block index never changes, so they are fetched once); x is read once and y written
+once, in the layer's own token-major layout. Inside a step, with w1's rows reordered per block
+(common.routing), block j's intermediate h_j = x_j w1'_j^T holds k contiguous runs, one per
+output block l, and output block l accumulates h_j[run] w2_l[:, run']^T over j: the stride
+permutation is static slicing, and the intermediate never leaves the chip. The output
+permutation (column c k + l of y is row c of output block l) is an in-register interleave.
+
+Backward (same grid, steps in order): the step recomputes h from x (one factor's work, instead
+of writing h to memory in the forward and reading it back), then forms dh = dy w2 per block,
+dx = dh w1', and adds the step's share of dw1' = dh^T x and dw2 = dy^T h into float32 output
+blocks that stay resident across the grid (written back once at the end).
+
+Status: checked against the reference in the TPU interpreter and lowered for "tpu" on a CPU;
+not compiled by Mosaic on TPU hardware. On a TPU the runs and block widths should be
+multiples of 128 lanes for the MXU; narrower ones are correct in the interpreter but untested
+by Mosaic's layout passes.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+from jax.experimental import pallas as pl
+import jax.numpy as jnp
+
+from pallas_kernels import compat
+from pallas_kernels.monarch import common
+
+_NT = (((1,), (1,)), ((), ()))  # a [m, c] . b [n, c] -> [m, n]
+_NN = (((1,), (0,)), ((), ()))  # a [m, c] . b [c, n] -> [m, n]
+_TN = (((0,), (0,)), ((), ()))  # a [c, m] . b [c, n] -> [m, n]
+
+
+def _dot(a, b, dims):
+  return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
+
+
+def _intermediates(x, w1_ref, *, k, p, n_in, dtype):
+  """Block j's reordered intermediate h_j [rows, q] (None where block j reads no input)."""
+  hs = []
+  for j in range(k):
+    lo, hi = common.input_span(j, p, n_in)
+    hs.append(None if hi == lo else
+              _dot(x[:, lo:hi], w1_ref[j, :, :hi - lo], _NT).astype(dtype))
+  return hs
+
+
+def _interleave(blocks, n_out):
+  """[rows, s] per output block l -> [rows, n_out], column c k + l from row c of block l."""
+  rows, s = blocks[0].shape
+  return jnp.stack(blocks, axis=-1).reshape(rows, s * len(blocks))[:, :n_out]
+
+
+def _deinterleave(y, k, s):
+  rows, n_out = y.shape
+  if n_out < s * k:
+    y = jnp.concatenate([y, jnp.zeros((rows, s * k - n_out), y.dtype)], axis=1)
+  y = y.reshape(rows, s, k)
+  return [y[:, :, l] for l in range(k)]
+
+
+def _forward_kernel(x_ref, w1_ref, w2_ref, y_ref, *, routes, p, n_in, n_out):
+  k, s, _ = w2_ref.shape
+  x = x_ref[...]
+  hs = _intermediates(x, w1_ref, k=k, p=p, n_in=n_in, dtype=x.dtype)
+  ys = [jnp.zeros((x.shape[0], s), jnp.float32) for _ in range(k)]
+  for route in routes:
+    h = hs[route.j]
+    if h is None:
+      continue
+    run = h[:, route.offset:route.offset + route.count]
+    ys[route.l] = ys[route.l] + _dot(
+        run, w2_ref[route.l, :, route.a_start:route.a_start + route.count], _NT)
+  y_ref[...] = _interleave(ys, n_out).astype(y_ref.dtype)
+
+
+def _backward_kernel(x_ref, w1_ref, w2_ref, dy_ref, dx_ref, dw1_ref, dw2_ref, *, routes, p,
+                     n_in):
+  k, s, _ = w2_ref.shape
+  q = w1_ref.shape[1]
+
+  @pl.when(pl.program_id(0) == 0)
+  def _zero():
+    dw1_ref[...] = jnp.zeros(dw1_ref.shape, dw1_ref.dtype)
+    dw2_ref[...] = jnp.zeros(dw2_ref.shape, dw2_ref.dtype)
+
+  x, dy = x_ref[...], dy_ref[...]
+  dtype = x.dtype
+  hs = _intermediates(x, w1_ref, k=k, p=p, n_in=n_in, dtype=dtype)
+  dys = _deinterleave(dy, k, s)
+  dh2s = [_dot(dys[l], w2_ref[l], _NN).astype(dtype) for l in range(k)]  # [rows, r]
+  dh_runs = [[] for _ in range(k)]
+  for route in routes:
+    a = slice(route.a_start, route.a_start + route.count)
+    dh_runs[route.j].append(dh2s[route.l][:, a])
+    h = hs[route.j]
+    if h is not None:
+      run = h[:, route.offset:route.offset + route.count]
+      dw2_ref[route.l, :, a] += _dot(dys[route.l], run, _TN)
+  dxs = []
+  for j in range(k):
+    lo, hi = common.input_span(j, p, n_in)
+    if hi == lo:
+      continue
+    dh = jnp.concatenate(dh_runs[j], axis=1) if len(dh_runs[j]) > 1 else dh_runs[j][0]
+    assert dh.shape[1] == q
+    dxs.append(_dot(dh, w1_ref[j, :, :hi - lo], _NN))
+    dw1_ref[j, :, :hi - lo] += _dot(dh, x[:, lo:hi], _TN)
+  dx = jnp.concatenate(dxs, axis=1) if len(dxs) > 1 else dxs[0]
+  dx_ref[...] = dx.astype(dx_ref.dtype)
+
+
+def _whole(shape):
+  return pl.BlockSpec(shape, lambda i: (0,) * len(shape))
+
+
+def _rows(block_t, width):
+  return pl.BlockSpec((block_t, width), lambda i: (i, 0))
+
+
+def forward(x, w1_reordered, w2, *, out_features: int, block_t: int, interpret=False):
+  """x [T, n_in] (T a multiple of block_t), w1 with rows in routing order -> y [T, n_out]."""
+  t, n_in = x.shape
+  k, q, p = w1_reordered.shape
+  _, routes = common.routing(k, q)
+  return pl.pallas_call(
+      functools.partial(_forward_kernel, routes=routes, p=p, n_in=n_in, n_out=out_features),
+      grid=(t // block_t,),
+      in_specs=[_rows(block_t, n_in), _whole(w1_reordered.shape), _whole(w2.shape)],
+      out_specs=_rows(block_t, out_features),
+      out_shape=jax.ShapeDtypeStruct((t, out_features), x.dtype),
+      compiler_params=compat.tpu_compiler_params(("parallel",)),
+      interpret=interpret,
+      name="effjax_monarch_fwd_tpu",
+  )(x, w1_reordered, w2)
+
+
+def backward(x, w1_reordered, w2, dy, *, block_t: int, interpret=False):
+  """(dx [T, n_in], dw1 in routing order, dw2), the weight gradients in float32."""
+  t, n_in = x.shape
+  k, q, p = w1_reordered.shape
+  _, routes = common.routing(k, q)
+  return pl.pallas_call(
+      functools.partial(_backward_kernel, routes=routes, p=p, n_in=n_in),
+      grid=(t // block_t,),
+      in_specs=[_rows(block_t, n_in), _whole(w1_reordered.shape), _whole(w2.shape),
+                _rows(block_t, dy.shape[1])],
+      out_specs=[_rows(block_t, n_in), _whole(w1_reordered.shape), _whole(w2.shape)],
+      out_shape=[jax.ShapeDtypeStruct((t, n_in), x.dtype),
+                 jax.ShapeDtypeStruct(w1_reordered.shape, jnp.float32),
+                 jax.ShapeDtypeStruct(w2.shape, jnp.float32)],
+      # the weight gradients accumulate over the token tiles: steps run in order
+      compiler_params=compat.tpu_compiler_params(("arbitrary",)),
+      interpret=interpret,
+      name="effjax_monarch_bwd_tpu",
+  )(x, w1_reordered, w2, dy)

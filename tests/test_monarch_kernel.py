@@ -1,0 +1,194 @@
+"""Fused Monarch kernel (pallas_kernels/monarch): the TPU kernel in the TPU interpreter against
+the layer's reference, its routing tables, TPU lowering, errors, and the LM on monarch_impl=pallas.
+"""
+import dataclasses
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from effjax.config import LinearConfig, ModelConfig
+from effjax.layers import monarch as monarch_lib
+from effjax.layers.monarch import MonarchLinear, monarch_multiply_reference, monarch_shapes
+from effjax.models.decoder_lm import DecoderLM
+from effjax.train import step as step_lib
+from pallas_kernels import compat
+from pallas_kernels.monarch import Blocks, common, monarch, monarch_reference
+
+
+def _interpret():
+  return compat.tpu_interpret_params(out_of_bounds_reads="raise")
+
+
+def _rel(a, b):
+  return float(jnp.linalg.norm(a.astype(jnp.float32) - b) / jnp.linalg.norm(b))
+
+
+def _data(n_in, n_out, k, tokens):
+  w1_shape, w2_shape = monarch_shapes(n_in, n_out, k)
+  keys = jax.random.split(jax.random.key(7 * n_in + n_out + k), 4)
+  arrays = (jax.random.normal(keys[0], (tokens, n_in)),
+            jax.random.normal(keys[1], w1_shape) / np.sqrt(w1_shape[-1]),
+            jax.random.normal(keys[2], w2_shape) / np.sqrt(w2_shape[-1]),
+            jax.random.normal(keys[3], (tokens, n_out)))
+  # bf16-representable, so the bf16 run and the float32 ones see the same values
+  return [a.astype(jnp.bfloat16).astype(jnp.float32) for a in arrays]
+
+
+def _layer_reference(n_out):
+  def multiply(x, w1, w2):
+    k, _, p = w1.shape
+    return monarch_multiply_reference(jnp.pad(x, ((0, 0), (0, k * p - x.shape[1]))), w1,
+                                      w2)[:, :n_out]
+  return multiply
+
+
+def _forward_backward(multiply, x, w1, w2, dy):
+  y, vjp = jax.vjp(multiply, x, w1, w2)
+  return (y,) + vjp(dy.astype(y.dtype))
+
+
+# (in, out, nblocks): square, expanding, contracting, padded both ways; 24 tokens in blocks of
+# 16: two token tiles, the last one padded with zero rows
+KERNEL_CASES = [(64, 64, 4), (32, 128, 8), (128, 32, 2), (70, 50, 8)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("n_in, n_out, k", KERNEL_CASES)
+def test_tpu_kernel_equals_the_layer_reference_forward_and_gradients(n_in, n_out, k):
+  x, w1, w2, dy = _data(n_in, n_out, k, tokens=24)
+  kernel = functools.partial(monarch, out_features=n_out, implementation="tpu",
+                             blocks=Blocks(tokens=16), interpret=_interpret())
+
+  @jax.jit
+  def runs(x, w1, w2, dy):
+    bf16 = [a.astype(jnp.bfloat16) for a in (x, w1, w2)]
+    return (_forward_backward(kernel, x, w1, w2, dy),
+            _forward_backward(_layer_reference(n_out), x, w1, w2, dy),
+            _forward_backward(kernel, *bf16, dy))
+
+  f32, ref, bf16 = runs(x, w1, w2, dy)
+  for name, a, b, c in zip(("y", "dx", "dw1", "dw2"), f32, ref, bf16):
+    assert a.shape == b.shape and a.dtype == jnp.float32 and c.dtype == jnp.bfloat16, name
+    assert float(jnp.linalg.norm(b)) > 0, name
+    assert _rel(a, b) < 1e-5, name
+    assert _rel(c, b) < 1e-2, name
+
+
+@pytest.mark.parametrize("n_in, n_out, k", KERNEL_CASES)
+def test_kernel_reference_equals_the_layer_reference(n_in, n_out, k):
+  x, w1, w2, dy = _data(n_in, n_out, k, tokens=12)
+
+  @jax.jit
+  def runs(x, w1, w2, dy):
+    return (_forward_backward(functools.partial(monarch_reference, out_features=n_out),
+                              x, w1, w2, dy),
+            _forward_backward(_layer_reference(n_out), x, w1, w2, dy))
+  got, want = runs(x, w1, w2, dy)
+  for a, b in zip(got, want):
+    assert _rel(a, b) < 1e-5
+
+
+@pytest.mark.parametrize("k, q", [(4, 16), (4, 13), (8, 7), (3, 10), (2, 1), (1, 5)])
+def test_routing_sends_each_channel_where_the_stride_permutation_does(k, q):
+  order, routes = common.routing(k, q)
+  assert sorted(order.reshape(-1) % q) == sorted(np.tile(np.arange(q), k))
+  seen = set()
+  for route in routes:
+    for i in range(route.count):
+      flat = route.j * q + order[route.j, route.offset + i]
+      assert (flat % k, flat // k) == (route.l, route.a_start + i)
+      seen.add((route.l, route.a_start + i))
+  assert seen == {(l, a) for l in range(k) for a in range(q)}  # every channel exactly once
+  for j in range(k):  # runs of one block tile its reordered rows in order
+    runs = [(r.offset, r.count) for r in routes if r.j == j]
+    assert [o for o, _ in runs] == list(np.cumsum([0] + [c for _, c in runs])[:-1])
+    assert sum(c for _, c in runs) == q
+
+
+def test_kernels_lower_for_tpu():
+  # GPT-2 small's MLP down projection, bf16, tokens not a multiple of the token block
+  n_in, n_out, k = 3072, 768, 4
+  w1_shape, w2_shape = monarch_shapes(n_in, n_out, k)
+  args = (jnp.ones((1000, n_in), jnp.bfloat16), jnp.ones(w1_shape, jnp.bfloat16),
+          jnp.ones(w2_shape, jnp.bfloat16))
+
+  def loss(x, w1, w2):
+    return jnp.sum(monarch(x, w1, w2, n_out, implementation="tpu").astype(jnp.float32))
+  text = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))).trace(*args).lower(
+      lowering_platforms=("tpu",)).as_text()
+  assert text.count("tpu_custom_call") == 2  # one forward kernel, one backward kernel
+  assert "effjax_monarch_fwd_tpu" in text and "effjax_monarch_bwd_tpu" in text
+
+
+def test_bad_inputs_are_clear_errors():
+  x, w1, w2, _ = _data(50, 70, 4, tokens=4)
+  with pytest.raises(ValueError, match=r"x \[\.\.\., 50\] -> 80 does not fit factors"):
+    monarch(x, w1, w2, 80, implementation="reference")
+  with pytest.raises(ValueError, match=r"are not the factors of one Monarch layer"):
+    monarch(x, w1, w2[:2], 70, implementation="reference")
+  with pytest.raises(ValueError, match=r"must share one dtype.*float32, bfloat16, float32"):
+    monarch(x, w1.astype(jnp.bfloat16), w2, 70, implementation="reference")
+  with pytest.raises(ValueError, match=r"Blocks.tokens must be a positive multiple of 8, got 12"):
+    monarch(x, w1, w2, 70, blocks=Blocks(tokens=12), interpret=_interpret())
+  with pytest.raises(ValueError, match=r"implementation 'gpu' is not one of"):
+    monarch(x, w1, w2, 70, implementation="gpu")
+  if jax.default_backend() != "tpu":
+    with pytest.raises(NotImplementedError, match=r"no fused Monarch kernel for platform"):
+      monarch(x, w1, w2, 70)
+  with pytest.raises(ValueError, match=r"model.linear.monarch_impl='cuda' is not one of"):
+    LinearConfig(monarch_impl="cuda")
+  with pytest.raises(ValueError, match=r"MonarchLinear: impl='triton' is not one of"):
+    MonarchLinear(8, nblocks=2, impl="triton").init(jax.random.key(0), jnp.zeros((1, 8)))
+
+
+def _use_interpreted_kernel(monkeypatch):
+  """monarch_impl=pallas runs the TPU kernel in the TPU interpreter (8-token blocks, so the
+  test batch spans several). Returns the (in, out) shapes it was traced with."""
+  traced = []
+
+  def pallas(x, w1, w2, out_features):
+    traced.append((x.shape[-1], out_features))
+    return monarch(x, w1, w2, out_features, implementation="tpu", blocks=Blocks(tokens=8),
+                   interpret=_interpret())
+  monkeypatch.setitem(monarch_lib.MONARCH_MULTIPLIES, "pallas", pallas)
+  return traced
+
+
+@pytest.mark.slow
+def test_lm_trains_on_the_kernel_with_the_losses_of_xla(monkeypatch):
+  traced = _use_interpreted_kernel(monkeypatch)
+  base = ModelConfig(vocab_size=300, d_model=32, num_layers=1, num_heads=4, num_kv_heads=2,
+                     d_ff=48)
+  tokens = jax.random.randint(jax.random.key(2), (2, 9), 0, 256)
+  batch = {"tokens": tokens, "segment_ids": jnp.ones_like(tokens),
+           "positions": jnp.broadcast_to(jnp.arange(9), tokens.shape)}
+  tx = optax.adam(1e-2)
+  losses = {}
+  for impl in ("xla", "pallas"):
+    cfg = dataclasses.replace(base, linear=LinearConfig(mlp="monarch", nblocks=4,
+                                                        monarch_impl=impl))
+    model = DecoderLM(cfg)
+
+    @jax.jit
+    def init(key, model=model):
+      variables = nn.meta.unbox(model.init(key, jnp.zeros((1, 8), jnp.int32)))
+      params, model_state = step_lib.split_variables(variables)
+      return step_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                                 opt_state=tx.init(params), rng=jax.random.key_data(key),
+                                 model_state=model_state)
+
+    state = init(jax.random.key(0))
+    train_step = jax.jit(step_lib.make_train_step(model, tx, lambda s: 1e-2))
+    losses[impl] = []
+    for _ in range(2):
+      state, metrics = jax.block_until_ready(train_step(state, batch))
+      losses[impl].append(float(metrics["train_loss"]))
+  assert losses["xla"][-1] < losses["xla"][0]
+  np.testing.assert_allclose(losses["pallas"], losses["xla"], rtol=1e-5)
+  # the three SwiGLU projections (32 -> 48 twice, 48 -> 32) ran on the kernel
+  assert set(traced) == {(32, 48), (48, 32)}
