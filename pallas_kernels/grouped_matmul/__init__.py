@@ -1,4 +1,4 @@
-"""Grouped matmul (Pallas: Triton and Mosaic GPU, Mosaic TPU) for dropless MoE, with a pure-jnp reference; see api.gmm."""
+"""Grouped matmul for dropless MoE (Pallas: Mosaic GPU, Triton, Mosaic TPU); see api.gmm."""
 from pallas_kernels.grouped_matmul.api import default_implementation
 from pallas_kernels.grouped_matmul.api import gmm
 from pallas_kernels.grouped_matmul.api import GPU_TILING
