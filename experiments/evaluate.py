@@ -17,14 +17,7 @@ import os
 from absl import app
 from absl import flags
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "A training run's workdir.", required=True)
-_SPLIT = flags.DEFINE_string("split", "", "Split to evaluate (default: the run's eval split).")
-_MAX_BATCHES = flags.DEFINE_integer("max_batches", 0,
-                                    "0 = the whole split; N = N batches spread over it.")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
-_OUT = flags.DEFINE_string("out", "", "JSON file (default WORKDIR/eval_SPLIT_stepN.json).")
-_DATA_DIR = flags.DEFINE_string("data_dir", None,
-                                "TFDS data dir (default: the one the run trained from).")
+FLAGS = flags.FLAGS
 
 
 def _provenance(cfg) -> dict:
@@ -81,9 +74,23 @@ def evaluate_run(workdir: str, *, split: str = "", max_batches: int = 0,
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  evaluate_run(_WORKDIR.value, split=_SPLIT.value, max_batches=_MAX_BATCHES.value,
-               step=_STEP.value, out=_OUT.value, data_dir=_DATA_DIR.value)
+  evaluate_run(FLAGS.workdir, split=FLAGS.split, max_batches=FLAGS.max_batches,
+               step=FLAGS.step, out=FLAGS.out, data_dir=FLAGS.data_dir)
+
+
+def define_flags():
+  """The command line's flags; defined only when run as a script, so the functions above can be
+  imported next to other entry points."""
+  flags.DEFINE_string("workdir", None, "A training run's workdir.", required=True)
+  flags.DEFINE_string("split", "", "Split to evaluate (default: the run's eval split).")
+  flags.DEFINE_integer("max_batches", 0,
+                       "0 = the whole split; N = N batches spread over it.")
+  flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
+  flags.DEFINE_string("out", "", "JSON file (default WORKDIR/eval_SPLIT_stepN.json).")
+  flags.DEFINE_string("data_dir", None,
+                      "TFDS data dir (default: the one the run trained from).")
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -19,19 +19,7 @@ import sys
 from absl import app
 from absl import flags
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "A training run's workdir.", required=True)
-_PROMPT = flags.DEFINE_multi_string("prompt", [], "A prompt (repeat the flag for several).")
-_PROMPT_FILE = flags.DEFINE_string("prompt_file", "", "A file whose whole text is one prompt.")
-_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 200, "Tokens to generate per prompt.")
-_TEMPERATURE = flags.DEFINE_float("temperature", 0.8, "Softmax temperature; 0 = greedy.")
-_TOP_K = flags.DEFINE_integer("top_k", 0, "Sample among the k likeliest tokens (0 = all).")
-_TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (1 = all).")
-_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
-_MAX_LENGTH = flags.DEFINE_integer(
-    "max_length", 0, "KV cache length: prompt + new tokens must fit (0 = the run's seq_len).")
-_MERGE_LORA = flags.DEFINE_bool("merge_lora", False,
-                                "Fold LoRA layers into dense kernels before decoding.")
+FLAGS = flags.FLAGS
 
 
 def sample(workdir: str, prompts: list[str], *, max_new_tokens: int = 200,
@@ -90,19 +78,38 @@ def sample(workdir: str, prompts: list[str], *, max_new_tokens: int = 200,
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  prompts = list(_PROMPT.value)
-  if _PROMPT_FILE.value:
-    if not os.path.isfile(_PROMPT_FILE.value):
-      raise SystemExit(f"--prompt_file={_PROMPT_FILE.value!r}: no such file")
-    with open(_PROMPT_FILE.value, encoding="utf-8", errors="replace") as f:
+  prompts = list(FLAGS.prompt)
+  if FLAGS.prompt_file:
+    if not os.path.isfile(FLAGS.prompt_file):
+      raise SystemExit(f"--prompt_file={FLAGS.prompt_file!r}: no such file")
+    with open(FLAGS.prompt_file, encoding="utf-8", errors="replace") as f:
       prompts.append(f.read())
   # a continuation may hold any bytes: never let printing it fail
   sys.stdout.reconfigure(errors="backslashreplace")
-  sample(_WORKDIR.value, prompts, max_new_tokens=_MAX_NEW.value,
-         temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value,
-         seed=_SEED.value, step=_STEP.value, max_length=_MAX_LENGTH.value,
-         merge_lora=_MERGE_LORA.value)
+  sample(FLAGS.workdir, prompts, max_new_tokens=FLAGS.max_new_tokens,
+         temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p,
+         seed=FLAGS.seed, step=FLAGS.step, max_length=FLAGS.max_length,
+         merge_lora=FLAGS.merge_lora)
+
+
+def define_flags():
+  """The command line's flags; defined only when run as a script, so the functions above can be
+  imported next to other entry points."""
+  flags.DEFINE_string("workdir", None, "A training run's workdir.", required=True)
+  flags.DEFINE_multi_string("prompt", [], "A prompt (repeat the flag for several).")
+  flags.DEFINE_string("prompt_file", "", "A file whose whole text is one prompt.")
+  flags.DEFINE_integer("max_new_tokens", 200, "Tokens to generate per prompt.")
+  flags.DEFINE_float("temperature", 0.8, "Softmax temperature; 0 = greedy.")
+  flags.DEFINE_integer("top_k", 0, "Sample among the k likeliest tokens (0 = all).")
+  flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (1 = all).")
+  flags.DEFINE_integer("seed", 0, "Sampling seed.")
+  flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
+  flags.DEFINE_integer(
+      "max_length", 0, "KV cache length: prompt + new tokens must fit (0 = the run's seq_len).")
+  flags.DEFINE_bool("merge_lora", False,
+                    "Fold LoRA layers into dense kernels before decoding.")
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

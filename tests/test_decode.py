@@ -101,7 +101,12 @@ def _teacher_forced(cfg, params, state, tokens_BL, lengths_B, max_length=24):
   return out
 
 
-@pytest.mark.parametrize("name", list(CASES))
+# beyond the list (dense, Monarch, SST, LoRA, top-2, MoE++, GQA): slow-marked extras
+EXTRA_CASES = ("moe_scanned_sigmoid_bias_shared", "moe_dense_to_sparse")
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in EXTRA_CASES
+                                  else n for n in CASES])
 def test_cached_decoding_equals_full_forward_at_every_position(name):
   cfg = CASES[name]
   params, state = _init(cfg)
@@ -244,6 +249,7 @@ def test_top_k_and_top_p_restrict_the_candidates():
   assert (draw(temperature=0.3) == 0).mean() > (draw(temperature=1.0) == 0).mean() + 0.2
 
 
+@pytest.mark.slow
 def test_sharded_generation_equals_one_device():
   cfg = dataclasses.replace(BASE, **MOE)
   greedy = decode.SamplingConfig(temperature=0.0)
