@@ -11,7 +11,9 @@ weight gradients for a cotangent dy: the work of a training step) over `--tokens
 the dense layer and, with each `--nblocks`, for each Monarch implementation in `--impls`:
 
   xla        monarch_multiply, the copy-free layout the layer uses;
-  reference  monarch_multiply_reference, the first formulation, differentiated by JAX.
+  reference  monarch_multiply_reference, the first formulation, differentiated by JAX;
+  pallas     the fused kernel (pallas_kernels.monarch; a TPU only: elsewhere it is refused
+             before anything is timed, as the CPU could only interpret it).
 
 The implementations of one case are timed in turns (dense, xla, reference, dense, ...), so
 a change in the machine's load hits them alike; the median of `--reps` turns is reported.
@@ -49,7 +51,7 @@ _PAIRS = flags.DEFINE_list("pairs", ["768x3072", "3072x768"], "Extra layer shape
 _NBLOCKS = flags.DEFINE_list("nblocks", ["2", "4", "8"], "Monarch block counts.")
 _DTYPES = flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "Compute dtypes.")
 _IMPLS = flags.DEFINE_list("impls", ["xla", "reference"], "Monarch implementations: xla, "
-                           "reference.")
+                           "reference, pallas (TPU only).")
 _TOKENS = flags.DEFINE_integer("tokens", 8192, "Tokens per batch (rows of x).")
 _REPS = flags.DEFINE_integer("reps", 10, "Timed turns per case (after one warm-up turn).")
 _MAX_GFLOP = flags.DEFINE_float("max_gflop", 0.0, "Skip cases whose dense forward+backward "
@@ -65,7 +67,13 @@ def _reference_multiply(x, w1, w2, out_features):
   return monarch_multiply_reference(x, w1, w2)[:, :out_features]
 
 
-MONARCH_IMPLS = {"xla": monarch_multiply, "reference": _reference_multiply}
+def _pallas_multiply(x, w1, w2, out_features):
+  from pallas_kernels.monarch import monarch  # pylint: disable=g-import-not-at-top
+  return monarch(x, w1, w2, out_features)
+
+
+MONARCH_IMPLS = {"xla": monarch_multiply, "reference": _reference_multiply,
+                 "pallas": _pallas_multiply}
 
 
 def _forward_backward(multiply, dy, x, *weights):
@@ -123,6 +131,12 @@ def main(argv):
   for impl in _IMPLS.value:
     if impl not in MONARCH_IMPLS:
       raise app.UsageError(f"--impls: unknown {impl!r}; choose from {list(MONARCH_IMPLS)}")
+  if "pallas" in _IMPLS.value:
+    from pallas_kernels.monarch import default_implementation  # pylint: disable=g-import-not-at-top
+    try:
+      default_implementation()
+    except NotImplementedError as e:
+      raise app.UsageError(f"--impls=pallas: {e}") from None
   cases = layer_shapes(_SHAPES.value, [int(w) for w in _WIDTHS.value], _PAIRS.value)
   nblocks = [int(k) for k in _NBLOCKS.value]
   for n_in, n_out, k in ((i, o, k) for _, i, o in cases for k in nblocks):
