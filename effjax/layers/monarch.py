@@ -90,7 +90,8 @@ def monarch_multiply_reference(x, w1_KQP, w2_KSR):
 # permutation, y out of blocks, and the same three in reverse for dy, dh and dx: 6 in all,
 # each one fused pass (padding and the final slice ride along). The backward is written by
 # hand (custom_vjp) so that padding and slicing are transposed into those same passes
-# instead of standalone pads.
+# instead of standalone pads. (Exception: padded bfloat16 on a CPU, whose matmuls run in
+# float32, holds 8: XLA builds the padded block-major x and dy once per dtype.)
 
 def _contiguous_blocks(x_TN, k: int, p: int):
   """[T, n] -> [k, T, p]; block j holds features j p .. j p + p - 1, zero past n."""
