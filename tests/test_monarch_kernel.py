@@ -11,6 +11,7 @@ import numpy as np
 import optax
 import pytest
 
+from effjax import config as config_lib
 from effjax.config import LinearConfig, ModelConfig
 from effjax.layers import monarch as monarch_lib
 from effjax.layers.monarch import MonarchLinear, monarch_multiply_reference, monarch_shapes
@@ -144,6 +145,11 @@ def test_bad_inputs_are_clear_errors():
     LinearConfig(monarch_impl="cuda")
   with pytest.raises(ValueError, match=r"MonarchLinear: impl='triton' is not one of"):
     MonarchLinear(8, nblocks=2, impl="triton").init(jax.random.key(0), jnp.zeros((1, 8)))
+
+
+def test_every_monarch_impl_name_is_registered():
+  assert set(config_lib.MONARCH_IMPLS) == set(monarch_lib.MONARCH_MULTIPLIES)
+  assert LinearConfig().monarch_impl == "xla"
 
 
 def _use_interpreted_kernel(monkeypatch):
