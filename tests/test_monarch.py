@@ -93,6 +93,7 @@ def _reference_multiply(n_out):
   return multiply
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n_in, n_out, k", LAYOUT_CASES)
 def test_copy_free_multiply_equals_the_reference_forward_and_gradients(n_in, n_out, k):
   w1, w2, x, g = _factors_and_data(n_in, n_out, k, tokens=24)
@@ -142,6 +143,7 @@ def test_copy_free_forward_and_backward_hold_the_minimum_six_activation_copies(n
   assert len(copies) == 6, "\n".join(copies)
 
 
+@pytest.mark.slow
 def test_activation_copies_counts_what_the_reference_formulation_adds():
   """The counter sees the reference's extra copies, bf16 does not add any, k = 1 needs none."""
   assert len(_copies(_reference_multiply(70), 50, 70, 4)) > 6
