@@ -19,7 +19,9 @@ The implementations of one case are timed in turns (dense, xla, reference, dense
 a change in the machine's load hits them alike; the median of `--reps` turns is reported.
 Weights and activations are both in the dtype. Beside each time ratio: the analytic FLOP
 ratio (Monarch / dense = params / (in x out)), `XLA flops` (the compiled program's own count,
-a check that nothing hidden changes the work), and `copies`: the passes in the optimised
+a check that nothing hidden changes the work), `bytes_ratio` (the compiled program's bytes
+accessed over dense's: memory traffic per the backend's or the kernel's own work count),
+and `copies`: the passes in the optimised
 program that only move a full activation (effjax.layers.monarch.activation_copies; the
 dense layer has none). `ratio of ratios` = time ratio / FLOP ratio: 1 means Monarch runs at
 dense's FLOP rate. The load average is printed and recorded, since on a shared machine it
@@ -99,18 +101,21 @@ def layer_shapes(shapes, widths, pairs) -> list[tuple[str, int, int]]:
 
 
 def compile_case(multiply, x, weights, dy):
-  """(compiled forward+backward, XLA's flop count or None, activation copies)."""
+  """(compiled forward+backward, XLA's flop count, XLA's bytes accessed (None where the
+  backend does not say), activation copies). A Pallas kernel's counts are its own
+  CostEstimate (pallas_kernels.monarch.common.work)."""
   compiled = jax.jit(functools.partial(_forward_backward, multiply)).lower(
       dy, x, *weights).compile()
   try:
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     flops = float(cost["flops"]) if cost and "flops" in cost else None
+    moved = float(cost["bytes accessed"]) if cost and "bytes accessed" in cost else None
   except Exception:  # pylint: disable=broad-except  (not every backend reports it)
-    flops = None
+    flops = moved = None
   n_in, n_out = x.shape[-1], dy.shape[-1]
   copies = activation_copies(compiled.as_text(), x.shape[0] * min(n_in, n_out))
-  return compiled, flops, len(copies)
+  return compiled, flops, moved, len(copies)
 
 
 def time_in_turns(calls: dict, reps: int) -> dict:
@@ -159,7 +164,7 @@ def main(argv):
       x = jax.random.normal(kx, (tokens, n_in), dtype)
       dy = jax.random.normal(kd, (tokens, n_out), dtype)
       w = (jax.random.normal(kw, (n_in, n_out)) / n_in ** 0.5).astype(dtype)
-      dense, dense_xla, dense_copies = compile_case(jnp.matmul, x, (w,), dy)
+      dense, dense_xla, dense_bytes, dense_copies = compile_case(jnp.matmul, x, (w,), dy)
       for k in nblocks:
         w1_shape, w2_shape = monarch_shapes(n_in, n_out, k)
         k1, k2 = jax.random.split(jax.random.fold_in(kw, k))
@@ -168,21 +173,22 @@ def main(argv):
         stats = {}
         for impl in _IMPLS.value:
           multiply = functools.partial(MONARCH_IMPLS[impl], out_features=n_out)
-          compiled, xla_flops, copies = compile_case(multiply, x, factors, dy)
+          compiled, xla_flops, moved, copies = compile_case(multiply, x, factors, dy)
           calls[impl] = functools.partial(compiled, dy, x, *factors)
-          stats[impl] = (xla_flops, copies)
+          stats[impl] = (xla_flops, moved, copies)
         seconds = time_in_turns(calls, _REPS.value)
         flop_ratio = monarch_param_count(n_in, n_out, k) / (n_in * n_out)
         row = dict(dtype=dtype_name, shape=shape, n_in=n_in, n_out=n_out, nblocks=k,
                    tokens=tokens, flop_ratio=flop_ratio, dense_ms=seconds["dense"] * 1e3,
                    dense_copies=dense_copies,
                    dense_tflops_per_s=dense_flops / seconds["dense"] / 1e12)
-        for impl, (xla_flops, copies) in stats.items():
+        for impl, (xla_flops, moved, copies) in stats.items():
           time_ratio = seconds[impl] / seconds["dense"]
           row[impl] = dict(ms=seconds[impl] * 1e3, time_ratio=time_ratio, copies=copies,
                            ratio_of_ratios=time_ratio / flop_ratio,
                            xla_flop_ratio=(xla_flops / dense_xla
-                                           if xla_flops and dense_xla else None))
+                                           if xla_flops and dense_xla else None),
+                           bytes_ratio=moved / dense_bytes if moved and dense_bytes else None)
         rows.append(row)
         print(json.dumps(row), flush=True)
   load_after = os.getloadavg()
@@ -191,12 +197,15 @@ def main(argv):
         f"tokens, forward + backward (y, dx, dW), median of {_REPS.value} turns; load average "
         f"{load_before[0]:.1f} before, {load_after[0]:.1f} after ({os.cpu_count()} CPUs)")
   impls = list(_IMPLS.value)
-  head = "".join(f" {i} ms | {i} time ratio | {i} ratio of ratios | {i} copies |" for i in impls)
+  head = "".join(f" {i} ms | {i} time ratio | {i} ratio of ratios | {i} copies | {i} bytes "
+                 "ratio |" for i in impls)
   print(f"| dtype | in x out | nblocks | FLOP ratio | dense ms |{head}")
-  print("|---|---|---:|---:|---:|" + "---:|---:|---:|---:|" * len(impls))
+  print("|---|---|---:|---:|---:|" + "---:|---:|---:|---:|---:|" * len(impls))
   for r in rows:
     cells = "".join(f" {r[i]['ms']:.1f} | {r[i]['time_ratio']:.3f} | "
-                    f"{r[i]['ratio_of_ratios']:.2f} | {r[i]['copies']} |" for i in impls)
+                    f"{r[i]['ratio_of_ratios']:.2f} | {r[i]['copies']} | "
+                    + (f"{r[i]['bytes_ratio']:.2f}" if r[i]["bytes_ratio"] else "-") + " |"
+                    for i in impls)
     print(f"| {r['dtype']} | {r['n_in']} x {r['n_out']} | {r['nblocks']} | "
           f"{r['flop_ratio']:.3f} | {r['dense_ms']:.1f} |{cells}")
   if _OUT.value:

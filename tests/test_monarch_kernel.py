@@ -111,6 +111,20 @@ def test_routing_sends_each_channel_where_the_stride_permutation_does(k, q):
     assert sum(c for _, c in runs) == q
 
 
+@pytest.mark.parametrize("n_in, n_out, k", [(768, 3072, 4), (3072, 768, 4), (50, 70, 4)])
+def test_work_count_is_the_layer_flops_and_one_pass_over_each_operand(n_in, n_out, k):
+  w1_shape, w2_shape = monarch_shapes(n_in, n_out, k)
+  params = monarch_lib.monarch_param_count(n_in, n_out, k)
+  flops, moved = common.work(1000, n_in, n_out, w1_shape, w2_shape, 2, "forward")
+  assert flops == 2 * 1000 * params  # 2 flops per multiply-accumulate per token
+  assert moved == 2 * (1000 * (n_in + n_out) + params)  # x, y, the factors: once each (bf16)
+  flops, moved = common.work(1000, n_in, n_out, w1_shape, w2_shape, 2, "backward")
+  assert 2 * 2 * 1000 * params < flops < 3 * 2 * 1000 * params  # dx, dW + recomputed h
+  assert moved == 2 * 1000 * (2 * n_in + n_out) + (2 + 4) * params
+  with pytest.raises(ValueError, match="direction must be 'forward' or 'backward', got 'up'"):
+    common.work(1, n_in, n_out, w1_shape, w2_shape, 2, "up")
+
+
 def test_kernels_lower_for_tpu():
   # GPT-2 small's MLP down projection, bf16, tokens not a multiple of the token block
   n_in, n_out, k = 3072, 768, 4

@@ -56,3 +56,23 @@ def routing(k: int, q: int) -> tuple[np.ndarray, tuple[Route, ...]]:
 def input_span(j: int, p: int, n_in: int) -> tuple[int, int]:
   """Columns [lo, hi) of x that block j reads (fewer than p, or none, at the padded end)."""
   return min(j * p, n_in), min((j + 1) * p, n_in)
+
+
+def work(tokens: int, n_in: int, n_out: int, w1_shape, w2_shape, itemsize: int,
+         direction: str) -> tuple[int, int]:
+  """(flops, bytes moved) of one kernel call: the kernel's own count, for CostEstimate.
+
+  forward   2 factors; reads x and both factors once, writes y once.
+  backward  5 factor-sized products (the intermediate recomputed, dh, dx, dw1, dw2); reads
+            x, dy and the factors once, writes dx once and both gradients in float32.
+  """
+  k, q, p = w1_shape
+  _, s, r = w2_shape
+  macs1, macs2 = k * q * p, k * s * r
+  weights = (macs1 + macs2) * itemsize
+  if direction == "forward":
+    return 2 * tokens * (macs1 + macs2), tokens * (n_in + n_out) * itemsize + weights
+  if direction == "backward":
+    return (2 * tokens * (3 * macs1 + 2 * macs2),
+            tokens * (2 * n_in + n_out) * itemsize + weights + (macs1 + macs2) * 4)
+  raise ValueError(f"work: direction must be 'forward' or 'backward', got {direction!r}")

@@ -127,6 +127,8 @@ def forward(x, w1_reordered, w2, *, out_features: int, block_t: int, interpret=F
   t, n_in = x.shape
   k, q, p = w1_reordered.shape
   _, routes = common.routing(k, q)
+  flops, moved = common.work(t, n_in, out_features, w1_reordered.shape, w2.shape,
+                             x.dtype.itemsize, "forward")
   return pl.pallas_call(
       functools.partial(_forward_kernel, routes=routes, p=p, n_in=n_in, n_out=out_features),
       grid=(t // block_t,),
@@ -135,6 +137,7 @@ def forward(x, w1_reordered, w2, *, out_features: int, block_t: int, interpret=F
       out_shape=jax.ShapeDtypeStruct((t, out_features), x.dtype),
       compiler_params=compat.tpu_compiler_params(("parallel",)),
       interpret=interpret,
+      cost_estimate=pl.CostEstimate(flops=flops, transcendentals=0, bytes_accessed=moved),
       name="effjax_monarch_fwd_tpu",
   )(x, w1_reordered, w2)
 
@@ -144,6 +147,8 @@ def backward(x, w1_reordered, w2, dy, *, block_t: int, interpret=False):
   t, n_in = x.shape
   k, q, p = w1_reordered.shape
   _, routes = common.routing(k, q)
+  flops, moved = common.work(t, n_in, dy.shape[1], w1_reordered.shape, w2.shape,
+                             x.dtype.itemsize, "backward")
   return pl.pallas_call(
       functools.partial(_backward_kernel, routes=routes, p=p, n_in=n_in),
       grid=(t // block_t,),
@@ -156,5 +161,6 @@ def backward(x, w1_reordered, w2, dy, *, block_t: int, interpret=False):
       # the weight gradients accumulate over the token tiles: steps run in order
       compiler_params=compat.tpu_compiler_params(("arbitrary",)),
       interpret=interpret,
+      cost_estimate=pl.CostEstimate(flops=flops, transcendentals=0, bytes_accessed=moved),
       name="effjax_monarch_bwd_tpu",
   )(x, w1_reordered, w2, dy)
