@@ -369,9 +369,3 @@ def load_run(workdir: str, step: int | None = None, *, devices=None):
     checkpointer.close()
   return cfg, model_cfg_at(step), step, state, mesh
 
-
-def full_forward_logits(model_cfg: ModelConfig, params, model_state, tokens_BL):
-  """Logits [B, L, V] of the training-path forward (no cache): the reference decoding is
-  checked against, and what recomputing the whole prefix each step computes."""
-  return DecoderLM(model_cfg).apply({"params": params, **model_state}, tokens_BL)
-
