@@ -117,7 +117,7 @@ def _single_process_losses(cfg):
   return losses
 
 
-@pytest.mark.slow
+@pytest.mark.drill  # two real processes for minutes: `make test-drills` (CI runs it)
 def test_two_processes_preempted_and_resumed_match_one_process(test_config, tfds_dir, tmp_path):
   import dataclasses
   workdir = str(tmp_path / "run")
