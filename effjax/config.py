@@ -282,6 +282,7 @@ class ModelConfig:
   init_std: float = 0.02
   tie_embeddings: bool = True
   attention_impl: str = "xla"
+  sliding_window: int = 0  # w > 0: query i attends to keys i - w < j <= i only (0 = all)
   linear: LinearConfig = LinearConfig()
   ffn: str = "dense"  # "moe": Mixture-of-Experts FFN in the layers model.moe.every_n selects
   moe: MoEConfig = MoEConfig()
@@ -309,6 +310,9 @@ class ModelConfig:
     _require(self.resolved_head_dim % 2 == 0,
              f"head dim {self.resolved_head_dim} must be even for rotary embeddings")
     _one_of("model.attention_impl", self.attention_impl, ATTENTION_IMPLS)
+    _require(isinstance(self.sliding_window, int) and self.sliding_window >= 0,
+             f"model.sliding_window must be an integer >= 0 (0 = no window), got "
+             f"{self.sliding_window!r}")
     _one_of("model.remat", self.remat, REMAT_POLICIES)
     _one_of("model.param_dtype", self.param_dtype, DTYPES)
     _one_of("model.dtype", self.dtype, DTYPES)

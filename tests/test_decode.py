@@ -24,6 +24,7 @@ CASES = {
     "dense": BASE,
     "monarch_one_kv_head": dataclasses.replace(
         BASE, num_kv_heads=1, linear=LinearConfig(kind="monarch", nblocks=2)),
+    "dense_sliding_window": dataclasses.replace(BASE, sliding_window=4),
     "sst": dataclasses.replace(BASE, linear=LinearConfig(kind="sst", rank=4)),
     "lora": dataclasses.replace(BASE, linear=LinearConfig(kind="lora", rank=4)),
     "moe_top2": dataclasses.replace(BASE, **MOE),
@@ -176,6 +177,15 @@ def test_sliding_window_is_respected_by_the_cache():
     outs.append(out)
   cached = jnp.concatenate(outs, axis=1)
   assert float(jnp.linalg.norm(cached - full) / jnp.linalg.norm(full)) < 1e-5
+
+
+def test_model_sliding_window_changes_only_positions_beyond_the_window():
+  params, state = _init(BASE)  # the window adds no parameters
+  tokens = _tokens((2, 12))
+  full = _full_forward(BASE, params, state, tokens)
+  windowed = _full_forward(CASES["dense_sliding_window"], params, state, tokens)
+  np.testing.assert_array_equal(windowed[:, :4], full[:, :4])  # first 4 keys: all in window
+  assert np.abs(windowed[:, 4:] - full[:, 4:]).max(axis=-1).min() > 1e-4
 
 
 def test_the_cache_holds_only_the_kv_heads():

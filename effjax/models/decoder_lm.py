@@ -44,7 +44,7 @@ class Block(nn.Module):
     h_BLD = RMSNorm(cfg.norm_eps, dtype, param_dtype, name="attn_norm")(x_BLD)
     h_BLD = Attention(cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim, cfg.rope_theta,
                       cfg.attention_impl, cfg.linear, cfg.init_std, dtype, param_dtype,
-                      decode=self.decode, name="attn")(h_BLD, segment_ids_BL, positions_BL)
+                      sliding_window=cfg.sliding_window, decode=self.decode, name="attn")(h_BLD, segment_ids_BL, positions_BL)
     x_BLD = nn.with_logical_constraint(x_BLD + h_BLD, ("batch", "length", "embed"))
     h_BLD = RMSNorm(cfg.norm_eps, dtype, param_dtype, name="mlp_norm")(x_BLD)
     if cfg.is_moe_layer(self.layer):
