@@ -54,7 +54,7 @@ def pytest_collection_modifyitems(config, items):
     if item.get_closest_marker("tpu") and platform != "tpu":
       item.add_marker(pytest.mark.skip(reason="needs a TPU"))
     if item.get_closest_marker("drill") and not os.environ.get("EFFJAX_DRILLS"):
-      item.add_marker(pytest.mark.skip(reason="kill drill: run `make test-drills`"))
+      item.add_marker(pytest.mark.skip(reason="long drill: run `make test-drills`"))
 
 
 @pytest.fixture(scope="session")
