@@ -7,7 +7,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(REPO, "experiments", "colab", "quickstart.ipynb")
 
 
-@pytest.mark.slow
+@pytest.mark.drill  # over two minutes in a Jupyter kernel: `make test-drills` (CI runs it)
 def test_quickstart_notebook_executes(tfds_dir, monkeypatch):
   nbformat = pytest.importorskip("nbformat")
   nbclient = pytest.importorskip("nbclient")
