@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels import compat
+from pallas_kernels import tiling
 from pallas_kernels.grouped_matmul import common
 from pallas_kernels.grouped_matmul import ragged_dot
 from pallas_kernels.grouped_matmul import reference
@@ -49,14 +50,6 @@ class _Call:
   interpret: Any
 
 
-def _round_up(x: int, m: int) -> int:
-  return -(-x // m) * m
-
-
-def _next_pow2(x: int) -> int:
-  return 1 << max(x - 1, 0).bit_length()
-
-
 def _fit_tile(c: _Call, name: str, tile: int, dim: int, *, lane: bool) -> tuple[int, int]:
   """(tile, padded dim) for one axis of one kernel call; lane: a TPU lane (last) axis."""
   if c.implementation == "mosaic_gpu":
@@ -64,14 +57,14 @@ def _fit_tile(c: _Call, name: str, tile: int, dim: int, *, lane: bool) -> tuple[
     if tile % mosaic_gpu.TILE_MULTIPLE:
       raise ValueError(f"Mosaic GPU tiles must be multiples of {mosaic_gpu.TILE_MULTIPLE} (a "
                        f"warpgroup's wgmma rows), got Tiles.{name}={tile}")
-    tile = min(tile, _round_up(dim, mosaic_gpu.TILE_MULTIPLE))
-    return tile, _round_up(dim, tile)
+    tile = min(tile, tiling.round_up(dim, mosaic_gpu.TILE_MULTIPLE))
+    return tile, tiling.round_up(dim, tile)
   if c.implementation == "gpu":
     if tile < 16 or tile & (tile - 1):
       raise ValueError(f"GPU tiles must be powers of two >= 16 (Triton tiles), got "
                        f"Tiles.{name}={tile}")
-    tile = min(tile, max(16, _next_pow2(dim)))
-    return tile, _round_up(dim, tile)
+    tile = min(tile, max(16, tiling.next_pow2(dim)))
+    return tile, tiling.round_up(dim, tile)
   if tile % _TPU_SUBLANES:
     raise ValueError(f"TPU tiles must be multiples of {_TPU_SUBLANES}, got Tiles.{name}={tile}")
   if lane and dim <= tile:
@@ -79,8 +72,8 @@ def _fit_tile(c: _Call, name: str, tile: int, dim: int, *, lane: bool) -> tuple[
   if lane and tile % _TPU_LANES and c.interpret is False:
     raise ValueError(f"Tiles.{name}={tile} tiles a TPU lane axis of size {dim}: Mosaic needs a "
                      f"multiple of {_TPU_LANES} (or a tile covering the whole axis)")
-  tile = min(tile, _round_up(dim, _TPU_SUBLANES))
-  return tile, _round_up(dim, tile)
+  tile = min(tile, tiling.round_up(dim, _TPU_SUBLANES))
+  return tile, tiling.round_up(dim, tile)
 
 
 def _pad_to(x, shape):
@@ -249,25 +242,17 @@ def _call(implementation, interpret, tiling, transpose_rhs, out_dtype, dtype) ->
 
 
 def default_implementation(interpret: Any = False, dtype=None) -> str:
-  """The kernels of the platform: mosaic_gpu on Hopper (compute capability 9.x) for bf16/fp16
-  operands (dtype None: assumed so), gpu (Triton) for float32 there and on other GPUs, tpu on
-  TPUs. Elsewhere the reference (ragged_dot's CPU lowering builds a
-  [G, m, k] masked copy of lhs; the reference loops over groups instead), or under interpret
-  mode the kernel family the interpret argument asks for (True: gpu; Mosaic GPU interpret
-  params: mosaic_gpu; TPU params: tpu)."""
-  platform = jax.default_backend()
-  if platform in ("gpu", "cuda", "rocm"):
-    capability = compat.cuda_compute_capability()
-    hopper = capability is not None and capability[0] == 9
-    half = dtype is None or jnp.dtype(dtype) != jnp.float32  # wgmma on f32 would be tf32
-    return "mosaic_gpu" if hopper and half else "gpu"
-  if platform == "tpu":
-    return "tpu"
-  if interpret is False or interpret is None:
-    return "reference"
-  if interpret is True:
-    return "gpu"
-  return "mosaic_gpu" if compat.is_gpu_interpret_params(interpret) else "tpu"
+  """The kernels of the platform (tiling.default_implementation): interpreter params pick
+  their own family anywhere (Mosaic GPU params: mosaic_gpu; TPU params: tpu); mosaic_gpu on
+  Hopper (compute capability 9.x) for bf16/fp16 operands (dtype None: assumed so), gpu
+  (Triton) for float32 there and on other GPUs, tpu on TPUs. Elsewhere gpu with
+  interpret=True, else the reference (ragged_dot's CPU lowering builds a [G, m, k] masked
+  copy of lhs; the reference loops over groups instead)."""
+  family = tiling.default_implementation(interpret, mosaic_gpu=True)
+  if family == "mosaic_gpu" and not compat.is_gpu_interpret_params(interpret) and (
+      dtype is not None and jnp.dtype(dtype) == jnp.float32):
+    return "gpu"  # wgmma on float32 operands would compute in tf32
+  return family or "reference"
 
 
 # ---------------------------------------------------------------------------------- public

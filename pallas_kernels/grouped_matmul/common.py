@@ -19,9 +19,7 @@ import dataclasses
 from jax import lax
 import jax.numpy as jnp
 
-NN_DIMS = (((1,), (0,)), ((), ()))  # a @ b
-NT_DIMS = (((1,), (1,)), ((), ()))  # a @ b.T
-TN_DIMS = (((0,), (0,)), ((), ()))  # a.T @ b
+from pallas_kernels import tiling
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,10 +66,6 @@ class Tiling:
   @property
   def drhs_tiles(self) -> Tiles:
     return self.drhs or self.fwd
-
-
-def cdiv(a, b):
-  return (a + b - 1) // b
 
 
 def local_group_bounds(group_sizes, group_offset, num_local: int, num_rows: int):
@@ -134,7 +128,7 @@ def visit_schedule(starts, ends, block_m: int, num_row_tiles: int, *, visit_empt
   max_visits = num_row_tiles + num_segments - 1
   first_tile = starts // block_m
   nonempty = ends > starts
-  tiles_touched = jnp.where(nonempty, cdiv(ends, block_m) - first_tile, int(visit_empty))
+  tiles_touched = jnp.where(nonempty, tiling.cdiv(ends, block_m) - first_tile, int(visit_empty))
   visits_end = jnp.cumsum(tiles_touched)
   num_visits = visits_end[-1]
   visit = jnp.minimum(jnp.arange(max_visits, dtype=jnp.int32), num_visits - 1)
@@ -143,14 +137,6 @@ def visit_schedule(starts, ends, block_m: int, num_row_tiles: int, *, visit_empt
   # An empty segment at row m_padded would name the tile past the end.
   tile = jnp.clip(tile, 0, num_row_tiles - 1).astype(jnp.int32)
   return segment, tile, num_visits.reshape(1).astype(jnp.int32)
-
-
-def dot(a, b, dims, *, transpose_in_register: bool = False):
-  """A tile product accumulated in float32. Mosaic wants a.T @ b written as an explicit
-  transpose (transpose_in_register); Triton takes the contraction dims directly."""
-  if transpose_in_register and dims == TN_DIMS:
-    return lax.dot(a.T, b, preferred_element_type=jnp.float32)
-  return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
 
 
 def masked_rows(x, mask):

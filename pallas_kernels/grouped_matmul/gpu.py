@@ -27,6 +27,7 @@ from jax.experimental import pallas as pl
 import jax.numpy as jnp
 
 from pallas_kernels import compat
+from pallas_kernels import tiling
 from pallas_kernels.grouped_matmul import common
 
 _S = compat.SQUEEZED
@@ -43,7 +44,7 @@ def _gmm_kernel(first_group_ref, stop_group_ref, starts_ref, ends_ref, lhs_ref, 
                 out_ref, *, tiles: common.Tiles, num_k_tiles: int, transpose_rhs: bool):
   row_tile = pl.program_id(0)
   bm, bk = tiles.block_m, tiles.block_k
-  dims = common.NT_DIMS if transpose_rhs else common.NN_DIMS
+  dims = tiling.NT_DIMS if transpose_rhs else tiling.NN_DIMS
 
   def one_group(group, out):
     start, end = starts_ref[group], ends_ref[group]
@@ -51,7 +52,7 @@ def _gmm_kernel(first_group_ref, stop_group_ref, starts_ref, ends_ref, lhs_ref, 
     def k_step(kt, acc):
       cols = pl.ds(pl.multiple_of(kt * bk, bk), bk)
       w = rhs_ref[group, :, cols] if transpose_rhs else rhs_ref[group, cols, :]
-      return acc + common.dot(lhs_ref[:, cols], w, dims)
+      return acc + tiling.dot(lhs_ref[:, cols], w, dims)
 
     def product():
       acc = lax.fori_loop(0, num_k_tiles, k_step, jnp.zeros(out.shape, jnp.float32))
@@ -97,14 +98,14 @@ def _tgmm_kernel(starts_ref, ends_ref, lhs_ref, grad_ref, out_ref, *, block_m: i
   group = pl.program_id(0)
   start, end = starts_ref[group], ends_ref[group]
   first_tile = start // block_m
-  stop_tile = jnp.where(end > start, common.cdiv(end, block_m), first_tile)
+  stop_tile = jnp.where(end > start, tiling.cdiv(end, block_m), first_tile)
 
   def row_step(t, acc):
     rows = pl.ds(pl.multiple_of(t * block_m, block_m), block_m)
     x, y = lhs_ref[rows, :], grad_ref[rows, :]
     x = common.masked_rows(x, common.rows_in(t * block_m, x.shape, start, end))
     y = common.masked_rows(y, common.rows_in(t * block_m, y.shape, start, end))
-    return acc + common.dot(x, y, common.TN_DIMS)
+    return acc + tiling.dot(x, y, tiling.TN_DIMS)
 
   acc = lax.fori_loop(first_tile, stop_tile, row_step, jnp.zeros(out_ref.shape, jnp.float32))
   out_ref[...] = acc.astype(out_ref.dtype)

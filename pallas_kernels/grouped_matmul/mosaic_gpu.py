@@ -33,6 +33,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 import jax.numpy as jnp
 
 from pallas_kernels import compat
+from pallas_kernels import tiling
 from pallas_kernels.grouped_matmul import common
 
 TILE_MULTIPLE = 64
@@ -128,7 +129,7 @@ def _tgmm_kernel(starts_gmem, ends_gmem, lhs_gmem, grad_gmem, out_gmem, *, tiles
   group, k_tile, n_tile = lax.axis_index("g"), lax.axis_index("k"), lax.axis_index("n")
   start, end = starts_gmem[group], ends_gmem[group]
   first_tile = start // bm
-  num_tiles = jnp.where(end > start, common.cdiv(end, bm) - first_tile, 0)
+  num_tiles = jnp.where(end > start, tiling.cdiv(end, bm) - first_tile, 0)
 
   def acc_scope(acc_ref):
     def step(indices, lhs_smem, grad_smem):

@@ -15,6 +15,7 @@ from __future__ import annotations
 from jax import lax
 import jax.numpy as jnp
 
+from pallas_kernels import tiling
 from pallas_kernels.grouped_matmul import common
 
 
@@ -25,7 +26,7 @@ def gmm_reference(lhs, rhs, group_sizes, *, transpose_rhs: bool = False, group_o
   n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
   out_dtype = preferred_element_type or lhs.dtype
   starts, ends = common.local_group_bounds(group_sizes, group_offset, rhs.shape[0], m)
-  dims = common.NT_DIMS if transpose_rhs else common.NN_DIMS
+  dims = tiling.NT_DIMS if transpose_rhs else tiling.NN_DIMS
 
   def one_group(out_MN, group):
     w, start, end = group
@@ -46,7 +47,7 @@ def tgmm_reference(lhs, grad, group_sizes, *, num_groups: int, group_offset=None
   def one_group(_, bounds):
     mask = common.rows_in(0, (m, 1), *bounds)
     return None, lax.dot_general(common.masked_rows(lhs, mask), common.masked_rows(grad, mask),
-                                 common.TN_DIMS, preferred_element_type=jnp.float32)
+                                 tiling.TN_DIMS, preferred_element_type=jnp.float32)
 
   _, out_GKN = lax.scan(one_group, None, (starts, ends))
   return out_GKN.astype(out_dtype)

@@ -29,6 +29,7 @@ from jax.experimental import pallas as pl
 import jax.numpy as jnp
 
 from pallas_kernels import compat
+from pallas_kernels import tiling
 from pallas_kernels.grouped_matmul import common
 
 _S = compat.SQUEEZED
@@ -48,8 +49,8 @@ def _gmm_kernel(segment_of_visit, tile_of_visit, seg_starts, seg_ends, num_visit
 
   @pl.when(real_visit & is_group)
   def _accumulate():
-    dims = common.NT_DIMS if transpose_rhs else common.NN_DIMS
-    acc_ref[...] += common.dot(lhs_ref[...], rhs_ref[...], dims)
+    dims = tiling.NT_DIMS if transpose_rhs else tiling.NN_DIMS
+    acc_ref[...] += tiling.dot(lhs_ref[...], rhs_ref[...], dims)
 
   @pl.when(real_visit & (kt == num_k_tiles - 1))
   def _store():  # a zero segment stores its zero accumulator
@@ -129,7 +130,7 @@ def _tgmm_kernel(group_of_visit, tile_of_visit, starts, ends, num_visits, lhs_re
     x, y = lhs_ref[...], grad_ref[...]
     x = common.masked_rows(x, common.rows_in(first_row, x.shape, start, end))
     y = common.masked_rows(y, common.rows_in(first_row, y.shape, start, end))
-    acc_ref[...] += common.dot(x, y, common.TN_DIMS, transpose_in_register=True)
+    acc_ref[...] += tiling.dot(x, y, tiling.TN_DIMS, transpose_in_register=True)
 
   @pl.when((visit == max_visits - 1) | (next_group != group))
   def _store():

@@ -25,6 +25,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import tiling
 from pallas_kernels.monarch import common
 from pallas_kernels.monarch import reference
 from pallas_kernels.monarch import tpu
@@ -43,19 +44,13 @@ class _Call:
 
 def default_implementation(interpret=False) -> str:
   """"tpu" on a TPU or in the TPU interpreter; otherwise there is no kernel to pick."""
-  if interpret is not False and interpret is not None and interpret is not True:
-    return "tpu"  # TPU interpret params
-  platform = jax.default_backend()
-  if platform == "tpu":
+  if tiling.default_implementation(interpret) == "tpu":
     return "tpu"
   raise NotImplementedError(
-      f"pallas_kernels.monarch: no fused Monarch kernel for platform {platform!r} (a TPU "
-      "kernel only; run it on a CPU with interpret=pltpu.InterpretParams()); use the XLA "
-      "layer (monarch_impl='xla') or implementation='reference'")
-
-
-def _round_up(x: int, m: int) -> int:
-  return -(-x // m) * m
+      f"pallas_kernels.monarch: no fused Monarch kernel for platform "
+      f"{jax.default_backend()!r} (a TPU kernel only; run it on a CPU with "
+      "interpret=pltpu.InterpretParams()); use the XLA layer (monarch_impl='xla') or "
+      "implementation='reference'")
 
 
 def _reorder_rows(w, order):
@@ -80,7 +75,7 @@ def _fused_forward(x, w1, w2, call: _Call):
   k, q, _ = w1.shape
   order, _ = common.routing(k, q)
   t = x.shape[0]
-  padded = _round_up(max(t, 1), call.block_t)
+  padded = tiling.round_up(max(t, 1), call.block_t)
   y = tpu.forward(_pad_rows(x, padded), _reorder_rows(w1, order), w2,
                   out_features=call.out_features, block_t=call.block_t,
                   interpret=call.interpret)
@@ -92,7 +87,7 @@ def _fused_backward(call: _Call, residuals, dy):
   k, q, _ = w1.shape
   order, _ = common.routing(k, q)
   t = x.shape[0]
-  padded = _round_up(max(t, 1), call.block_t)
+  padded = tiling.round_up(max(t, 1), call.block_t)
   dx, dw1, dw2 = tpu.backward(_pad_rows(x, padded), _reorder_rows(w1, order), w2,
                               _pad_rows(dy.astype(x.dtype), padded), block_t=call.block_t,
                               interpret=call.interpret)
@@ -133,6 +128,6 @@ def monarch(x, w1, w2, out_features: int, *, implementation: str | None = None,
   if implementation == "reference":
     y = reference.monarch_reference(x2, w1, w2, out_features)
   else:
-    block_t = min(blocks.tokens, _round_up(max(x2.shape[0], 1), 8))
+    block_t = min(blocks.tokens, tiling.round_up(max(x2.shape[0], 1), 8))
     y = _fused(x2, w1, w2, _Call(out_features, block_t, interpret))
   return y.reshape(*lead, out_features)

@@ -28,15 +28,8 @@ from jax.experimental import pallas as pl
 import jax.numpy as jnp
 
 from pallas_kernels import compat
+from pallas_kernels import tiling
 from pallas_kernels.monarch import common
-
-_NT = (((1,), (1,)), ((), ()))  # a [m, c] . b [n, c] -> [m, n]
-_NN = (((1,), (0,)), ((), ()))  # a [m, c] . b [c, n] -> [m, n]
-_TN = (((0,), (0,)), ((), ()))  # a [c, m] . b [c, n] -> [m, n]
-
-
-def _dot(a, b, dims):
-  return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
 
 
 def _intermediates(x, w1_ref, *, k, p, n_in, dtype):
@@ -45,7 +38,7 @@ def _intermediates(x, w1_ref, *, k, p, n_in, dtype):
   for j in range(k):
     lo, hi = common.input_span(j, p, n_in)
     hs.append(None if hi == lo else
-              _dot(x[:, lo:hi], w1_ref[j, :, :hi - lo], _NT).astype(dtype))
+              tiling.dot(x[:, lo:hi], w1_ref[j, :, :hi - lo], tiling.NT_DIMS).astype(dtype))
   return hs
 
 
@@ -73,8 +66,8 @@ def _forward_kernel(x_ref, w1_ref, w2_ref, y_ref, *, routes, p, n_in, n_out):
     if h is None:
       continue
     run = h[:, route.offset:route.offset + route.count]
-    ys[route.l] = ys[route.l] + _dot(
-        run, w2_ref[route.l, :, route.a_start:route.a_start + route.count], _NT)
+    ys[route.l] = ys[route.l] + tiling.dot(
+        run, w2_ref[route.l, :, route.a_start:route.a_start + route.count], tiling.NT_DIMS)
   y_ref[...] = _interleave(ys, n_out).astype(y_ref.dtype)
 
 
@@ -92,7 +85,8 @@ def _backward_kernel(x_ref, w1_ref, w2_ref, dy_ref, dx_ref, dw1_ref, dw2_ref, *,
   dtype = x.dtype
   hs = _intermediates(x, w1_ref, k=k, p=p, n_in=n_in, dtype=dtype)
   dys = _deinterleave(dy, k, s)
-  dh2s = [_dot(dys[l], w2_ref[l], _NN).astype(dtype) for l in range(k)]  # [rows, r]
+  dh2s = [tiling.dot(dys[l], w2_ref[l], tiling.NN_DIMS).astype(dtype)  # [rows, r]
+          for l in range(k)]
   dh_runs = [[] for _ in range(k)]
   for route in routes:
     a = slice(route.a_start, route.a_start + route.count)
@@ -100,7 +94,7 @@ def _backward_kernel(x_ref, w1_ref, w2_ref, dy_ref, dx_ref, dw1_ref, dw2_ref, *,
     h = hs[route.j]
     if h is not None:
       run = h[:, route.offset:route.offset + route.count]
-      dw2_ref[route.l, :, a] += _dot(dys[route.l], run, _TN)
+      dw2_ref[route.l, :, a] += tiling.dot(dys[route.l], run, tiling.TN_DIMS)
   dxs = []
   for j in range(k):
     lo, hi = common.input_span(j, p, n_in)
@@ -108,8 +102,8 @@ def _backward_kernel(x_ref, w1_ref, w2_ref, dy_ref, dx_ref, dw1_ref, dw2_ref, *,
       continue
     dh = jnp.concatenate(dh_runs[j], axis=1) if len(dh_runs[j]) > 1 else dh_runs[j][0]
     assert dh.shape[1] == q
-    dxs.append(_dot(dh, w1_ref[j, :, :hi - lo], _NN))
-    dw1_ref[j, :, :hi - lo] += _dot(dh, x[:, lo:hi], _TN)
+    dxs.append(tiling.dot(dh, w1_ref[j, :, :hi - lo], tiling.NN_DIMS))
+    dw1_ref[j, :, :hi - lo] += tiling.dot(dh, x[:, lo:hi], tiling.TN_DIMS)
   dx = jnp.concatenate(dxs, axis=1) if len(dxs) > 1 else dxs[0]
   dx_ref[...] = dx.astype(dx_ref.dtype)
 

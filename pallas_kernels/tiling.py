@@ -1,0 +1,66 @@
+"""Helpers every kernel package shares: tile arithmetic, tile products, the platform's kernels.
+
+  round_up, cdiv, next_pow2   static tile arithmetic (cdiv also works on traced int arrays)
+  NN_DIMS, NT_DIMS, TN_DIMS   dot_general dimension numbers of a @ b, a @ b.T, a.T @ b
+  dot                         a tile product accumulated in float32
+  default_implementation      which kernel family the platform (or the interpret argument)
+                              asks for; each package's own default_implementation wraps it
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+from jax import lax
+import jax.numpy as jnp
+
+from pallas_kernels import compat
+
+NN_DIMS = (((1,), (0,)), ((), ()))  # a [m, c] @ b [c, n] -> [m, n]
+NT_DIMS = (((1,), (1,)), ((), ()))  # a [m, c] @ b [n, c].T -> [m, n]
+TN_DIMS = (((0,), (0,)), ((), ()))  # a [c, m].T @ b [c, n] -> [m, n]
+
+
+def round_up(x: int, m: int) -> int:
+  """The smallest multiple of m that is >= x."""
+  return -(-x // m) * m
+
+
+def cdiv(a, b):
+  """ceil(a / b) for non-negative a and positive b (Python ints or int arrays)."""
+  return (a + b - 1) // b
+
+
+def next_pow2(x: int) -> int:
+  """The smallest power of two >= x (1 for x <= 1)."""
+  return 1 << max(x - 1, 0).bit_length()
+
+
+def dot(a, b, dims, *, transpose_in_register: bool = False):
+  """A tile product accumulated in float32. Mosaic TPU wants a.T @ b written as an explicit
+  transpose (transpose_in_register); Triton and the interpreters take the dims directly."""
+  if transpose_in_register and dims == TN_DIMS:
+    return lax.dot(a.T, b, preferred_element_type=jnp.float32)
+  return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
+
+
+def default_implementation(interpret: Any = False, *, mosaic_gpu: bool = False) -> str | None:
+  """The kernel family to run: "gpu", "mosaic_gpu", "tpu", or None (no kernel: a CPU run
+  without an interpreter).
+
+  Interpreter params pick their own family on any platform (TPU params: "tpu"; Mosaic GPU
+  params: "mosaic_gpu"). Otherwise a TPU gives "tpu" and a GPU "gpu", or "mosaic_gpu" on
+  Hopper (compute capability 9.x) when the caller has such a kernel (mosaic_gpu=True).
+  Elsewhere interpret=True gives "gpu" (Pallas's generic interpreter runs the Triton-style
+  kernels).
+  """
+  if interpret is not False and interpret is not None and interpret is not True:
+    return "mosaic_gpu" if compat.is_gpu_interpret_params(interpret) else "tpu"
+  platform = jax.default_backend()
+  if platform in ("gpu", "cuda", "rocm"):
+    capability = compat.cuda_compute_capability()
+    hopper = capability is not None and capability[0] == 9
+    return "mosaic_gpu" if mosaic_gpu and hopper else "gpu"
+  if platform == "tpu":
+    return "tpu"
+  return "gpu" if interpret is True else None
