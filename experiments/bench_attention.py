@@ -3,12 +3,18 @@
   python -m experiments.bench_attention                  # on a GPU: correctness, then TF/s
   python -m experiments.bench_attention --out=att.json   # also records the rows as JSON
   python -m experiments.bench_attention --seq_lens=1024,4096 --head_dims=128 --iters=50
+  python -m experiments.bench_attention --work_only      # only the counted work (any machine)
 
 Implementations: effjax (pallas_kernels.attention, the Triton-style kernel on GPU), xla and
 cudnn (`jax.nn.dot_product_attention`), and JAX's shipped Pallas Triton `mha` where it applies
 (no grouped-query attention). On a machine without a GPU only the correctness side runs: each
 implementation that can run here (Pallas kernels in their interpreters) against the float32
 reference on small shapes, forward and gradients, as relative errors ||x - ref|| / ||ref||.
+
+Work: first, the work each kernel schedules (pallas_kernels.attention.work, counted from the
+kernels' own grids and index maps, no device needed) next to the ideal, for GQA ratios, a
+small-batch backward, head_dim 96 and packed segments: programs, blocks visited, blocks
+masked, MACs, K/V bytes read and all bytes moved, each as count / ideal.
 
 Timing: --tokens total tokens per call (batch = tokens // seq_len), query heads = --width //
 head_dim, GQA rows use --gqa_ratio query heads per kv head. Random normal inputs (never
@@ -17,6 +23,7 @@ zeros), --warmup calls, then the median of --iters individually timed calls. FLO
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import statistics
 import time
@@ -29,6 +36,7 @@ import numpy as np
 
 from pallas_kernels import compat
 from pallas_kernels.attention import BlockSizes, attention_reference, flash_attention
+from pallas_kernels.attention import work
 
 _SEQ_LENS = flags.DEFINE_list("seq_lens", ["1024", "2048", "4096", "8192", "16384"],
                               "Sequence lengths to time.")
@@ -44,6 +52,57 @@ _ITERS = flags.DEFINE_integer("iters", 30, "Timed calls; the median is reported.
 _TIMING = flags.DEFINE_enum("timing", "auto", ["auto", "yes", "no"],
                             "auto: time only on a GPU.")
 _OUT = flags.DEFINE_string("out", "", "Optional JSON file for the results.")
+_WORK_ONLY = flags.DEFINE_bool("work_only", False,
+                               "Print the counted work only (no kernels run).")
+
+
+# -------------------------------------------------------------------------------- work counts
+
+def _packed_segments(batch, length, doc_len):
+  """Documents of doc_len tokens packed back to back (ids increase along the sequence)."""
+  return np.broadcast_to(np.arange(length) // doc_len, (batch, length)).astype(np.int32)
+
+
+# (label, count_work kwargs): GQA at fixed query heads; a small-batch backward; head_dim 96;
+# packed documents.
+WORK_SHAPES = [
+    (f"GQA G={g}", dict(batch=1, q_heads=8, kv_heads=8 // g, q_len=2048, kv_len=2048,
+                        head_dim=128, causal=True))
+    for g in (1, 4, 8)
+] + [
+    ("B=1 K=1 S=2048", dict(batch=1, q_heads=1, kv_heads=1, q_len=2048, kv_len=2048,
+                            head_dim=128, causal=True)),
+    ("head_dim 96", dict(batch=1, q_heads=8, kv_heads=2, q_len=2048, kv_len=2048, head_dim=96,
+                         causal=True)),
+    ("packed docs 300", dict(batch=1, q_heads=8, kv_heads=2, q_len=2048, kv_len=2048,
+                             head_dim=128, causal=True,
+                             segment_ids=_packed_segments(1, 2048, 300))),
+    ("non-causal 1000", dict(batch=2, q_heads=8, kv_heads=2, q_len=1000, kv_len=1000,
+                             head_dim=64)),
+]
+
+
+def work_rows():
+  rows = []
+  for impl in ("gpu", "tpu"):
+    for label, kwargs in WORK_SHAPES:
+      for name, w in work.count_work(implementation=impl, **kwargs).items():
+        rows.append(dict(impl=impl, shape=label, kernel=name, grid=list(w.grid),
+                         **{f.name: getattr(w, f.name) for f in dataclasses.fields(w)
+                            if f.name not in ("kernel", "grid")}))
+  return rows
+
+
+def _work_line(r):
+  def pair(name):
+    ideal = r["ideal_" + name]
+    return f"{r[name]} / {ideal}" + (f" ({r[name] / ideal:.2f}x)" if ideal else "")
+  def big(name):
+    return f"{r[name] / 1e6:.1f}M ({r[name] / r['ideal_' + name]:.2f}x)"
+  cells = [r["impl"], r["shape"], r["kernel"], "x".join(map(str, r["grid"])), str(r["programs"]),
+           pair("blocks_visited"), pair("blocks_masked"), big("macs"), big("kv_bytes"),
+           big("bytes_moved")]
+  return "| " + " | ".join(cells) + " |"
 
 
 # ----------------------------------------------------------------------------- implementations
@@ -202,6 +261,17 @@ def main(argv):
   print(f"device: {device.device_kind} ({device.platform}), jax {jax.__version__}")
   results = dict(device=device.device_kind, platform=device.platform, jax=jax.__version__)
 
+  print("\nCounted work per kernel, count / ideal (bfloat16 operands; default blocks):")
+  print("| kernels | shape | kernel | grid | programs | blocks visited | blocks masked | MACs | "
+        "K/V bytes read | bytes moved |")
+  print("|---|---|---|---|---|---|---|---|---|---|")
+  results["work"] = work_rows()
+  for r in results["work"]:
+    print(_work_line(r), flush=True)
+  if _WORK_ONLY.value:
+    _write(results)
+    return
+
   # Correctness: every implementation that runs here against the float32 reference.
   if on_gpu:
     impls = {n: f for n, f in gpu_impls().items() if n in _IMPLS.value}
@@ -229,6 +299,10 @@ def main(argv):
   else:
     print("\nNo GPU here: timing skipped (run this script on a GPU for the TF/s tables).")
 
+  _write(results)
+
+
+def _write(results):
   if _OUT.value:
     from effjax import provenance  # pylint: disable=g-import-not-at-top
     provenance.write_json(_OUT.value, results)  # the command and commit give every setting

@@ -56,6 +56,27 @@ def _blocks(impl: str, block: int, length: int) -> tuple[int, int]:
   return block, _round_up(length, block)
 
 
+def kernel_dims(c: _Call, q_len: int, kv_len: int, head_dim: int, fwd: bool):
+  """(block_q, padded q_len, block_k, padded kv_len, head_dim in the kernels) of one call."""
+  bq, bk = (c.block_sizes.block_q, c.block_sizes.block_k) if fwd else c.block_sizes.bwd
+  bq, tq = _blocks(c.implementation, bq, q_len)
+  bk, tk = _blocks(c.implementation, bk, kv_len)
+  d = max(16, _next_pow2(head_dim)) if c.implementation == "gpu" else head_dim
+  return bq, tq, bk, tk, d
+
+
+def make_call(q_shape, kv_shape, *, causal, sliding_window, logit_softcap, has_segments,
+              sm_scale, implementation, block_sizes, interpret) -> _Call:
+  if block_sizes is None:
+    block_sizes = GPU_BLOCK_SIZES if implementation == "gpu" else TPU_BLOCK_SIZES
+  problem = common.Problem(
+      causal=bool(causal), sliding_window=sliding_window,
+      logit_softcap=None if logit_softcap is None else float(logit_softcap),
+      sm_scale=float(sm_scale), q_len=q_shape[1], kv_len=kv_shape[1], kv_padded=False,
+      has_segments=has_segments, groups=q_shape[2] // kv_shape[2])
+  return _Call(problem, implementation, block_sizes, interpret)
+
+
 def _pad_axis(x, axis: int, size: int):
   if x.shape[axis] == size:
     return x
@@ -67,17 +88,14 @@ def _pad_axis(x, axis: int, size: int):
 def _to_kernel_layout(c: _Call, x, length: int):
   """[B, T, H, D] -> padded to `length` (and, for Triton, head_dim to a power of two);
   [B, H, T, D] for the TPU kernels."""
-  d = x.shape[-1]
-  x = _pad_axis(_pad_axis(x, 1, length), 3, max(16, _next_pow2(d)) if c.implementation == "gpu"
-                else d)
+  d = kernel_dims(c, 1, 1, x.shape[-1], True)[4]
+  x = _pad_axis(_pad_axis(x, 1, length), 3, d)
   return jnp.swapaxes(x, 1, 2) if c.implementation == "tpu" else x
 
 
 def _prepare(c: _Call, q, k, v, seg, fwd: bool):
   """Inputs in the kernels' layout, and the (block_q, block_k) to run them with."""
-  bq, bk = (c.block_sizes.block_q, c.block_sizes.block_k) if fwd else c.block_sizes.bwd
-  bq, tq = _blocks(c.implementation, bq, q.shape[1])
-  bk, tk = _blocks(c.implementation, bk, k.shape[1])
+  bq, tq, bk, tk, _ = kernel_dims(c, q.shape[1], k.shape[1], q.shape[3], fwd)
   q = _to_kernel_layout(c, q, tq)
   k, v = _to_kernel_layout(c, k, tk), _to_kernel_layout(c, v, tk)
   q_seg = k_seg = None
@@ -88,7 +106,7 @@ def _prepare(c: _Call, q, k, v, seg, fwd: bool):
   return q, k, v, q_seg, k_seg, bq, bk
 
 
-def _problem_for(c: _Call, kv_padded_len: int) -> common.Problem:
+def problem_for(c: _Call, kv_padded_len: int) -> common.Problem:
   return dataclasses.replace(c.problem, kv_padded=kv_padded_len != c.problem.kv_len)
 
 
@@ -109,7 +127,7 @@ def _kernels(impl: str):
 def _fwd_impl(c: _Call, q, k, v, seg):
   qp, kp, vp, q_seg, k_seg, bq, bk = _prepare(c, q, k, v, seg, fwd=True)
   s_axis = 2 if c.implementation == "tpu" else 1
-  p = _problem_for(c, kp.shape[s_axis])
+  p = problem_for(c, kp.shape[s_axis])
   out, lse = _kernels(c.implementation).forward(p, qp, kp, vp, q_seg, k_seg, block_q=bq,
                                                 block_k=bk, interpret=c.interpret)
   return _unprepare(c, out, q.shape[1], q.shape[3]), lse
@@ -134,7 +152,7 @@ def _flash_bwd(c: _Call, residuals, dout):
   outp, doutp = _to_kernel_layout(c, out, tq), _to_kernel_layout(c, dout, tq)
   lse = _pad_axis(lse[:, :, :tq], 2, tq)
   s_axis = 2 if c.implementation == "tpu" else 1
-  p = _problem_for(c, kp.shape[s_axis])
+  p = problem_for(c, kp.shape[s_axis])
   dq, dk, dv = _kernels(c.implementation).backward(p, qp, kp, vp, q_seg, k_seg, outp, lse,
                                                    doutp, block_q=bq, block_k=bk,
                                                    interpret=c.interpret)
@@ -232,13 +250,9 @@ def flash_attention(q, k, v, *, causal: bool = False, sliding_window: int | None
   if impl == "gpu" and q.shape[-1] > GPU_MAX_HEAD_DIM:
     raise NotImplementedError(f"implementation='gpu' with head_dim={q.shape[-1]} > "
                               f"{GPU_MAX_HEAD_DIM}")
-  if block_sizes is None:
-    block_sizes = GPU_BLOCK_SIZES if impl == "gpu" else TPU_BLOCK_SIZES
-  problem = common.Problem(
-      causal=bool(causal), sliding_window=sliding_window,
-      logit_softcap=None if logit_softcap is None else float(logit_softcap),
-      sm_scale=float(sm_scale), q_len=q.shape[1], kv_len=k.shape[1], kv_padded=False,
-      has_segments=segment_ids is not None, groups=q.shape[2] // k.shape[2])
-  call = _Call(problem, impl, block_sizes, interpret)
+  call = make_call(q.shape, k.shape, causal=causal, sliding_window=sliding_window,
+                   logit_softcap=logit_softcap, has_segments=segment_ids is not None,
+                   sm_scale=sm_scale, implementation=impl, block_sizes=block_sizes,
+                   interpret=interpret)
   seg = None if segment_ids is None else segment_ids.astype(jnp.int32)
   return _flash_jit(call, q, k, v, seg)

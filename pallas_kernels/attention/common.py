@@ -6,6 +6,8 @@ a Mosaic TPU kernel, and their interpreters; only how blocks reach them differs.
 from __future__ import annotations
 
 import dataclasses
+import math
+from typing import Any, Callable
 
 from jax import lax
 import jax.numpy as jnp
@@ -37,6 +39,80 @@ class BlockSizes:
   @property
   def bwd(self) -> tuple[int, int]:
     return self.block_q_bwd or self.block_q, self.block_k_bwd or self.block_k
+
+
+def _static(*xs) -> bool:
+  return all(isinstance(x, int) for x in xs)
+
+
+# Index arithmetic that runs on Python ints (the work counter) and on traced program ids (the
+# kernels' index maps and loop bounds) alike, so both read one schedule.
+def imin(a, b):
+  return min(a, b) if _static(a, b) else jnp.minimum(a, b)
+
+
+def imax(a, b):
+  return max(a, b) if _static(a, b) else jnp.maximum(a, b)
+
+
+def idiv(a, b):
+  """a // b for a >= 0, b > 0."""
+  return a // b if _static(a, b) else lax.div(a, jnp.int32(b))
+
+
+def ior(a, b):
+  return bool(a or b) if _static(a, b) else jnp.logical_or(a, b)
+
+
+def clamp(i, lo, hi):
+  """i moved into [lo, hi - 1] (lo when the range is empty)."""
+  return imax(imin(i, hi - 1), lo)
+
+
+@dataclasses.dataclass(frozen=True)
+class Operand:
+  """One pallas_call operand as its BlockSpec sees it, with what the work counter needs.
+
+  streamed: the sub-block a GPU kernel loads per visited (query block, key block) item from a
+  BlockSpec that spans the whole sequence (in-kernel loop); None: the block is read once per
+  program (GPU) or DMA'd whenever its block index changes between grid steps (TPU).
+  """
+  name: str
+  block: tuple[Any, ...]  # BlockSpec block shape; squeezed dims are not ints
+  index_map: Callable[..., tuple]
+  itemsize: int
+  output: bool = False
+  kv: bool = False  # a K or V input (its traffic is what GQA multiplies)
+  streamed: tuple[int, ...] | None = None
+
+  @property
+  def block_elements(self) -> int:
+    return math.prod(d for d in self.block if isinstance(d, int))
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """A kernel's schedule: its grid, operands and the (query block, key block) items each grid
+  point computes. The kernel builds its pallas_call from it; work.py counts from it."""
+  name: str
+  grid: tuple[int, ...]
+  semantics: tuple[str, ...]  # "parallel" / "arbitrary" per grid axis
+  operands: tuple[Operand, ...]
+  items: Callable[..., Any]  # static grid ids -> iterable of (q_block, k_block)
+  block_q: int
+  heads_per_item: int  # query heads one item covers (its rows: block_q * heads_per_item)
+  block_k: int
+  head_dim: int
+  matmuls: int  # [rows, block_k, head_dim] products per item
+  masks_every_block: bool  # else only blocks that straddle a mask boundary
+
+  @property
+  def inputs(self):
+    return [o for o in self.operands if not o.output]
+
+  @property
+  def outputs(self):
+    return [o for o in self.operands if o.output]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,14 +148,14 @@ class Problem:
     first_q = q_block * block_q
     last_q = first_q + (block_q - 1)
     w = self.sliding_window
-    hi = jnp.int32(num_k_blocks)
+    hi = num_k_blocks
     if self.causal:
-      hi = jnp.minimum(hi, lax.div(last_q, jnp.int32(block_k)) + 1)
+      hi = imin(hi, idiv(last_q, block_k) + 1)
     elif w is not None:
-      hi = jnp.minimum(hi, lax.div(last_q + (w - 1), jnp.int32(block_k)) + 1)
-    lo = jnp.int32(0)
+      hi = imin(hi, idiv(last_q + (w - 1), block_k) + 1)
+    lo = 0
     if w is not None:
-      lo = lax.div(jnp.maximum(first_q - (w - 1), 0), jnp.int32(block_k))
+      lo = idiv(imax(first_q - (w - 1), 0), block_k)
     return lo, hi
 
   def q_block_range(self, k_block, block_q: int, block_k: int, num_q_blocks: int):
@@ -87,15 +163,36 @@ class Problem:
     first_k = k_block * block_k
     last_k = first_k + (block_k - 1)
     w = self.sliding_window
-    lo = jnp.int32(0)
+    lo = 0
     if self.causal:
-      lo = lax.div(first_k, jnp.int32(block_q))
+      lo = idiv(first_k, block_q)
     elif w is not None:
-      lo = lax.div(jnp.maximum(first_k - (w - 1), 0), jnp.int32(block_q))
-    hi = jnp.int32(num_q_blocks)
+      lo = idiv(imax(first_k - (w - 1), 0), block_q)
+    hi = num_q_blocks
     if w is not None:
-      hi = jnp.minimum(hi, lax.div(last_k + (w - 1), jnp.int32(block_q)) + 1)
+      hi = imin(hi, idiv(last_k + (w - 1), block_q) + 1)
     return lo, hi
+
+  def block_straddles_position_boundary(self, q_block, k_block, block_q: int, block_k: int):
+    """Whether some (query, key) pair of the block is hidden by position (causal diagonal,
+    window edge, padded keys) while the block is in the visited range: only such blocks need
+    the position mask. Python bool for ints, a traced bool for program ids."""
+    first_q, first_k = q_block * block_q, k_block * block_k
+    last_q, last_k = first_q + (block_q - 1), first_k + (block_k - 1)
+    w = self.sliding_window
+    hidden = []
+    if self.kv_padded:
+      hidden.append(last_k >= self.kv_len)
+    if self.causal:
+      hidden.append(last_k > first_q)
+    if w is not None:
+      hidden.append(first_k <= last_q - w)
+      if not self.causal:
+        hidden.append(last_k >= first_q + w)
+    out = False
+    for h in hidden:
+      out = ior(out, h)
+    return out
 
 
 def _dot(a, b, dims, transpose_in_register: bool):

@@ -66,31 +66,54 @@ def _fwd_kernel(*refs, p: common.Problem, block_q: int, block_k: int, num_k_bloc
   lse_ref[...] = lse[:, 0]
 
 
+def forward_plan(p: common.Problem, q_shape, kv_shape, itemsize: int, *, block_q: int,
+                 block_k: int) -> common.Plan:
+  b, t, n, d = q_shape
+  s, kv = kv_shape[1], kv_shape[2]
+  g = n // kv
+  nq, nk = t // block_q, s // block_k
+  q_map = lambda bi, h, qi: (bi, qi, h, 0)
+  kv_map = lambda bi, h, qi: (bi, 0, common.idiv(h, g), 0)
+  operands = [
+      common.Operand("q", (_S, block_q, _S, d), q_map, itemsize),
+      common.Operand("k", (_S, s, _S, d), kv_map, itemsize, kv=True, streamed=(block_k, d)),
+      common.Operand("v", (_S, s, _S, d), kv_map, itemsize, kv=True, streamed=(block_k, d)),
+      common.Operand("out", (_S, block_q, _S, d), q_map, itemsize, output=True),
+      common.Operand("lse", (_S, _S, block_q), lambda bi, h, qi: (bi, h, qi), 4, output=True),
+  ]
+  if p.has_segments:
+    operands = [common.Operand("q_seg", (_S, block_q), lambda bi, h, qi: (bi, qi), 4),
+                common.Operand("k_seg", (_S, s), lambda bi, h, qi: (bi, 0), 4,
+                               streamed=(block_k,))] + operands
+
+  def items(bi, h, qi):
+    del bi, h
+    lo, hi = p.kv_block_range(qi, block_q, block_k, nk)
+    return [(qi, kb) for kb in range(lo, hi)]
+
+  return common.Plan("forward", (b, n, nq), ("parallel",) * 3, tuple(operands), items,
+                     block_q=block_q, heads_per_item=1, block_k=block_k, head_dim=d, matmuls=2,
+                     masks_every_block=True)
+
+
+def _specs(operands):
+  return [pl.BlockSpec(o.block, o.index_map) for o in operands]
+
+
 def forward(p: common.Problem, q, k, v, q_seg, k_seg, *, block_q: int, block_k: int,
             interpret: bool = False):
   """(out [B, T, N, D], lse [B, N, T] float32) for padded inputs."""
   b, t, n, d = q.shape
-  s, kv = k.shape[1], k.shape[2]
-  g = n // kv
-  nq, nk = t // block_q, s // block_k
+  nk = k.shape[1] // block_k
+  plan = forward_plan(p, q.shape, k.shape, q.dtype.itemsize, block_q=block_q, block_k=block_k)
   kernel = functools.partial(_fwd_kernel, p=p, block_q=block_q, block_k=block_k,
                              num_k_blocks=nk)
-  in_specs = [
-      pl.BlockSpec((_S, block_q, _S, d), lambda bi, h, qi: (bi, qi, h, 0)),
-      pl.BlockSpec((_S, s, _S, d), lambda bi, h, qi: (bi, 0, lax.div(h, g), 0)),
-      pl.BlockSpec((_S, s, _S, d), lambda bi, h, qi: (bi, 0, lax.div(h, g), 0)),
-  ]
-  args = [q, k, v]
-  if p.has_segments:
-    in_specs = [pl.BlockSpec((_S, block_q), lambda bi, h, qi: (bi, qi)),
-                pl.BlockSpec((_S, s), lambda bi, h, qi: (bi, 0))] + in_specs
-    args = [q_seg, k_seg] + args
+  args = ([q_seg, k_seg] if p.has_segments else []) + [q, k, v]
   return pl.pallas_call(
       kernel,
-      grid=(b, n, nq),
-      in_specs=in_specs,
-      out_specs=[pl.BlockSpec((_S, block_q, _S, d), lambda bi, h, qi: (bi, qi, h, 0)),
-                 pl.BlockSpec((_S, _S, block_q), lambda bi, h, qi: (bi, h, qi))],
+      grid=plan.grid,
+      in_specs=_specs(plan.inputs),
+      out_specs=_specs(plan.outputs),
       out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
                  jax.ShapeDtypeStruct((b, n, t), jnp.float32)],
       compiler_params=_params(d, num_stages=2, interpret=interpret),
@@ -152,36 +175,85 @@ def _dq_kernel(*refs, p: common.Problem, block_q: int, block_k: int, num_k_block
   dq_ref[...] = dq.astype(dq_ref.dtype)
 
 
+def backward_plans(p: common.Problem, q_shape, kv_shape, itemsize: int, *, block_q: int,
+                   block_k: int) -> tuple[common.Plan, common.Plan]:
+  """(dK/dV plan, dQ plan)."""
+  b, t, n, d = q_shape
+  s, kv = kv_shape[1], kv_shape[2]
+  g = n // kv
+  nq, nk = t // block_q, s // block_k
+  # dK/dV: one program per (batch, kv head, key block); whole sequences of its G query heads.
+  group_map = lambda bi, h, ki: (bi, 0, h, 0)
+  row_map = lambda bi, h, ki: (bi, h, 0)
+  kv_map = lambda bi, h, ki: (bi, ki, h, 0)
+  dkv_operands = [
+      common.Operand("q", (_S, t, g, d), group_map, itemsize, streamed=(block_q, d)),
+      common.Operand("k", (_S, block_k, _S, d), kv_map, itemsize, kv=True),
+      common.Operand("v", (_S, block_k, _S, d), kv_map, itemsize, kv=True),
+      common.Operand("dout", (_S, t, g, d), group_map, itemsize, streamed=(block_q, d)),
+      common.Operand("lse", (_S, g, t), row_map, 4, streamed=(block_q,)),
+      common.Operand("delta", (_S, g, t), row_map, 4, streamed=(block_q,)),
+      common.Operand("dk", (_S, block_k, _S, d), kv_map, itemsize, output=True),
+      common.Operand("dv", (_S, block_k, _S, d), kv_map, itemsize, output=True),
+  ]
+  if p.has_segments:
+    dkv_operands = [
+        common.Operand("q_seg", (_S, t), lambda bi, h, ki: (bi, 0), 4, streamed=(block_q,)),
+        common.Operand("k_seg", (_S, block_k), lambda bi, h, ki: (bi, ki), 4)] + dkv_operands
+
+  def dkv_items(bi, h, ki):
+    del bi, h
+    lo, hi = p.q_block_range(ki, block_q, block_k, nq)
+    return [(qb, ki) for _ in range(g) for qb in range(lo, hi)]
+
+  dkv = common.Plan("dkv", (b, kv, nk), ("parallel",) * 3, tuple(dkv_operands), dkv_items,
+                    block_q=block_q, heads_per_item=1, block_k=block_k, head_dim=d, matmuls=4,
+                    masks_every_block=True)
+
+  q_map = lambda bi, h, qi: (bi, qi, h, 0)
+  row_map = lambda bi, h, qi: (bi, h, qi)
+  kv_map = lambda bi, h, qi: (bi, 0, common.idiv(h, g), 0)
+  dq_operands = [
+      common.Operand("q", (_S, block_q, _S, d), q_map, itemsize),
+      common.Operand("k", (_S, s, _S, d), kv_map, itemsize, kv=True, streamed=(block_k, d)),
+      common.Operand("v", (_S, s, _S, d), kv_map, itemsize, kv=True, streamed=(block_k, d)),
+      common.Operand("dout", (_S, block_q, _S, d), q_map, itemsize),
+      common.Operand("lse", (_S, _S, block_q), row_map, 4),
+      common.Operand("delta", (_S, _S, block_q), row_map, 4),
+      common.Operand("dq", (_S, block_q, _S, d), q_map, itemsize, output=True),
+  ]
+  if p.has_segments:
+    dq_operands = [common.Operand("q_seg", (_S, block_q), lambda bi, h, qi: (bi, qi), 4),
+                   common.Operand("k_seg", (_S, s), lambda bi, h, qi: (bi, 0), 4,
+                                  streamed=(block_k,))] + dq_operands
+
+  def dq_items(bi, h, qi):
+    del bi, h
+    lo, hi = p.kv_block_range(qi, block_q, block_k, nk)
+    return [(qi, kb) for kb in range(lo, hi)]
+
+  dq = common.Plan("dq", (b, n, nq), ("parallel",) * 3, tuple(dq_operands), dq_items,
+                   block_q=block_q, heads_per_item=1, block_k=block_k, head_dim=d, matmuls=3,
+                   masks_every_block=True)
+  return dkv, dq
+
+
 def backward(p: common.Problem, q, k, v, q_seg, k_seg, out, lse, do, *, block_q: int,
              block_k: int, interpret: bool = False):
   """(dq, dk, dv) for padded inputs; lse [B, N, T] from forward()."""
-  b, t, n, d = q.shape
-  s, kv = k.shape[1], k.shape[2]
-  g = n // kv
-  nq, nk = t // block_q, s // block_k
+  d = q.shape[3]
+  nq, nk = q.shape[1] // block_q, k.shape[1] // block_k
   # delta_i = sum_d out_id * dout_id, the softmax-backward row term; one fused XLA pass.
   delta = jnp.einsum("btnd,btnd->bnt", out.astype(jnp.float32), do.astype(jnp.float32))
   seg_args = [q_seg, k_seg] if p.has_segments else []
-
-  # dK/dV: one program per (batch, kv head, key block); whole sequences of its G query heads.
-  dkv_specs = [
-      pl.BlockSpec((_S, t, g, d), lambda bi, h, ki: (bi, 0, h, 0)),  # q, the group's heads
-      pl.BlockSpec((_S, block_k, _S, d), lambda bi, h, ki: (bi, ki, h, 0)),
-      pl.BlockSpec((_S, block_k, _S, d), lambda bi, h, ki: (bi, ki, h, 0)),
-      pl.BlockSpec((_S, t, g, d), lambda bi, h, ki: (bi, 0, h, 0)),  # dout
-      pl.BlockSpec((_S, g, t), lambda bi, h, ki: (bi, h, 0)),  # lse
-      pl.BlockSpec((_S, g, t), lambda bi, h, ki: (bi, h, 0)),  # delta
-  ]
-  if p.has_segments:
-    dkv_specs = [pl.BlockSpec((_S, t), lambda bi, h, ki: (bi, 0)),
-                 pl.BlockSpec((_S, block_k), lambda bi, h, ki: (bi, ki))] + dkv_specs
-  kv_out_spec = pl.BlockSpec((_S, block_k, _S, d), lambda bi, h, ki: (bi, ki, h, 0))
+  dkv_plan, dq_plan = backward_plans(p, q.shape, k.shape, q.dtype.itemsize, block_q=block_q,
+                                     block_k=block_k)
   dk, dv = pl.pallas_call(
       functools.partial(_dkv_kernel, p=p, block_q=block_q, block_k=block_k,
                         num_q_blocks=nq),
-      grid=(b, kv, nk),
-      in_specs=dkv_specs,
-      out_specs=[kv_out_spec, kv_out_spec],
+      grid=dkv_plan.grid,
+      in_specs=_specs(dkv_plan.inputs),
+      out_specs=_specs(dkv_plan.outputs),
       out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype),
                  jax.ShapeDtypeStruct(v.shape, v.dtype)],
       compiler_params=_params(d, num_stages=2, interpret=interpret),
@@ -189,23 +261,12 @@ def backward(p: common.Problem, q, k, v, q_seg, k_seg, out, lse, do, *, block_q:
       name="effjax_flash_dkv",
   )(*seg_args, q, k, v, do, lse, delta)
 
-  dq_specs = [
-      pl.BlockSpec((_S, block_q, _S, d), lambda bi, h, qi: (bi, qi, h, 0)),
-      pl.BlockSpec((_S, s, _S, d), lambda bi, h, qi: (bi, 0, lax.div(h, g), 0)),
-      pl.BlockSpec((_S, s, _S, d), lambda bi, h, qi: (bi, 0, lax.div(h, g), 0)),
-      pl.BlockSpec((_S, block_q, _S, d), lambda bi, h, qi: (bi, qi, h, 0)),
-      pl.BlockSpec((_S, _S, block_q), lambda bi, h, qi: (bi, h, qi)),
-      pl.BlockSpec((_S, _S, block_q), lambda bi, h, qi: (bi, h, qi)),
-  ]
-  if p.has_segments:
-    dq_specs = [pl.BlockSpec((_S, block_q), lambda bi, h, qi: (bi, qi)),
-                pl.BlockSpec((_S, s), lambda bi, h, qi: (bi, 0))] + dq_specs
   dq = pl.pallas_call(
       functools.partial(_dq_kernel, p=p, block_q=block_q, block_k=block_k,
                         num_k_blocks=nk),
-      grid=(b, n, nq),
-      in_specs=dq_specs,
-      out_specs=pl.BlockSpec((_S, block_q, _S, d), lambda bi, h, qi: (bi, qi, h, 0)),
+      grid=dq_plan.grid,
+      in_specs=_specs(dq_plan.inputs),
+      out_specs=_specs(dq_plan.outputs)[0],
       out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
       compiler_params=_params(d, num_stages=2, interpret=interpret),
       interpret=interpret,

@@ -32,7 +32,11 @@ _S = compat.SQUEEZED
 
 def _clamp(i, lo, hi, n: int):
   """Index i moved into [lo, hi) (and into [0, n)): skipped steps re-use a fetched block."""
-  return jnp.clip(jnp.clip(i, lo, jnp.maximum(hi - 1, lo)), 0, n - 1)
+  return common.clamp(common.clamp(i, lo, hi), 0, n)
+
+
+def _specs(operands):
+  return [pl.BlockSpec(o.block, o.index_map) for o in operands]
 
 
 def _fwd_kernel(*refs, p: common.Problem, block_q: int, block_k: int, num_k_blocks: int):
@@ -67,42 +71,61 @@ def _fwd_kernel(*refs, p: common.Problem, block_q: int, block_k: int, num_k_bloc
     lse_ref[...] = lse
 
 
-def forward(p: common.Problem, q, k, v, q_seg, k_seg, *, block_q: int, block_k: int,
-            interpret=False):
-  """(out [B, N, T, D], lse [B, N, T, 1] float32) for padded [B, N, T, D] inputs."""
-  b, n, t, d = q.shape
-  kv, s = k.shape[1], k.shape[2]
+def forward_plan(p: common.Problem, q_shape, kv_shape, itemsize: int, *, block_q: int,
+                 block_k: int) -> common.Plan:
+  b, n, t, d = q_shape
+  kv, s = kv_shape[1], kv_shape[2]
   g = n // kv
   nq, nk = t // block_q, s // block_k
 
   def kv_index(bi, h, qi, ki):
     lo, hi = p.kv_block_range(qi, block_q, block_k, nk)
-    return bi, lax.div(h, g), _clamp(ki, lo, hi, nk), 0
+    return bi, common.idiv(h, g), _clamp(ki, lo, hi, nk), 0
 
   def k_seg_index(bi, h, qi, ki):
     lo, hi = p.kv_block_range(qi, block_q, block_k, nk)
     return bi, 0, _clamp(ki, lo, hi, nk)
 
-  q_spec = pl.BlockSpec((_S, _S, block_q, d), lambda bi, h, qi, ki: (bi, h, qi, 0))
-  kv_spec = pl.BlockSpec((_S, _S, block_k, d), kv_index)
-  in_specs, args = [q_spec, kv_spec, kv_spec], [q, k, v]
+  q_map = lambda bi, h, qi, ki: (bi, h, qi, 0)
+  operands = [
+      common.Operand("q", (_S, _S, block_q, d), q_map, itemsize),
+      common.Operand("k", (_S, _S, block_k, d), kv_index, itemsize, kv=True),
+      common.Operand("v", (_S, _S, block_k, d), kv_index, itemsize, kv=True),
+      common.Operand("out", (_S, _S, block_q, d), q_map, itemsize, output=True),
+      common.Operand("lse", (_S, _S, block_q, 1), q_map, 4, output=True),
+  ]
   if p.has_segments:
-    in_specs = [pl.BlockSpec((_S, block_q, 1), lambda bi, h, qi, ki: (bi, qi, 0)),
-                pl.BlockSpec((_S, 1, block_k), k_seg_index)] + in_specs
-    args = [q_seg, k_seg] + args
+    operands = [common.Operand("q_seg", (_S, block_q, 1), lambda bi, h, qi, ki: (bi, qi, 0), 4),
+                common.Operand("k_seg", (_S, 1, block_k), k_seg_index, 4)] + operands
+
+  def items(bi, h, qi, ki):
+    del bi, h
+    lo, hi = p.kv_block_range(qi, block_q, block_k, nk)
+    return [(qi, ki)] if lo <= ki < hi else []
+
+  return common.Plan("forward", (b, n, nq, nk), ("parallel",) * 3 + ("arbitrary",),
+                     tuple(operands), items, block_q=block_q, heads_per_item=1, block_k=block_k, head_dim=d,
+                     matmuls=2, masks_every_block=True)
+
+
+def forward(p: common.Problem, q, k, v, q_seg, k_seg, *, block_q: int, block_k: int,
+            interpret=False):
+  """(out [B, N, T, D], lse [B, N, T, 1] float32) for padded [B, N, T, D] inputs."""
+  b, n, t, d = q.shape
+  nk = k.shape[2] // block_k
+  plan = forward_plan(p, q.shape, k.shape, q.dtype.itemsize, block_q=block_q, block_k=block_k)
+  args = ([q_seg, k_seg] if p.has_segments else []) + [q, k, v]
   return pl.pallas_call(
       functools.partial(_fwd_kernel, p=p, block_q=block_q, block_k=block_k, num_k_blocks=nk),
-      grid=(b, n, nq, nk),
-      in_specs=in_specs,
-      out_specs=[q_spec,
-                 pl.BlockSpec((_S, _S, block_q, 1), lambda bi, h, qi, ki: (bi, h, qi, 0))],
+      grid=plan.grid,
+      in_specs=_specs(plan.inputs),
+      out_specs=_specs(plan.outputs),
       out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
                  jax.ShapeDtypeStruct((b, n, t, 1), jnp.float32)],
       scratch_shapes=[compat.tpu_vmem((block_q, d), jnp.float32),
                       compat.tpu_vmem((block_q, 1), jnp.float32),
                       compat.tpu_vmem((block_q, 1), jnp.float32)],
-      compiler_params=compat.tpu_compiler_params(
-          ("parallel", "parallel", "parallel", "arbitrary")),
+      compiler_params=compat.tpu_compiler_params(plan.semantics),
       interpret=interpret,
       name="effjax_flash_fwd_tpu",
   )(*args)
@@ -167,15 +190,13 @@ def _dq_kernel(*refs, p: common.Problem, block_q: int, block_k: int, num_k_block
     dq_ref[...] = dq_acc[...].astype(dq_ref.dtype)
 
 
-def backward(p: common.Problem, q, k, v, q_seg, k_seg, out, lse, do, *, block_q: int,
-             block_k: int, interpret=False):
-  """(dq, dk, dv) in [B, heads, T, D] for padded inputs; lse [B, N, T, 1] from forward()."""
-  b, n, t, d = q.shape
-  kv, s = k.shape[1], k.shape[2]
+def backward_plans(p: common.Problem, q_shape, kv_shape, itemsize: int, *, block_q: int,
+                   block_k: int) -> tuple[common.Plan, common.Plan]:
+  """(dK/dV plan, dQ plan)."""
+  b, n, t, d = q_shape
+  kv, s = kv_shape[1], kv_shape[2]
   g = n // kv
   nq, nk = t // block_q, s // block_k
-  delta = jnp.sum(out.astype(jnp.float32) * do.astype(jnp.float32), axis=-1, keepdims=True)
-  seg_args = [q_seg, k_seg] if p.has_segments else []
 
   # dK/dV: grid (B, K, key blocks, group head, query blocks).
   def q_index(bi, h, ki, gi, qi):
@@ -186,52 +207,97 @@ def backward(p: common.Problem, q, k, v, q_seg, k_seg, out, lse, do, *, block_q:
     lo, hi = p.q_block_range(ki, block_q, block_k, nq)
     return bi, _clamp(qi, lo, hi, nq), 0
 
-  q_spec = pl.BlockSpec((_S, _S, block_q, d), q_index)
-  row_spec = pl.BlockSpec((_S, _S, block_q, 1), q_index)
-  kv_spec = pl.BlockSpec((_S, _S, block_k, d), lambda bi, h, ki, gi, qi: (bi, h, ki, 0))
-  in_specs = [q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec]
+  kv_map = lambda bi, h, ki, gi, qi: (bi, h, ki, 0)
+  dkv_operands = [
+      common.Operand("q", (_S, _S, block_q, d), q_index, itemsize),
+      common.Operand("k", (_S, _S, block_k, d), kv_map, itemsize, kv=True),
+      common.Operand("v", (_S, _S, block_k, d), kv_map, itemsize, kv=True),
+      common.Operand("dout", (_S, _S, block_q, d), q_index, itemsize),
+      common.Operand("lse", (_S, _S, block_q, 1), q_index, 4),
+      common.Operand("delta", (_S, _S, block_q, 1), q_index, 4),
+      common.Operand("dk", (_S, _S, block_k, d), kv_map, itemsize, output=True),
+      common.Operand("dv", (_S, _S, block_k, d), kv_map, itemsize, output=True),
+  ]
   if p.has_segments:
-    in_specs = [pl.BlockSpec((_S, block_q, 1), q_seg_index),
-                pl.BlockSpec((_S, 1, block_k), lambda bi, h, ki, gi, qi: (bi, 0, ki))] + in_specs
-  dk, dv = pl.pallas_call(
-      functools.partial(_dkv_kernel, p=p, block_q=block_q, block_k=block_k, num_q_blocks=nq),
-      grid=(b, kv, nk, g, nq),
-      in_specs=in_specs,
-      out_specs=[kv_spec, kv_spec],
-      out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-      scratch_shapes=[compat.tpu_vmem((block_k, d), jnp.float32),
-                      compat.tpu_vmem((block_k, d), jnp.float32)],
-      compiler_params=compat.tpu_compiler_params(
-          ("parallel", "parallel", "parallel", "arbitrary", "arbitrary")),
-      interpret=interpret,
-      name="effjax_flash_dkv_tpu",
-  )(*seg_args, q, k, v, do, lse, delta)
+    dkv_operands = [
+        common.Operand("q_seg", (_S, block_q, 1), q_seg_index, 4),
+        common.Operand("k_seg", (_S, 1, block_k), lambda bi, h, ki, gi, qi: (bi, 0, ki), 4),
+    ] + dkv_operands
+
+  def dkv_items(bi, h, ki, gi, qi):
+    del bi, h, gi
+    lo, hi = p.q_block_range(ki, block_q, block_k, nq)
+    return [(qi, ki)] if lo <= qi < hi else []
+
+  dkv = common.Plan("dkv", (b, kv, nk, g, nq), ("parallel",) * 3 + ("arbitrary",) * 2,
+                    tuple(dkv_operands), dkv_items, block_q=block_q, heads_per_item=1, block_k=block_k,
+                    head_dim=d, matmuls=4, masks_every_block=True)
 
   # dQ: grid (B, N, query blocks, key blocks).
   def kv_index(bi, h, qi, ki):
     lo, hi = p.kv_block_range(qi, block_q, block_k, nk)
-    return bi, lax.div(h, g), _clamp(ki, lo, hi, nk), 0
+    return bi, common.idiv(h, g), _clamp(ki, lo, hi, nk), 0
 
   def k_seg_index(bi, h, qi, ki):
     lo, hi = p.kv_block_range(qi, block_q, block_k, nk)
     return bi, 0, _clamp(ki, lo, hi, nk)
 
-  q_spec = pl.BlockSpec((_S, _S, block_q, d), lambda bi, h, qi, ki: (bi, h, qi, 0))
-  row_spec = pl.BlockSpec((_S, _S, block_q, 1), lambda bi, h, qi, ki: (bi, h, qi, 0))
-  kv_spec = pl.BlockSpec((_S, _S, block_k, d), kv_index)
-  in_specs = [q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec]
+  q_map = lambda bi, h, qi, ki: (bi, h, qi, 0)
+  dq_operands = [
+      common.Operand("q", (_S, _S, block_q, d), q_map, itemsize),
+      common.Operand("k", (_S, _S, block_k, d), kv_index, itemsize, kv=True),
+      common.Operand("v", (_S, _S, block_k, d), kv_index, itemsize, kv=True),
+      common.Operand("dout", (_S, _S, block_q, d), q_map, itemsize),
+      common.Operand("lse", (_S, _S, block_q, 1), q_map, 4),
+      common.Operand("delta", (_S, _S, block_q, 1), q_map, 4),
+      common.Operand("dq", (_S, _S, block_q, d), q_map, itemsize, output=True),
+  ]
   if p.has_segments:
-    in_specs = [pl.BlockSpec((_S, block_q, 1), lambda bi, h, qi, ki: (bi, qi, 0)),
-                pl.BlockSpec((_S, 1, block_k), k_seg_index)] + in_specs
+    dq_operands = [
+        common.Operand("q_seg", (_S, block_q, 1), lambda bi, h, qi, ki: (bi, qi, 0), 4),
+        common.Operand("k_seg", (_S, 1, block_k), k_seg_index, 4)] + dq_operands
+
+  def dq_items(bi, h, qi, ki):
+    del bi, h
+    lo, hi = p.kv_block_range(qi, block_q, block_k, nk)
+    return [(qi, ki)] if lo <= ki < hi else []
+
+  dq = common.Plan("dq", (b, n, nq, nk), ("parallel",) * 3 + ("arbitrary",),
+                   tuple(dq_operands), dq_items, block_q=block_q, heads_per_item=1, block_k=block_k, head_dim=d,
+                   matmuls=3, masks_every_block=True)
+  return dkv, dq
+
+
+def backward(p: common.Problem, q, k, v, q_seg, k_seg, out, lse, do, *, block_q: int,
+             block_k: int, interpret=False):
+  """(dq, dk, dv) in [B, heads, T, D] for padded inputs; lse [B, N, T, 1] from forward()."""
+  d = q.shape[3]
+  nq, nk = q.shape[2] // block_q, k.shape[2] // block_k
+  delta = jnp.sum(out.astype(jnp.float32) * do.astype(jnp.float32), axis=-1, keepdims=True)
+  seg_args = [q_seg, k_seg] if p.has_segments else []
+  dkv_plan, dq_plan = backward_plans(p, q.shape, k.shape, q.dtype.itemsize, block_q=block_q,
+                                     block_k=block_k)
+  dk, dv = pl.pallas_call(
+      functools.partial(_dkv_kernel, p=p, block_q=block_q, block_k=block_k, num_q_blocks=nq),
+      grid=dkv_plan.grid,
+      in_specs=_specs(dkv_plan.inputs),
+      out_specs=_specs(dkv_plan.outputs),
+      out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+      scratch_shapes=[compat.tpu_vmem((block_k, d), jnp.float32),
+                      compat.tpu_vmem((block_k, d), jnp.float32)],
+      compiler_params=compat.tpu_compiler_params(dkv_plan.semantics),
+      interpret=interpret,
+      name="effjax_flash_dkv_tpu",
+  )(*seg_args, q, k, v, do, lse, delta)
+
   dq = pl.pallas_call(
       functools.partial(_dq_kernel, p=p, block_q=block_q, block_k=block_k, num_k_blocks=nk),
-      grid=(b, n, nq, nk),
-      in_specs=in_specs,
-      out_specs=q_spec,
+      grid=dq_plan.grid,
+      in_specs=_specs(dq_plan.inputs),
+      out_specs=_specs(dq_plan.outputs)[0],
       out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
       scratch_shapes=[compat.tpu_vmem((block_q, d), jnp.float32)],
-      compiler_params=compat.tpu_compiler_params(
-          ("parallel", "parallel", "parallel", "arbitrary")),
+      compiler_params=compat.tpu_compiler_params(dq_plan.semantics),
       interpret=interpret,
       name="effjax_flash_dq_tpu",
   )(*seg_args, q, k, v, do, lse, delta)

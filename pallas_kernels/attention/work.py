@@ -1,0 +1,208 @@
+"""The work the attention kernels schedule, counted in pure Python from their own plans.
+
+`count_work` builds the same `common.Plan`s the kernels build their pallas_calls from (grid,
+BlockSpec index maps, the (query block, key block) items each grid point computes) for the
+padded shapes and blocks a call would use, and walks them:
+
+  GPU (Triton-style): every program reads its per-program blocks once, and per item the
+      sub-blocks it streams from whole-sequence BlockSpecs (K/V in the forward and dQ, Q/dO in
+      dK/dV); outputs are written once per program.
+  TPU (Mosaic): the grid runs in row-major order and the pipeline copies an operand's block
+      only when its block index differs from the previous step's (outputs: written back when
+      it changes).
+
+Each count sits next to an ideal: MACs over visible (query, key) pairs at the true head_dim,
+K/V bytes and operand bytes touched once, blocks that hold a visible pair, and of those the
+blocks that straddle a mask boundary (causal diagonal, window edge, sequence end, segment
+boundary), the only ones that need a mask. A "block" is one query head's [block_q, block_k]
+tile, whatever number of heads a kernel item covers. Counts, not timings: a CPU run proves them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+
+import numpy as np
+
+from pallas_kernels.attention import api
+from pallas_kernels.attention import common
+from pallas_kernels.attention import reference
+
+KERNELS = ("forward", "dq", "dkv")
+
+
+@dataclasses.dataclass(frozen=True)
+class Work:
+  """What one kernel launch does, next to the ideal for the same problem."""
+  kernel: str
+  grid: tuple[int, ...]
+  programs: int  # independent programs: the whole grid (GPU), its parallel axes (TPU)
+  grid_steps: int
+  blocks_visited: int
+  blocks_masked: int
+  macs: int
+  kv_bytes: int  # K and V bytes read
+  bytes_moved: int  # every operand read and written
+  ideal_blocks_visited: int
+  ideal_blocks_masked: int
+  ideal_macs: int
+  ideal_kv_bytes: int
+  ideal_bytes_moved: int
+
+  def ratio(self, name: str) -> float:
+    ideal = getattr(self, "ideal_" + name)
+    return getattr(self, name) / ideal if ideal else float("inf")
+
+
+def _visible_np(p: common.Problem, t: int, s: int, seg_row):
+  """[t, s] visibility of one batch row at the true lengths (the reference's mask)."""
+  q_pos, k_pos = np.arange(t)[:, None], np.arange(s)[None, :]
+  q_seg = k_seg = None
+  if seg_row is not None:
+    q_seg, k_seg = seg_row[:t, None], seg_row[None, :s]
+  mask = reference.visible(q_pos, k_pos, causal=p.causal, sliding_window=p.sliding_window,
+                           q_seg=q_seg, k_seg=k_seg)
+  return np.ones((t, s), bool) if mask is None else np.broadcast_to(mask, (t, s))
+
+
+def _block_view(mask, bq: int, tq: int, bk: int, tk: int):
+  """[nq, nk, bq, bk] tiles of mask zero-padded to [tq, tk]."""
+  padded = np.zeros((tq, tk), bool)
+  padded[:mask.shape[0], :mask.shape[1]] = mask
+  return padded.reshape(tq // bq, bq, tk // bk, bk).transpose(0, 2, 1, 3)
+
+
+def _walk(plan: common.Plan, batch: int, gpu: bool, masked_fn):
+  """(programs, steps, visited, masked, kv bytes, bytes moved) over the whole grid.
+
+  The batch axis is the grid's first; every index map carries it, so a change of batch always
+  copies: the byte counts of batch 0 times `batch` are exact. Items are walked per batch when
+  masking depends on the batch row (segment ids).
+  """
+  rest = plan.grid[1:]
+  kv_bytes = moved = visited = masked = 0
+  prev = {}
+  for ids in itertools.product(range(1), *map(range, rest)):
+    for o in plan.operands:
+      if gpu:
+        if o.streamed is None:
+          nbytes = o.block_elements * o.itemsize
+        else:
+          continue
+      else:
+        index = tuple(int(i) for i in o.index_map(*ids))
+        if prev.get(o.name) == index:
+          continue
+        prev[o.name] = index
+        nbytes = o.block_elements * o.itemsize
+      moved += nbytes
+      kv_bytes += nbytes if o.kv else 0
+    items = list(plan.items(*ids))
+    if gpu:
+      for o in plan.inputs:
+        if o.streamed is not None:
+          nbytes = len(items) * math.prod(o.streamed) * o.itemsize
+          moved += nbytes
+          kv_bytes += nbytes if o.kv else 0
+    for bi in range(batch):
+      visited += len(items)
+      masked += sum(1 for qb, kb in items if masked_fn(bi, qb, kb))
+  steps = math.prod(plan.grid)
+  programs = steps if gpu else math.prod(
+      n for n, sem in zip(plan.grid, plan.semantics) if sem == "parallel")
+  heads = plan.heads_per_item
+  return programs, steps, visited * heads, masked * heads, kv_bytes * batch, moved * batch
+
+
+def count_work(*, implementation: str, batch: int, q_heads: int, kv_heads: int, q_len: int,
+               kv_len: int, head_dim: int, itemsize: int = 2, causal: bool = False,
+               sliding_window: int | None = None, segment_ids=None,
+               block_sizes: common.BlockSizes | None = None) -> dict[str, Work]:
+  """Work of the forward, dQ and dK/dV kernels ("gpu" or "tpu") for one flash_attention call.
+
+  segment_ids: optional [batch, q_len] integers (needs kv_len == q_len), as the call gets them;
+  they decide which blocks straddle a segment boundary.
+  """
+  if implementation not in ("gpu", "tpu"):
+    raise ValueError(f"implementation must be 'gpu' or 'tpu', got {implementation!r}")
+  if q_heads % kv_heads:
+    raise ValueError(f"q_heads={q_heads} is not a multiple of kv_heads={kv_heads}")
+  seg = None
+  if segment_ids is not None:
+    seg = np.asarray(segment_ids, np.int32)
+    if seg.shape != (batch, q_len) or kv_len != q_len:
+      raise ValueError(f"segment_ids must be [batch, q_len] = {(batch, q_len)} with kv_len == "
+                       f"q_len, got {seg.shape} and kv_len={kv_len}")
+  c = api.make_call((batch, q_len, q_heads, head_dim), (batch, kv_len, kv_heads, head_dim),
+                    causal=causal, sliding_window=sliding_window, logit_softcap=None,
+                    has_segments=seg is not None, sm_scale=1.0, implementation=implementation,
+                    block_sizes=block_sizes, interpret=False)
+  kernels = api._kernels(implementation)  # pylint: disable=protected-access
+  gpu = implementation == "gpu"
+  out = {}
+  for fwd in (True, False):
+    bq, tq, bk, tk, d = api.kernel_dims(c, q_len, kv_len, head_dim, fwd)
+    p = api.problem_for(c, tk)
+    if gpu:
+      q_shape, kv_shape = (batch, tq, q_heads, d), (batch, tk, kv_heads, d)
+    else:
+      q_shape, kv_shape = (batch, q_heads, tq, d), (batch, kv_heads, tk, d)
+    if fwd:
+      plans = [kernels.forward_plan(p, q_shape, kv_shape, itemsize, block_q=bq, block_k=bk)]
+    else:
+      plans = list(kernels.backward_plans(p, q_shape, kv_shape, itemsize, block_q=bq,
+                                          block_k=bk))
+    # Per batch row: visible tiles, boundary tiles, and which tiles the kernel masks.
+    vis_tiles, boundary, seg_uniform = [], [], []
+    for bi in range(batch):
+      row = None
+      if seg is not None:
+        row = np.zeros(max(tq, tk), np.int32)  # api pads segment ids with zeros
+        row[:q_len] = seg[bi]
+      tiles = _block_view(_visible_np(p, q_len, kv_len, row), bq, tq, bk, tk)
+      any_visible = tiles.any(axis=(2, 3))
+      uniform = np.ones(any_visible.shape, bool)
+      if row is not None:
+        qs, ks = row[:tq].reshape(-1, bq), row[:tk].reshape(-1, bk)
+        uniform = ((qs.min(1) == qs.max(1))[:, None] & (ks.min(1) == ks.max(1))[None, :]
+                   & (qs.min(1)[:, None] == ks.min(1)[None, :]))
+      straddles = np.array([[p.block_straddles_position_boundary(qb, kb, bq, bk)
+                             for kb in range(tk // bk)] for qb in range(tq // bq)], bool)
+      vis_tiles.append(any_visible)
+      boundary.append(any_visible & (straddles | ~uniform))
+      seg_uniform.append(uniform)
+    pairs = sum(int(_visible_np(p, q_len, kv_len, None if seg is None else seg[bi]).sum())
+                for bi in range(batch))
+
+    def masked_fn(bi, qb, kb, plan_masks_all=None, p=p, bq=bq, bk=bk):
+      if plan_masks_all:
+        return p.mask(0, 0, None, None) is not None or p.has_segments
+      return bool(p.block_straddles_position_boundary(qb, kb, bq, bk)
+                  or not seg_uniform[bi][qb, kb])
+
+    for plan in plans:
+      fn = lambda bi, qb, kb, plan=plan: masked_fn(bi, qb, kb, plan.masks_every_block)
+      programs, steps, visited, masked, kv_bytes, moved = _walk(plan, batch, gpu, fn)
+      qkv = batch * (q_len * q_heads + 2 * kv_len * kv_heads) * head_dim * itemsize
+      q_sized = batch * q_len * q_heads * head_dim * itemsize
+      rows_f32 = batch * q_heads * q_len * 4
+      seg_bytes = 2 * batch * q_len * 4 if seg is not None else 0
+      if plan.name == "forward":  # q, k, v in; out, lse out
+        ideal_moved = qkv + q_sized + rows_f32
+      elif plan.name == "dq":  # q, k, v, dout, lse, delta in; dq out
+        ideal_moved = qkv + q_sized + 2 * rows_f32 + q_sized
+      else:  # q, k, v, dout, lse, delta in; dk, dv out
+        ideal_moved = qkv + q_sized + 2 * rows_f32 + 2 * batch * kv_len * kv_heads * head_dim \
+            * itemsize
+      out[plan.name] = Work(
+          kernel=plan.name, grid=plan.grid, programs=programs, grid_steps=steps,
+          blocks_visited=visited, blocks_masked=masked,
+          macs=visited * bq * bk * d * plan.matmuls,
+          kv_bytes=kv_bytes, bytes_moved=moved,
+          ideal_blocks_visited=q_heads * sum(int(v.sum()) for v in vis_tiles),
+          ideal_blocks_masked=q_heads * sum(int(m.sum()) for m in boundary),
+          ideal_macs=pairs * q_heads * head_dim * plan.matmuls,
+          ideal_kv_bytes=2 * batch * kv_len * kv_heads * head_dim * itemsize,
+          ideal_bytes_moved=ideal_moved + seg_bytes)
+  return out
