@@ -50,16 +50,17 @@ class _Call:
   interpret: Any
 
 
-def _fit_tile(c: _Call, name: str, tile: int, dim: int, *, lane: bool) -> tuple[int, int]:
+def fit_tile(implementation: str, interpret, name: str, tile: int, dim: int, *,
+             lane: bool) -> tuple[int, int]:
   """(tile, padded dim) for one axis of one kernel call; lane: a TPU lane (last) axis."""
-  if c.implementation == "mosaic_gpu":
+  if implementation == "mosaic_gpu":
     from pallas_kernels.grouped_matmul import mosaic_gpu  # pylint: disable=g-import-not-at-top
     if tile % mosaic_gpu.TILE_MULTIPLE:
       raise ValueError(f"Mosaic GPU tiles must be multiples of {mosaic_gpu.TILE_MULTIPLE} (a "
                        f"warpgroup's wgmma rows), got Tiles.{name}={tile}")
     tile = min(tile, tiling.round_up(dim, mosaic_gpu.TILE_MULTIPLE))
     return tile, tiling.round_up(dim, tile)
-  if c.implementation == "gpu":
+  if implementation == "gpu":
     if tile < 16 or tile & (tile - 1):
       raise ValueError(f"GPU tiles must be powers of two >= 16 (Triton tiles), got "
                        f"Tiles.{name}={tile}")
@@ -69,11 +70,19 @@ def _fit_tile(c: _Call, name: str, tile: int, dim: int, *, lane: bool) -> tuple[
     raise ValueError(f"TPU tiles must be multiples of {_TPU_SUBLANES}, got Tiles.{name}={tile}")
   if lane and dim <= tile:
     return dim, dim  # one block spanning the whole axis: allowed at any size
-  if lane and tile % _TPU_LANES and c.interpret is False:
+  if lane and tile % _TPU_LANES and interpret is False:
     raise ValueError(f"Tiles.{name}={tile} tiles a TPU lane axis of size {dim}: Mosaic needs a "
                      f"multiple of {_TPU_LANES} (or a tile covering the whole axis)")
   tile = min(tile, tiling.round_up(dim, _TPU_SUBLANES))
   return tile, tiling.round_up(dim, tile)
+
+
+def fit_tiles(implementation: str, interpret, tiles: common.Tiles, m: int, k: int, n: int):
+  """(tiles the kernel runs with, (m, k, n) padded to them) for one call's [m, k] x [k, n]."""
+  bm, m_pad = fit_tile(implementation, interpret, "block_m", tiles.block_m, m, lane=False)
+  bk, k_pad = fit_tile(implementation, interpret, "block_k", tiles.block_k, k, lane=True)
+  bn, n_pad = fit_tile(implementation, interpret, "block_n", tiles.block_n, n, lane=True)
+  return common.Tiles(bm, bk, bn), (m_pad, k_pad, n_pad)
 
 
 def _pad_to(x, shape):
@@ -104,13 +113,11 @@ def _run_gmm(c: _Call, tiles: common.Tiles, lhs, rhs, group_sizes, group_offset,
                           group_offset=group_offset, out_dtype=out_dtype)
   (m, k), num_local = lhs.shape, rhs.shape[0]
   n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
-  bm, m_pad = _fit_tile(c, "block_m", tiles.block_m, m, lane=False)
-  bk, k_pad = _fit_tile(c, "block_k", tiles.block_k, k, lane=True)
-  bn, n_pad = _fit_tile(c, "block_n", tiles.block_n, n, lane=True)
+  fitted, (m_pad, k_pad, n_pad) = fit_tiles(c.implementation, c.interpret, tiles, m, k, n)
   starts, ends = common.local_group_bounds(group_sizes, group_offset, num_local, m)
   lhs = _pad_to(lhs, (m_pad, k_pad))
   rhs = _pad_to(rhs, (num_local, n_pad, k_pad) if transpose_rhs else (num_local, k_pad, n_pad))
-  out = _kernels(c.implementation).gmm(lhs, rhs, starts, ends, tiles=common.Tiles(bm, bk, bn),
+  out = _kernels(c.implementation).gmm(lhs, rhs, starts, ends, tiles=fitted,
                                        transpose_rhs=transpose_rhs, out_dtype=out_dtype,
                                        interpret=c.interpret)
   return out[:m, :n]
@@ -126,13 +133,11 @@ def _run_tgmm(c: _Call, tiles: common.Tiles, lhs, grad, group_sizes, group_offse
     return ragged_dot.tgmm(lhs, grad, group_sizes, num_groups=num_groups,
                            group_offset=group_offset, out_dtype=out_dtype)
   (m, k), n = lhs.shape, grad.shape[1]
-  bm, m_pad = _fit_tile(c, "block_m", tiles.block_m, m, lane=False)
-  bk, k_pad = _fit_tile(c, "block_k", tiles.block_k, k, lane=True)
-  bn, n_pad = _fit_tile(c, "block_n", tiles.block_n, n, lane=True)
+  fitted, (m_pad, k_pad, n_pad) = fit_tiles(c.implementation, c.interpret, tiles, m, k, n)
   starts, ends = common.local_group_bounds(group_sizes, group_offset, num_groups, m)
   out = _kernels(c.implementation).tgmm(
       _pad_to(lhs, (m_pad, k_pad)), _pad_to(grad, (m_pad, n_pad)), starts, ends,
-      tiles=common.Tiles(bm, bk, bn), out_dtype=out_dtype, interpret=c.interpret)
+      tiles=fitted, out_dtype=out_dtype, interpret=c.interpret)
   return out[:, :k, :n]
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 from jax import lax
 import jax.numpy as jnp
 
@@ -137,6 +138,92 @@ def visit_schedule(starts, ends, block_m: int, num_row_tiles: int, *, visit_empt
   # An empty segment at row m_padded would name the tile past the end.
   tile = jnp.clip(tile, 0, num_row_tiles - 1).astype(jnp.int32)
   return segment, tile, num_visits.reshape(1).astype(jnp.int32)
+
+
+@dataclasses.dataclass(frozen=True)
+class RowChunks:
+  """Work items covering sorted segments of rows with chunks aligned to each segment's start.
+
+  Item i multiplies rows [row0[i], row0[i] + sizes[size_class[i]]) (a static height per class)
+  with segment segment[i]'s weights and owns rows [lo[i], hi[i]) of it: it stores (or, in a
+  weight gradient, contracts) only those. Every row of every segment is owned by exactly one
+  item. Items of segment s are first_item[s] .. first_item[s + 1] - 1, in row order; items
+  from num_items[0] on are padding (a kernel skips them).
+  """
+  segment: jax.Array
+  row0: jax.Array
+  size_class: jax.Array
+  lo: jax.Array
+  hi: jax.Array
+  first_item: jax.Array
+  num_items: jax.Array
+  sizes: tuple[int, ...]
+
+  @property
+  def max_items(self) -> int:
+    return self.segment.shape[0]
+
+
+def chunk_sizes(block_m: int, min_rows: int) -> tuple[int, ...]:
+  """block_m, block_m / 2, ..., min_rows: the static chunk heights of row_chunks."""
+  if min_rows < 1 or block_m < min_rows or block_m % min_rows or (
+      (block_m // min_rows) & (block_m // min_rows - 1)):
+    raise ValueError(f"row chunks need block_m / min_rows a power of two, got block_m="
+                     f"{block_m}, min_rows={min_rows}")
+  sizes = [block_m]
+  while sizes[-1] > min_rows:
+    sizes.append(sizes[-1] // 2)
+  return tuple(sizes)
+
+
+def row_chunks(seg_starts, seg_ends, *, block_m: int, min_rows: int, num_rows: int) -> RowChunks:
+  """Row-chunk work items for segments [seg_starts[s], seg_ends[s]) (sorted, disjoint, within
+  [0, num_rows), num_rows a multiple of block_m).
+
+  A segment of L rows gets L // block_m full chunks from its start, then its remaining
+  t = L % block_m rows rounded up to min_rows, R = round_up(t, min_rows), as one chunk per set
+  bit of R (block_m / 2, block_m / 4, ..., min_rows rows; one block_m chunk when R = block_m).
+  The rounded tail is placed to end at the segment's end (or at row 0 when it would start
+  before it), so no chunk reads past num_rows; rows a tail chunk covers outside the segment's
+  tail belong to other items. A segment therefore issues fewer than min_rows rows beyond its
+  own, wherever its boundaries fall (a global row-tile grid issues a whole tile per boundary).
+
+  Static bound: num_rows // block_m + num_segments * max(1, log2(block_m / min_rows)) items.
+  """
+  sizes = chunk_sizes(block_m, min_rows)
+  num_segments = seg_starts.shape[0]
+  max_items = num_rows // block_m + num_segments * max(1, len(sizes) - 1)
+  size_arr = jnp.asarray(sizes, jnp.int32)
+  length = jnp.maximum(seg_ends - seg_starts, 0)
+  full = length // block_m
+  tail = tiling.cdiv(length % block_m, min_rows) * min_rows  # 0 .. block_m
+  present = (tail[:, None] & size_arr[None, :]) != 0  # [S, classes]; sizes are powers of two
+  count = full + present.sum(axis=1)
+  first_item = jnp.concatenate([jnp.zeros((1,), jnp.int32),
+                                jnp.cumsum(count).astype(jnp.int32)])
+  num_items = first_item[-1]
+  # Offset of each class's chunk inside the tail (larger chunks first).
+  offset = jnp.cumsum(jnp.where(present, size_arr[None, :], 0), axis=1) - jnp.where(
+      present, size_arr[None, :], 0)
+  tail_row0 = jnp.maximum(seg_ends - tail, 0)
+  tail_own = seg_starts + full * block_m
+
+  item = jnp.minimum(jnp.arange(max_items, dtype=jnp.int32), jnp.maximum(num_items - 1, 0))
+  segment = jnp.clip(jnp.searchsorted(first_item[1:], item, side="right"), 0,
+                     num_segments - 1).astype(jnp.int32)
+  q = item - first_item[segment]
+  is_full = q < full[segment]
+  tail_q = q - full[segment]
+  cls = jnp.argmax(jnp.cumsum(present[segment], axis=1) > tail_q[:, None], axis=1)
+  cls = jnp.where(is_full, 0, cls).astype(jnp.int32)
+  full_row0 = seg_starts[segment] + q * block_m
+  chunk_row0 = tail_row0[segment] + jnp.take_along_axis(offset[segment], cls[:, None], 1)[:, 0]
+  row0 = jnp.where(is_full, full_row0, chunk_row0).astype(jnp.int32)
+  lo = jnp.where(is_full, full_row0, jnp.maximum(chunk_row0, tail_own[segment]))
+  hi = jnp.where(is_full, full_row0 + block_m,
+                 jnp.minimum(chunk_row0 + size_arr[cls], seg_ends[segment]))
+  return RowChunks(segment, row0, cls, lo.astype(jnp.int32), hi.astype(jnp.int32), first_item,
+                   num_items.reshape(1).astype(jnp.int32), sizes)
 
 
 def masked_rows(x, mask):

@@ -61,28 +61,27 @@ def _gmm_kernel(segment_of_visit, tile_of_visit, seg_starts, seg_ends, num_visit
     out_ref[...] = jnp.where(mask, acc_ref[...], kept).astype(out_ref.dtype)
 
 
-def gmm(lhs, rhs, starts, ends, *, tiles: common.Tiles, transpose_rhs: bool, out_dtype,
-        interpret=False):
-  """lhs [m, k], rhs [G, k, n] ([G, n, k] transposed), all tile multiples -> [m, n]."""
-  m, k = lhs.shape
-  num_groups = rhs.shape[0]
-  n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
-  bm, bk, bn = tiles.block_m, tiles.block_k, tiles.block_n
-  num_row_tiles, num_k_tiles = m // bm, k // bk
-  # Segment 0: rows before the shard's groups; 1..G: the groups; G + 1: rows after them.
+def gmm_schedule(starts, ends, *, m: int, block_m: int):
+  """The scalar-prefetched operands of gmm: (segment_of_visit, tile_of_visit, seg_starts,
+  seg_ends, num_visits). Segment 0: rows before the shard's groups; 1..G: the groups; G + 1:
+  rows after them."""
   seg_starts = jnp.concatenate([jnp.zeros((1,), jnp.int32), starts, ends[-1:]])
   seg_ends = jnp.concatenate([starts[:1], ends, jnp.full((1,), m, jnp.int32)])
-  num_segments = num_groups + 2
   segment_of_visit, tile_of_visit, num_visits = common.visit_schedule(
-      seg_starts, seg_ends, bm, num_row_tiles, visit_empty=False)
+      seg_starts, seg_ends, block_m, m // block_m, visit_empty=False)
+  return segment_of_visit, tile_of_visit, seg_starts, seg_ends, num_visits
+
+
+def gmm_index_maps(num_groups: int, transpose_rhs: bool):
+  """(lhs, rhs, out) index maps of gmm, called as (j, visit, kt, *gmm_schedule(...))."""
+  num_segments = num_groups + 2
 
   def k_tile(visit, kt, segment_of_visit):
     segment = segment_of_visit[visit]
     return jnp.where((segment > 0) & (segment < num_segments - 1), kt, 0)
 
-  # Index maps get (grid indices..., prefetched refs...): (j, visit, kt, segment_of_visit,
-  # tile_of_visit, seg_starts, seg_ends, num_visits).
   def lhs_index(j, visit, kt, segment_of_visit, tile_of_visit, *_):
+    del j
     return tile_of_visit[visit], k_tile(visit, kt, segment_of_visit)
 
   def rhs_index(j, visit, kt, segment_of_visit, *_):
@@ -91,14 +90,30 @@ def gmm(lhs, rhs, starts, ends, *, tiles: common.Tiles, transpose_rhs: bool, out
     return (group, j, kt) if transpose_rhs else (group, kt, j)
 
   def out_index(j, visit, kt, segment_of_visit, tile_of_visit, *_):
+    del kt
     return tile_of_visit[visit], j
+
+  return lhs_index, rhs_index, out_index
+
+
+def gmm(lhs, rhs, starts, ends, *, tiles: common.Tiles, transpose_rhs: bool, out_dtype,
+        interpret=False):
+  """lhs [m, k], rhs [G, k, n] ([G, n, k] transposed), all tile multiples -> [m, n]."""
+  m, k = lhs.shape
+  num_groups = rhs.shape[0]
+  n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
+  bm, bk, bn = tiles.block_m, tiles.block_k, tiles.block_n
+  num_k_tiles = k // bk
+  num_segments = num_groups + 2
+  schedule = gmm_schedule(starts, ends, m=m, block_m=bm)
+  lhs_index, rhs_index, out_index = gmm_index_maps(num_groups, transpose_rhs)
 
   rhs_block = (_S, bn, bk) if transpose_rhs else (_S, bk, bn)
   kernel = functools.partial(_gmm_kernel, block_m=bm, num_k_tiles=num_k_tiles,
                              num_segments=num_segments, transpose_rhs=transpose_rhs)
   grid_spec = compat.tpu_prefetch_scalar_grid_spec(
       num_scalar_prefetch=5,
-      grid=(n // bn, segment_of_visit.shape[0], num_k_tiles),
+      grid=(n // bn, schedule[0].shape[0], num_k_tiles),
       in_specs=[pl.BlockSpec((bm, bk), lhs_index), pl.BlockSpec(rhs_block, rhs_index)],
       out_specs=pl.BlockSpec((bm, bn), out_index),
       scratch_shapes=[compat.tpu_vmem((bm, bn), jnp.float32)])
@@ -110,7 +125,13 @@ def gmm(lhs, rhs, starts, ends, *, tiles: common.Tiles, transpose_rhs: bool, out
       compiler_params=compat.tpu_compiler_params(("parallel", "arbitrary", "arbitrary")),
       interpret=interpret,
       name="effjax_gmm_tpu",
-  )(segment_of_visit, tile_of_visit, seg_starts, seg_ends, num_visits, lhs, rhs)
+  )(*schedule, lhs, rhs)
+
+
+def _select_rows_f32(x, mask):
+  """x where mask holds, else zero, selected in float32 (older TPUs have no bf16 vector unit)
+  and cast back to x's dtype for the MXU."""
+  return jnp.where(mask, x.astype(jnp.float32), 0.0).astype(x.dtype)
 
 
 def _tgmm_kernel(group_of_visit, tile_of_visit, starts, ends, num_visits, lhs_ref, grad_ref,
@@ -128,13 +149,37 @@ def _tgmm_kernel(group_of_visit, tile_of_visit, starts, ends, num_visits, lhs_re
   def _accumulate():
     first_row, start, end = tile_of_visit[visit] * block_m, starts[group], ends[group]
     x, y = lhs_ref[...], grad_ref[...]
-    x = common.masked_rows(x, common.rows_in(first_row, x.shape, start, end))
-    y = common.masked_rows(y, common.rows_in(first_row, y.shape, start, end))
+    x = _select_rows_f32(x, common.rows_in(first_row, x.shape, start, end))
+    y = _select_rows_f32(y, common.rows_in(first_row, y.shape, start, end))
     acc_ref[...] += tiling.dot(x, y, tiling.TN_DIMS, transpose_in_register=True)
 
   @pl.when((visit == max_visits - 1) | (next_group != group))
   def _store():
     out_ref[...] = acc_ref[...].astype(out_ref.dtype)
+
+
+def tgmm_schedule(starts, ends, *, m: int, block_m: int):
+  """The scalar-prefetched operands of tgmm: (group_of_visit, tile_of_visit, starts, ends,
+  num_visits); every local group gets a visit, empty ones included (they write zeros)."""
+  group_of_visit, tile_of_visit, num_visits = common.visit_schedule(
+      starts, ends, block_m, m // block_m, visit_empty=True)
+  return group_of_visit, tile_of_visit, starts, ends, num_visits
+
+
+def tgmm_index_maps():
+  """(lhs, grad, out) index maps of tgmm, called as (i, j, visit, *tgmm_schedule(...))."""
+  def lhs_index(i, j, visit, group_of_visit, tile_of_visit, *_):
+    del j
+    return tile_of_visit[visit], i
+
+  def grad_index(i, j, visit, group_of_visit, tile_of_visit, *_):
+    del i
+    return tile_of_visit[visit], j
+
+  def out_index(i, j, visit, group_of_visit, *_):
+    return group_of_visit[visit], i, j
+
+  return lhs_index, grad_index, out_index
 
 
 def tgmm(lhs, grad, starts, ends, *, tiles: common.Tiles, out_dtype, interpret=False):
@@ -143,19 +188,9 @@ def tgmm(lhs, grad, starts, ends, *, tiles: common.Tiles, out_dtype, interpret=F
   n = grad.shape[1]
   num_groups = starts.shape[0]
   bm, bk, bn = tiles.block_m, tiles.block_k, tiles.block_n
-  group_of_visit, tile_of_visit, num_visits = common.visit_schedule(
-      starts, ends, bm, m // bm, visit_empty=True)
-  max_visits = group_of_visit.shape[0]
-
-  # Index maps get (i, j, visit, group_of_visit, tile_of_visit, starts, ends, num_visits).
-  def lhs_index(i, j, visit, group_of_visit, tile_of_visit, *_):
-    return tile_of_visit[visit], i
-
-  def grad_index(i, j, visit, group_of_visit, tile_of_visit, *_):
-    return tile_of_visit[visit], j
-
-  def out_index(i, j, visit, group_of_visit, *_):
-    return group_of_visit[visit], i, j
+  schedule = tgmm_schedule(starts, ends, m=m, block_m=bm)
+  max_visits = schedule[0].shape[0]
+  lhs_index, grad_index, out_index = tgmm_index_maps()
 
   grid_spec = compat.tpu_prefetch_scalar_grid_spec(
       num_scalar_prefetch=5,
@@ -170,4 +205,4 @@ def tgmm(lhs, grad, starts, ends, *, tiles: common.Tiles, out_dtype, interpret=F
       compiler_params=compat.tpu_compiler_params(("parallel", "parallel", "arbitrary")),
       interpret=interpret,
       name="effjax_tgmm_tpu",
-  )(group_of_visit, tile_of_visit, starts, ends, num_visits, lhs, grad)
+  )(*schedule, lhs, grad)
