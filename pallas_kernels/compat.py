@@ -52,6 +52,16 @@ def triton_compiler_params(num_warps: int, num_stages: int):
 ABSTRACT_H100 = ("NVIDIA H100", 132)  # device kind and SM count as JAX reports them
 
 
+def gpu_core_count() -> int:
+  """SMs of the first GPU (what a grid should cover), or the H100's count without a GPU (for
+  interpreted runs and lowering on a CPU host)."""
+  try:
+    device = jax.devices("gpu")[0]
+  except RuntimeError:
+    return ABSTRACT_H100[1]
+  return int(getattr(device, "core_count", None) or ABSTRACT_H100[1])
+
+
 def abstract_gpu(device_kind: str = ABSTRACT_H100[0], num_cores: int = ABSTRACT_H100[1]):
   """A context in which GPU kernels trace and lower for `device_kind` on a host without one.
 

@@ -14,6 +14,8 @@ import pytest
 from pallas_kernels import compat
 from pallas_kernels.attention import BlockSizes, attention_reference, default_implementation
 from pallas_kernels.attention import flash_attention
+from pallas_kernels.attention import api as attention_api
+from pallas_kernels.attention import work
 
 F32_TOL, BF16_TOL = 1e-3, 1e-2
 
@@ -30,8 +32,10 @@ class Case:
   window: int | None = None
   softcap: float | None = None
   segments: bool = False
+  docs: tuple[int, ...] | None = None  # segment ids from these document lengths, else random
   dtype: str = "float32"
   blocks: BlockSizes = BlockSizes(32, 32)
+  gpu_cores: int | None = None  # SM count the GPU dK/dV grid is sized for (None: H100's)
 
   @property
   def name(self):  # short test id, e.g. t77_n4k1_d16_causal_win10_seg_f32
@@ -39,6 +43,7 @@ class Case:
              f"d{self.d}", "causal" if self.causal else "",
              f"win{self.window}" if self.window else "",
              f"cap{self.softcap:g}" if self.softcap else "", "seg" if self.segments else "",
+             "docs" if self.docs else "", f"sm{self.gpu_cores}" if self.gpu_cores else "",
              "f32" if self.dtype == "float32" else "bf16"]
     return "_".join(p for p in parts if p)
 
@@ -55,7 +60,10 @@ def _inputs(c: Case, seed=0):
   k = jax.random.normal(keys[1], (c.b, s, c.k, c.d), dtype)
   v = jax.random.normal(keys[2], (c.b, s, c.k, c.d), dtype)
   seg = None
-  if c.segments:  # packed documents of random lengths, ids increasing along the sequence
+  if c.docs:
+    seg = jnp.broadcast_to(jnp.repeat(jnp.arange(len(c.docs), dtype=jnp.int32),
+                                      jnp.array(c.docs), total_repeat_length=c.t), (c.b, c.t))
+  elif c.segments:  # packed documents of random lengths, ids increasing along the sequence
     starts = jax.random.bernoulli(keys[3], 0.1, (c.b, c.t)).at[:, 0].set(True)
     seg = jnp.cumsum(starts, axis=1).astype(jnp.int32)
   cot = jax.random.normal(keys[4], (c.b, c.t, c.n, c.d), jnp.float32)  # not all-ones: mixes rows
@@ -81,8 +89,10 @@ def _jitted_value_and_vjp(fn, cot):
   return jax.jit(value_and_vjp)
 
 
-def _check_against_reference(c: Case, implementation, interpret):
+def _check_against_reference(c: Case, implementation, interpret, monkeypatch=None):
   q, k, v, seg, cot = _inputs(c)
+  if c.gpu_cores is not None:
+    monkeypatch.setattr(compat, "gpu_core_count", lambda: c.gpu_cores)
 
   def kernel(q, k, v):
     return flash_attention(q, k, v, segment_ids=seg, block_sizes=c.blocks,
@@ -104,8 +114,10 @@ def _check_against_reference(c: Case, implementation, interpret):
 
 
 # Sequence lengths on and off block multiples, GQA ratios 1/2/4/8, each feature, both dtypes.
+# The dK/dV grid splits key blocks over programs to fill the GPU's SMs at these small shapes,
+# except where gpu_cores=1 (one program per key block, dK/dV written directly).
 GPU_CASES = [
-    Case(t=64, n=2, k=2, d=32),                                              # blocks fit
+    Case(t=64, n=2, k=2, d=32, gpu_cores=1),                                 # blocks fit
     Case(t=50, n=4, k=2, causal=True, blocks=BlockSizes(16, 16)),            # ragged, GQA 2
     Case(t=77, n=4, k=1, causal=True, window=10, segments=True,              # GQA 4, bwd
          blocks=BlockSizes(32, 16, block_q_bwd=16, block_k_bwd=32)),         # blocks differ
@@ -119,12 +131,15 @@ GPU_CASES = [
 
 @pytest.mark.slow
 @pytest.mark.parametrize("c", GPU_CASES, ids=lambda c: c.name)
-def test_gpu_kernel_interpreted_matches_reference(c):
-  _check_against_reference(c, "gpu", interpret=True)
+def test_gpu_kernel_interpreted_matches_reference(c, monkeypatch):
+  _check_against_reference(c, "gpu", interpret=True, monkeypatch=monkeypatch)
 
 
 TPU_CASES = [
-    Case(t=72, b=1, n=4, k=2, causal=True, segments=True, blocks=BlockSizes(16, 32)),
+    # Documents of 256, 45 and 83 tokens under 128-key blocks (the (8, 128) rule with segment
+    # ids): blocks inside one document run unmasked, blocks across documents are masked, and
+    # blocks whose documents differ entirely are skipped.
+    Case(t=384, b=1, n=4, k=2, causal=True, docs=(256, 45, 83), blocks=BlockSizes(32, 128)),
     Case(t=56, b=1, n=8, k=1, window=9, softcap=5.0, blocks=BlockSizes(16, 16, 32, 16)),
     Case(t=48, b=1, n=4, k=4, causal=True, window=12, dtype="bfloat16",
          blocks=BlockSizes(16, 16)),
@@ -253,6 +268,89 @@ def test_platform_selection_on_cpu():
   ref = attention_reference(q, k, v, causal=True)
   assert _rel(flash_attention(q, k, v, causal=True), ref) < 1e-6
   assert _rel(flash_attention(q, k, v, causal=True, interpret=True), ref) < F32_TOL
+
+
+def test_tpu_block_rules_are_checked_up_front_naming_the_block_and_rule():
+  x = jnp.ones((1, 1000, 2, 64))
+  seg = jnp.ones((1, 1000), jnp.int32)
+  tpu = dict(implementation="tpu", interpret=compat.tpu_interpret_params())
+  # Key segment ids reach the kernel as [8, block_k] blocks: 64 lanes is neither 128k nor 1000.
+  with pytest.raises(ValueError, match=r"block_k=64 makes the key segment ids an \[8, 64\] "
+                                       r"block.*multiple of 128"):
+    flash_attention(x, x, x, segment_ids=seg, block_sizes=BlockSizes(128, 64), **tpu)
+  with pytest.raises(ValueError, match=r"BlockSizes.block_q_bwd=12 breaks Mosaic's \(8, 128\)"):
+    flash_attention(x, x, x, block_sizes=BlockSizes(128, 128, block_q_bwd=12), **tpu)
+  with pytest.raises(ValueError, match=r"block_q=8 .*multiples of 16 for 2-byte"):
+    flash_attention(x.astype(jnp.bfloat16), x.astype(jnp.bfloat16), x.astype(jnp.bfloat16),
+                    block_sizes=BlockSizes(8, 128), **tpu)
+  # Without segment ids, or when one key block covers the sequence, 64-key blocks are fine.
+  for kw in (dict(block_sizes=BlockSizes(128, 64)),
+             dict(block_sizes=BlockSizes(128, 1024), segment_ids=seg)):
+    call = attention_api.make_call(
+        x.shape, x.shape, causal=False, sliding_window=None, logit_softcap=None,
+        has_segments="segment_ids" in kw, sm_scale=1.0, implementation="tpu",
+        block_sizes=kw["block_sizes"], interpret=False, itemsize=4)
+    assert attention_api.kernel_dims(call, 1000, 1000, 64, True)[2] in (64, 1000)
+
+
+@pytest.mark.parametrize("length,groups,want", [(4096, 1, (512, 512)), (4096, 4, (512, 512)),
+                                                (4096, 8, (256, 512)), (1000, 1, (512, 512)),
+                                                (600, 1, (128, 128)), (300, 1, (304, 304))])
+def test_tpu_default_blocks_are_512_where_the_sequence_allows(length, groups, want):
+  blocks = attention_api.tpu_default_block_sizes(length, length, groups, itemsize=2)
+  assert (blocks.block_q, blocks.block_k) == want == blocks.bwd
+
+
+# Work counts: counted from the kernels' own plans (grids, index maps, loop ranges).
+def _count(implementation, **kw):
+  kw = dict(batch=1, q_heads=8, kv_heads=8, q_len=1024, kv_len=1024, head_dim=128,
+            block_sizes=BlockSizes(128, 128) if implementation == "tpu" else None) | kw
+  return work.count_work(implementation=implementation, **kw)
+
+
+@pytest.mark.parametrize("implementation", ["gpu", "tpu"], ids=["triton_style", "mosaic"])
+def test_forward_and_dq_read_kv_once_per_group_whatever_the_group_size(implementation):
+  # One kv head shared by G = 1..8 query heads: the K/V traffic is that of G = 1.
+  counts = {g: _count(implementation, q_heads=g, kv_heads=1, causal=True) for g in (1, 2, 4, 8)}
+  for kernel in ("forward", "dq"):
+    kv = {g: c[kernel].kv_bytes for g, c in counts.items()}
+    assert len(set(kv.values())) == 1, (kernel, kv)
+    # ... while the query side (MACs) grows with G as it must.
+    assert counts[8][kernel].macs == 8 * counts[1][kernel].macs
+
+
+def test_gpu_dkv_grid_fills_the_sms_at_batch_one():
+  w = _count("gpu", batch=1, q_heads=8, kv_heads=1, q_len=2048, kv_len=2048, causal=True)
+  assert w["dkv"].programs >= 132  # H100's SMs; B * K * (S / 64) alone gives 32
+  alone = _count("gpu", batch=1, q_heads=8, kv_heads=1, q_len=2048, kv_len=2048, causal=True,
+                 gpu_cores=16)["dkv"]
+  assert alone.programs == 32 and alone.grid[-1] == 1
+  # Splitting changes who does the work, not how much.
+  assert w["dkv"].macs == alone.macs and w["dkv"].blocks_visited == alone.blocks_visited
+
+
+@pytest.mark.parametrize("implementation", ["gpu", "tpu"], ids=["triton_style", "mosaic"])
+def test_only_blocks_on_a_boundary_are_masked(implementation):
+  blocks = BlockSizes(128, 128)
+  # Causal, square blocks: only the diagonal block of each query block row, per head.
+  causal = _count(implementation, q_heads=2, kv_heads=1, causal=True, block_sizes=blocks)
+  for w in causal.values():
+    assert w.blocks_masked == 2 * (1024 // 128) == w.ideal_blocks_masked
+    assert w.blocks_visited == 2 * (8 * 9 // 2)
+  # Nothing to mask: every block runs unmasked.
+  full = _count(implementation, q_heads=2, kv_heads=1, block_sizes=blocks)
+  assert all(w.blocks_masked == 0 for w in full.values())
+  # 1000 keys padded to 1024: only the last key block column.
+  ragged = _count(implementation, q_heads=2, kv_heads=1, q_len=1000, kv_len=1000,
+                  block_sizes=blocks)
+  assert all(w.blocks_masked == 2 * 8 == w.ideal_blocks_masked for w in ragged.values())
+  # Documents of 512, 300 and 212 tokens: masked where a block crosses a document edge,
+  # skipped where its query and key documents differ entirely.
+  docs = np.repeat(np.arange(3, dtype=np.int32), (512, 300, 212))[None]
+  seg = _count(implementation, q_heads=2, kv_heads=1, segment_ids=docs, block_sizes=blocks)
+  for w in seg.values():
+    assert w.blocks_masked == w.ideal_blocks_masked > 0
+    assert w.blocks_visited == w.ideal_blocks_visited < full["forward"].blocks_visited
 
 
 @pytest.mark.slow

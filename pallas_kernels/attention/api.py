@@ -15,23 +15,21 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import tiling
 from pallas_kernels.attention import common
 from pallas_kernels.attention import reference
 
 IMPLEMENTATIONS = ("reference", "gpu", "tpu")
 DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
-# Defaults per kernel family; tests and the benchmark pass their own.
+# GPU default; the TPU default is shape-aware (tpu_default_block_sizes). Tests and the
+# benchmark pass their own.
 GPU_BLOCK_SIZES = common.BlockSizes(block_q=128, block_k=64, block_q_bwd=64, block_k_bwd=64)
-TPU_BLOCK_SIZES = common.BlockSizes(block_q=128, block_k=128, block_q_bwd=128, block_k_bwd=128)
 GPU_MAX_HEAD_DIM = 256  # the Triton kernels keep [block, head_dim] tiles in registers
-
-
-def _round_up(x: int, m: int) -> int:
-  return -(-x // m) * m
-
-
-def _next_pow2(x: int) -> int:
-  return 1 << max(x - 1, 0).bit_length()
+# A TPU grid step costs about 0.35 us of fixed overhead: blocks of 512 keep the matrix unit
+# busy well past it. A step holds G heads' query rows, capped here to bound VMEM.
+TPU_TARGET_BLOCK = 512
+TPU_MAX_QUERY_ROWS = 2048
+TPU_LANES = 128
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,40 +39,89 @@ class _Call:
   implementation: str
   block_sizes: common.BlockSizes
   interpret: Any
+  itemsize: int
 
 
-def _blocks(impl: str, block: int, length: int) -> tuple[int, int]:
-  """(block, padded length) for one sequence axis."""
-  if impl == "gpu":
+def _tpu_sublanes(itemsize: int) -> int:
+  """Rows of one Mosaic tile: (8, 128) for 32-bit types, (16, 128) for 16-bit ones (a step's
+  [G, block_q, D] block is reshaped to [G * block_q, D], free only on whole tiles)."""
+  return 8 if itemsize >= 4 else 16
+
+
+def _tpu_default_block(length: int, sublanes: int, cap: int) -> int:
+  """The whole (padded) axis when it fits in one block of `cap`; else the block of `cap` or
+  its halves down to 128 that pads the axis least (ties to the larger block)."""
+  if length <= cap:
+    return tiling.round_up(max(length, 1), sublanes)
+  candidates = [b for b in (cap, cap // 2, cap // 4) if b >= TPU_LANES] or [cap]
+  return min(candidates, key=lambda b: (tiling.round_up(length, b), -b))
+
+
+def tpu_default_block_sizes(q_len: int, kv_len: int, groups: int,
+                            itemsize: int) -> common.BlockSizes:
+  """512 wherever the sequence allows (query blocks: fewer when G heads would pass
+  TPU_MAX_QUERY_ROWS rows per step, never under 128)."""
+  sub = _tpu_sublanes(itemsize)
+  q_cap = max(TPU_LANES, min(TPU_TARGET_BLOCK, TPU_MAX_QUERY_ROWS // groups))
+  bq = _tpu_default_block(q_len, sub, q_cap)
+  bk = _tpu_default_block(kv_len, sub, TPU_TARGET_BLOCK)
+  return common.BlockSizes(bq, bk, bq, bk)
+
+
+def _blocks(c: _Call, name: str, length: int) -> tuple[int, int]:
+  """(block, padded length) for one sequence axis; BlockSizes field `name` gives the block.
+
+  Refuses, naming the block and the rule, what the platform cannot tile: Triton tiles are
+  powers of two; Mosaic blocks follow the (8, 128) rule (second-minor dim a multiple of 8,
+  16 for 16-bit types; minor dim a multiple of 128 or the whole axis), which with segment ids
+  binds block_k: the key ids reach the kernel as [8, block_k] blocks.
+  """
+  block = getattr(c.block_sizes, name)
+  if block is None:
+    block = getattr(c.block_sizes, name.removesuffix("_bwd"))
+  if c.implementation == "gpu":
     if block < 16 or block & (block - 1):
-      raise ValueError(f"GPU block sizes must be powers of two >= 16 (Triton tiles), got {block}")
-    block = min(block, max(16, _next_pow2(length)))
-  else:
-    if block % 8:
-      raise ValueError(f"TPU block sizes must be multiples of 8 (sublane tiles), got {block}")
-    block = min(block, _round_up(length, 8))
-  return block, _round_up(length, block)
+      raise ValueError(f"BlockSizes.{name}={block}: GPU block sizes must be powers of two "
+                       ">= 16 (Triton tiles)")
+    block = min(block, max(16, tiling.next_pow2(length)))
+    return block, tiling.round_up(length, block)
+  sub = _tpu_sublanes(c.itemsize)
+  if block % sub:
+    raise ValueError(f"BlockSizes.{name}={block} breaks Mosaic's ({sub}, 128) block rule: "
+                     f"TPU sequence blocks must be multiples of {sub} for "
+                     f"{c.itemsize}-byte inputs")
+  block = min(block, tiling.round_up(length, sub))
+  padded = tiling.round_up(length, block)
+  if (name.startswith("block_k") and c.problem.has_segments and block % TPU_LANES
+      and block != padded):
+    raise ValueError(
+        f"{c.block_sizes} with segment_ids breaks Mosaic's (8, 128) block rule: "
+        f"BlockSizes.{name}={block} makes the key segment ids an [8, {block}] block, whose "
+        f"last dim must be a multiple of 128 or the whole padded key axis ({padded})")
+  return block, padded
 
 
 def kernel_dims(c: _Call, q_len: int, kv_len: int, head_dim: int, fwd: bool):
   """(block_q, padded q_len, block_k, padded kv_len, head_dim in the kernels) of one call."""
-  bq, bk = (c.block_sizes.block_q, c.block_sizes.block_k) if fwd else c.block_sizes.bwd
-  bq, tq = _blocks(c.implementation, bq, q_len)
-  bk, tk = _blocks(c.implementation, bk, kv_len)
-  d = max(16, _next_pow2(head_dim)) if c.implementation == "gpu" else head_dim
+  suffix = "" if fwd else "_bwd"
+  bq, tq = _blocks(c, "block_q" + suffix, q_len)
+  bk, tk = _blocks(c, "block_k" + suffix, kv_len)
+  d = max(16, tiling.next_pow2(head_dim)) if c.implementation == "gpu" else head_dim
   return bq, tq, bk, tk, d
 
 
 def make_call(q_shape, kv_shape, *, causal, sliding_window, logit_softcap, has_segments,
-              sm_scale, implementation, block_sizes, interpret) -> _Call:
+              sm_scale, implementation, block_sizes, interpret, itemsize: int) -> _Call:
+  groups = q_shape[2] // kv_shape[2]
   if block_sizes is None:
-    block_sizes = GPU_BLOCK_SIZES if implementation == "gpu" else TPU_BLOCK_SIZES
+    block_sizes = (GPU_BLOCK_SIZES if implementation == "gpu" else
+                   tpu_default_block_sizes(q_shape[1], kv_shape[1], groups, itemsize))
   problem = common.Problem(
       causal=bool(causal), sliding_window=sliding_window,
       logit_softcap=None if logit_softcap is None else float(logit_softcap),
-      sm_scale=float(sm_scale), q_len=q_shape[1], kv_len=kv_shape[1], kv_padded=False,
-      has_segments=has_segments, groups=q_shape[2] // kv_shape[2])
-  return _Call(problem, implementation, block_sizes, interpret)
+      sm_scale=float(sm_scale), kv_len=kv_shape[1], kv_padded=False,
+      has_segments=has_segments, groups=groups)
+  return _Call(problem, implementation, block_sizes, interpret, itemsize)
 
 
 def _pad_axis(x, axis: int, size: int):
@@ -101,8 +148,9 @@ def _prepare(c: _Call, q, k, v, seg, fwd: bool):
   q_seg = k_seg = None
   if seg is not None:  # padded positions get any id: padded keys are masked by position
     q_seg, k_seg = _pad_axis(seg, 1, tq), _pad_axis(seg, 1, tk)
-    if c.implementation == "tpu":
-      q_seg, k_seg = q_seg[:, :, None], k_seg[:, None, :]
+    if c.implementation == "tpu":  # query ids over the 128 lanes, key ids over 8 sublanes
+      q_seg = jnp.broadcast_to(q_seg[:, :, None], (*q_seg.shape, TPU_LANES))
+      k_seg = jnp.broadcast_to(k_seg[:, None, :], (k_seg.shape[0], 8, k_seg.shape[1]))
   return q, k, v, q_seg, k_seg, bq, bk
 
 
@@ -199,14 +247,11 @@ def _check(q, k, v, causal, sliding_window, logit_softcap, segment_ids):
 def default_implementation(interpret: Any = False) -> str:
   """gpu / tpu kernels on their platforms; elsewhere the reference, or under interpret mode
   the kernel family the interpret argument asks for (TPU params select the TPU kernel)."""
-  platform = jax.default_backend()
-  if platform in ("gpu", "cuda", "rocm"):
-    return "gpu"
-  if platform == "tpu":
-    return "tpu"
-  if interpret is False or interpret is None:
-    return "reference"
-  return "gpu" if interpret is True else "tpu"
+  impl = tiling.default_implementation(interpret)
+  if impl == "mosaic_gpu":
+    raise NotImplementedError("flash attention has no Mosaic GPU kernel; interpret with True "
+                              "(the Triton-style kernel) or TPU interpret params")
+  return impl or "reference"
 
 
 def flash_attention(q, k, v, *, causal: bool = False, sliding_window: int | None = None,
@@ -226,7 +271,10 @@ def flash_attention(q, k, v, *, causal: bool = False, sliding_window: int | None
     segment_ids: [B, T] integers (needs S == T); tokens attend only within their segment. A
       query that sees no key at all outputs zeros.
     sm_scale: logit scale, default D ** -0.5.
-    block_sizes: tiles (see common.BlockSizes); defaults per implementation.
+    block_sizes: tiles (see common.BlockSizes); defaults per implementation (TPU: shape-aware,
+      see tpu_default_block_sizes). On TPU blocks follow Mosaic's (8, 128) rule (multiples of
+      8, 16 for 16-bit inputs; with segment_ids block_k a multiple of 128 unless one block
+      covers the keys); a bad block is a ValueError naming it and the rule.
     implementation: "reference" (pure jnp, differentiated by JAX), "gpu" (Triton-style
       Pallas) or "tpu" (Mosaic Pallas); None picks by platform (see default_implementation).
     interpret: run the Pallas kernels in an interpreter (True: the generic one; a
@@ -253,6 +301,8 @@ def flash_attention(q, k, v, *, causal: bool = False, sliding_window: int | None
   call = make_call(q.shape, k.shape, causal=causal, sliding_window=sliding_window,
                    logit_softcap=logit_softcap, has_segments=segment_ids is not None,
                    sm_scale=sm_scale, implementation=impl, block_sizes=block_sizes,
-                   interpret=interpret)
+                   interpret=interpret, itemsize=q.dtype.itemsize)
+  for fwd in (True, False):  # refuse blocks the platform cannot tile before any tracing
+    kernel_dims(call, q.shape[1], k.shape[1], q.shape[3], fwd)
   seg = None if segment_ids is None else segment_ids.astype(jnp.int32)
   return _flash_jit(call, q, k, v, seg)

@@ -12,10 +12,10 @@ from typing import Any, Callable
 from jax import lax
 import jax.numpy as jnp
 
+from pallas_kernels import tiling
 from pallas_kernels.attention import reference
 
-NT_DIMS = (((1,), (1,)), ((), ()))  # a @ b.T
-TN_DIMS = (((0,), (0,)), ((), ()))  # a.T @ b
+LOG2_E = math.log2(math.e)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,7 +73,7 @@ def clamp(i, lo, hi):
 class Operand:
   """One pallas_call operand as its BlockSpec sees it, with what the work counter needs.
 
-  streamed: the sub-block a GPU kernel loads per visited (query block, key block) item from a
+  streamed: the sub-block a GPU kernel loads per computed (query block, key block) item from a
   BlockSpec that spans the whole sequence (in-kernel loop); None: the block is read once per
   program (GPU) or DMA'd whenever its block index changes between grid steps (TPU).
   """
@@ -84,6 +84,7 @@ class Operand:
   output: bool = False
   kv: bool = False  # a K or V input (its traffic is what GQA multiplies)
   streamed: tuple[int, ...] | None = None
+  decides_skip: bool = False  # streamed, and read for every item in range, skipped or not
 
   @property
   def block_elements(self) -> int:
@@ -93,7 +94,10 @@ class Operand:
 @dataclasses.dataclass(frozen=True)
 class Plan:
   """A kernel's schedule: its grid, operands and the (query block, key block) items each grid
-  point computes. The kernel builds its pallas_call from it; work.py counts from it."""
+  point may compute. The kernel builds its pallas_call from it; work.py counts from it. Every
+  kernel masks only items that straddle a boundary (Problem.block_straddles_position_boundary,
+  or segment ids that are not one id on both sides) and, with segment ids, skips items whose
+  query and key ids have nothing in common (segment_block_test)."""
   name: str
   grid: tuple[int, ...]
   semantics: tuple[str, ...]  # "parallel" / "arbitrary" per grid axis
@@ -104,7 +108,6 @@ class Plan:
   block_k: int
   head_dim: int
   matmuls: int  # [rows, block_k, head_dim] products per item
-  masks_every_block: bool  # else only blocks that straddle a mask boundary
 
   @property
   def inputs(self):
@@ -122,19 +125,23 @@ class Problem:
   sliding_window: int | None
   logit_softcap: float | None
   sm_scale: float
-  q_len: int  # true lengths; arrays reaching a kernel are padded to block multiples
-  kv_len: int
+  kv_len: int  # true key length; arrays reaching a kernel are padded to block multiples
   kv_padded: bool  # whether keys past kv_len exist and must be masked
   has_segments: bool
   groups: int  # query heads per kv head
 
-  def logits(self, s):
-    return reference.softcap(s * self.sm_scale, self.logit_softcap)
+  def logits2(self, s):
+    """log2(e) * softcap(sm_scale * s): logits in base-2 units, so the softmax runs on exp2
+    with log2(e) folded into the scale (or the cap) instead of a multiply per exp."""
+    if self.logit_softcap is None:
+      return s * (self.sm_scale * LOG2_E)
+    cap = self.logit_softcap
+    return (cap * LOG2_E) * jnp.tanh(s * (self.sm_scale / cap))
 
-  def logits_grad(self, ds, capped):
+  def logits_grad(self, ds, logits2):
     """d(loss)/d(q.k) from d(loss)/d(capped logits): the tanh derivative, then the scale."""
     if self.logit_softcap is not None:
-      t = capped / self.logit_softcap
+      t = logits2 * (1.0 / (self.logit_softcap * LOG2_E))
       ds = ds * (1.0 - t * t)
     return ds * self.sm_scale
 
@@ -195,56 +202,74 @@ class Problem:
     return out
 
 
-def _dot(a, b, dims, transpose_in_register: bool):
-  if transpose_in_register and dims == TN_DIMS:
-    return lax.dot(a.T, b, preferred_element_type=jnp.float32)
-  return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
+def column(x):
+  """[rows, 1] from a per-row statistic stored [rows, 1] or lane-dense [rows, 128] (its value
+  repeated over the lanes, as the TPU kernels keep it)."""
+  return x if x.shape[-1] == 1 else x.max(axis=-1, keepdims=True)
 
 
-def fwd_block(p: Problem, q, k, v, q_pos, k_pos, q_seg, k_seg, acc, m, l):
-  """One online-softmax step over a key block. m, l are [bq, 1]; acc [bq, D] (float32)."""
-  s = p.logits(lax.dot_general(q, k, NT_DIMS, preferred_element_type=jnp.float32))
-  mask = p.mask(q_pos, k_pos, q_seg, k_seg)
-  if mask is not None:
-    s = jnp.where(mask, s, reference.MASK_VALUE)
-  m_new = jnp.maximum(m, s.max(axis=1, keepdims=True))
-  alpha = jnp.exp(m - m_new)
-  probs = jnp.exp(s - m_new)
-  if mask is not None:
-    probs = jnp.where(mask, probs, 0.0)  # an all-masked row keeps l == 0 instead of 1/bk
-  l_new = alpha * l + probs.sum(axis=1, keepdims=True)
-  acc_new = alpha * acc + lax.dot_general(probs.astype(v.dtype), v, (((1,), (0,)), ((), ())),
-                                          preferred_element_type=jnp.float32)
-  return acc_new, m_new, l_new
+def _where(mask, x, fill):
+  """x where mask, else fill; mask [bq, bk] covers x [G * bq, bk] (G heads' rows, head-major)
+  by a free leading-dim reshape."""
+  if mask is None:
+    return x
+  if mask.shape[0] == x.shape[0]:
+    return jnp.where(mask, x, fill)
+  g = x.shape[0] // mask.shape[0]
+  return jnp.where(mask[None], x.reshape(g, *mask.shape), fill).reshape(x.shape)
+
+
+def segment_block_test(q_lo, q_hi, k_lo, k_hi):
+  """(skip, uniform) for a block from the min/max segment ids of its queries and keys: no id
+  in common (nothing visible: skip), or one id on both sides (no segment mask needed). Works
+  on ints, numpy and traced scalars."""
+  skip = (q_hi < k_lo) | (k_hi < q_lo)
+  uniform = (q_lo == q_hi) & (k_lo == k_hi) & (q_lo == k_lo)
+  return skip, uniform
+
+
+def fwd_block(p: Problem, q, k, v, mask, acc, m, l):
+  """One online-softmax step over a key block, in base 2. q [rows, D]; mask [bq, bk] or None
+  (a block inside every boundary); m, l [rows, 1] or lane-dense [rows, 128]; acc float32."""
+  s = _where(mask, p.logits2(tiling.dot(q, k, tiling.NT_DIMS)), reference.MASK_VALUE)
+  m_prev = column(m)
+  m_new = jnp.maximum(m_prev, s.max(axis=1, keepdims=True))
+  alpha = jnp.exp2(m_prev - m_new)
+  # An all-masked row keeps l == 0 instead of 1/bk.
+  probs = _where(mask, jnp.exp2(s - m_new), 0.0)
+  l_new = alpha * column(l) + probs.sum(axis=1, keepdims=True)
+  acc_new = alpha * acc + tiling.dot(probs.astype(v.dtype), v, tiling.NN_DIMS)
+  return acc_new, jnp.broadcast_to(m_new, m.shape), jnp.broadcast_to(l_new, l.shape)
 
 
 def fwd_finish(acc, m, l):
-  """Output rows and log-sum-exp; a row that saw no key gives zeros (and a finite lse)."""
+  """Output rows and base-2 log-sum-exp [rows, 1]; a row that saw no key gives zeros (and a
+  finite lse)."""
+  l = column(l)
   l_safe = jnp.where(l == 0.0, 1.0, l)
-  return acc / l_safe, m + jnp.log(l_safe)
+  return acc / l_safe, column(m) + jnp.log2(l_safe)
 
 
-def bwd_block(p: Problem, q, k, v, do, lse, delta, q_pos, k_pos, q_seg, k_seg):
-  """Probabilities and d(q.k) for one (query block, key block) pair; lse, delta are [bq, 1]."""
-  s = p.logits(lax.dot_general(q, k, NT_DIMS, preferred_element_type=jnp.float32))
-  probs = jnp.exp(s - lse)
-  mask = p.mask(q_pos, k_pos, q_seg, k_seg)
-  if mask is not None:
-    probs = jnp.where(mask, probs, 0.0)
-  dp = lax.dot_general(do, v, NT_DIMS, preferred_element_type=jnp.float32)
-  ds = p.logits_grad(probs * (dp - delta), s)
+def bwd_block(p: Problem, q, k, v, do, lse, delta, mask):
+  """Probabilities and d(q.k) for one (query rows, key block) pair; lse (base 2) and delta
+  [rows, 1] or lane-dense; mask as in fwd_block."""
+  s = p.logits2(tiling.dot(q, k, tiling.NT_DIMS))
+  probs = _where(mask, jnp.exp2(s - column(lse)), 0.0)
+  dp = tiling.dot(do, v, tiling.NT_DIMS)
+  ds = p.logits_grad(probs * (dp - column(delta)), s)
   return probs, ds
 
 
 def dkv_update(q, do, probs, ds, dk, dv, *, transpose_in_register: bool):
-  dv = dv + _dot(probs.astype(do.dtype), do, TN_DIMS, transpose_in_register)
-  dk = dk + _dot(ds.astype(q.dtype), q, TN_DIMS, transpose_in_register)
+  dv = dv + tiling.dot(probs.astype(do.dtype), do, tiling.TN_DIMS,
+                       transpose_in_register=transpose_in_register)
+  dk = dk + tiling.dot(ds.astype(q.dtype), q, tiling.TN_DIMS,
+                       transpose_in_register=transpose_in_register)
   return dk, dv
 
 
 def dq_update(k, ds, dq):
-  return dq + lax.dot_general(ds.astype(k.dtype), k, (((1,), (0,)), ((), ())),
-                              preferred_element_type=jnp.float32)
+  return dq + tiling.dot(ds.astype(k.dtype), k, tiling.NN_DIMS)
 
 
 def positions(start, size: int, axis: int):
@@ -252,3 +277,10 @@ def positions(start, size: int, axis: int):
   shape = (size, 1) if axis == 0 else (1, size)
   return start + lax.broadcasted_iota(jnp.int32, shape, axis)
 
+
+def block_positions(q_start, k_start, block_q: int, block_k: int):
+  """Query and key positions of a block as full [block_q, block_k] iotas (the TPU layout: a
+  [bq, 1] column or [1, bk] row would fill one lane or one sublane of each vreg)."""
+  shape = (block_q, block_k)
+  return (q_start + lax.broadcasted_iota(jnp.int32, shape, 0),
+          k_start + lax.broadcasted_iota(jnp.int32, shape, 1))

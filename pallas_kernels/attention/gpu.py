@@ -4,15 +4,18 @@ Layout [batch, seq, heads, head_dim] throughout, as the model produces it. Input
 functions already padded by api.py: sequences to block multiples, head_dim to a power of two
 (Triton's tile shapes must be powers of two).
 
-Grid and loops:
-  forward  grid (B, N, query blocks); each program loops over the key blocks its rows can see
-           and saves the log-sum-exp per row for the backward.
-  dK/dV    grid (B, K, key blocks); each program loops over the N // K query heads of its
-           group and, per head, over the query blocks that can see its keys. Summing the
-           group inside the kernel keeps dK/dV in registers and needs no atomics and no
-           [B, S, N, D] partials (which the wrapper would have to reduce: G times the memory).
-  dQ       grid (B, N, query blocks), looping over key blocks like the forward.
-Query head n reads kv head n // G through the BlockSpec index maps (G = N // K).
+Grid and loops (G = N // K query heads share a kv head; query head n uses kv head n // G):
+  forward  grid (B, K, query blocks); a program holds the query block of all G heads of its
+           group and loops over the key blocks its rows can see: each K/V block is loaded
+           once for the G heads (not once per head). Saves the base-2 log-sum-exp per row.
+  dK/dV    grid (B, K, key blocks, splits); a program sums its share of the (head, query
+           block) items that can see its keys. When B * K * key blocks is below the GPU's SM
+           count, `splits` > 1 spreads each key block's items over several programs that
+           write float32 partials [splits, B, S, K, D], summed by XLA (a few MB at the small
+           batches where it applies); otherwise splits = 1 and dK/dV stay in registers.
+  dQ       grid (B, K, query blocks), looping over key blocks like the forward.
+Blocks inside every mask boundary skip the mask; with segment ids, a block whose query and key
+ids share nothing is skipped (cond on the blocks' min/max ids).
 
 Status: checked against the reference in Pallas's interpreter and lowered for "cuda" on a CPU
 (Triton IR); not yet compiled and timed on a GPU (experiments/bench_attention.py does both).
@@ -39,31 +42,69 @@ def _params(head_dim: int, num_stages: int, interpret):
                                        num_stages=num_stages)
 
 
-def _fwd_kernel(*refs, p: common.Problem, block_q: int, block_k: int, num_k_blocks: int):
+def _specs(operands):
+  return [pl.BlockSpec(o.block, o.index_map) for o in operands]
+
+
+def _branch(pred, true_fn, false_fn, carry):
+  """lax.cond, or the one branch when pred is a Python bool (no runtime test needed)."""
+  if isinstance(pred, bool):
+    return (true_fn if pred else false_fn)(carry)
+  return lax.cond(pred, true_fn, false_fn, carry)
+
+
+def _masked_step(p: common.Problem, q_block, k_block, block_q, block_k, q_seg, k_seg, step,
+                 carry):
+  """step(mask, carry) with the mask only where the block straddles a boundary, and skipped
+  when segment ids share nothing. q_seg [bq] and k_seg [bk] (or None) are the blocks' ids."""
+  needs_mask = p.block_straddles_position_boundary(q_block, k_block, block_q, block_k)
+  skip = False
+  if q_seg is not None:
+    skip, uniform = common.segment_block_test(q_seg.min(), q_seg.max(), k_seg.min(),
+                                              k_seg.max())
+    needs_mask = jnp.logical_or(needs_mask, jnp.logical_not(uniform))
+
+  def masked(carry):
+    mask = p.mask(common.positions(q_block * block_q, block_q, axis=0),
+                  common.positions(k_block * block_k, block_k, axis=1),
+                  None if q_seg is None else q_seg[:, None],
+                  None if k_seg is None else k_seg[None, :])
+    return step(mask, carry)
+
+  compute = lambda carry: _branch(needs_mask, masked, lambda c: step(None, c), carry)
+  return _branch(skip, lambda c: c, compute, carry)
+
+
+def _fwd_kernel(*refs, p: common.Problem, groups: int, block_q: int, block_k: int,
+                num_k_blocks: int):
   if p.has_segments:
-    q_seg_ref, k_seg_ref, q_ref, k_ref, v_ref, o_ref, lse_ref = refs
-  else:
-    q_ref, k_ref, v_ref, o_ref, lse_ref = refs
+    q_seg_ref, k_seg_ref, *refs = refs
+  q_ref, k_ref, v_ref, o_ref, lse_ref = refs
   q_block = pl.program_id(2)
-  q = q_ref[...]
-  q_pos = common.positions(q_block * block_q, block_q, axis=0)
-  q_seg = q_seg_ref[...][:, None] if p.has_segments else None
+  qs = [q_ref[:, h, :] for h in range(groups)]
+  q_seg = q_seg_ref[...] if p.has_segments else None
 
   def body(kb, carry):
     start = pl.multiple_of(kb * block_k, block_k)
     rows = pl.ds(start, block_k)
-    k_seg = k_seg_ref[rows][None, :] if p.has_segments else None
-    return common.fwd_block(p, q, k_ref[rows, :], v_ref[rows, :], q_pos,
-                            common.positions(start, block_k, axis=1), q_seg, k_seg, *carry)
+
+    def step(mask, carry):
+      k, v = k_ref[rows, :], v_ref[rows, :]  # once for the whole group
+      return tuple(common.fwd_block(p, qs[h], k, v, mask, *carry[h]) for h in range(groups))
+
+    k_seg = k_seg_ref[rows] if p.has_segments else None
+    return _masked_step(p, q_block, kb, block_q, block_k, q_seg, k_seg, step, carry)
 
   lo, hi = p.kv_block_range(q_block, block_q, block_k, num_k_blocks)
-  init = (jnp.zeros(q.shape, jnp.float32),
-          jnp.full((block_q, 1), common.reference.MASK_VALUE, jnp.float32),
-          jnp.zeros((block_q, 1), jnp.float32))
-  acc, m, l = lax.fori_loop(lo, hi, body, init)
-  out, lse = common.fwd_finish(acc, m, l)
-  o_ref[...] = out.astype(o_ref.dtype)
-  lse_ref[...] = lse[:, 0]
+  d = qs[0].shape[1]
+  init = tuple((jnp.zeros((block_q, d), jnp.float32),
+                jnp.full((block_q, 1), common.reference.MASK_VALUE, jnp.float32),
+                jnp.zeros((block_q, 1), jnp.float32)) for _ in range(groups))
+  final = lax.fori_loop(lo, hi, body, init)
+  for h in range(groups):
+    out, lse = common.fwd_finish(*final[h])
+    o_ref[:, h, :] = out.astype(o_ref.dtype)
+    lse_ref[h, :] = lse[:, 0]
 
 
 def forward_plan(p: common.Problem, q_shape, kv_shape, itemsize: int, *, block_q: int,
@@ -72,42 +113,38 @@ def forward_plan(p: common.Problem, q_shape, kv_shape, itemsize: int, *, block_q
   s, kv = kv_shape[1], kv_shape[2]
   g = n // kv
   nq, nk = t // block_q, s // block_k
-  q_map = lambda bi, h, qi: (bi, qi, h, 0)
-  kv_map = lambda bi, h, qi: (bi, 0, common.idiv(h, g), 0)
+  group_map = lambda bi, h, qi: (bi, qi, h, 0)  # the N-axis block of G heads: kv head h's
+  kv_map = lambda bi, h, qi: (bi, 0, h, 0)
   operands = [
-      common.Operand("q", (_S, block_q, _S, d), q_map, itemsize),
+      common.Operand("q", (_S, block_q, g, d), group_map, itemsize),
       common.Operand("k", (_S, s, _S, d), kv_map, itemsize, kv=True, streamed=(block_k, d)),
       common.Operand("v", (_S, s, _S, d), kv_map, itemsize, kv=True, streamed=(block_k, d)),
-      common.Operand("out", (_S, block_q, _S, d), q_map, itemsize, output=True),
-      common.Operand("lse", (_S, _S, block_q), lambda bi, h, qi: (bi, h, qi), 4, output=True),
+      common.Operand("out", (_S, block_q, g, d), group_map, itemsize, output=True),
+      common.Operand("lse", (_S, g, block_q), lambda bi, h, qi: (bi, h, qi), 4, output=True),
   ]
   if p.has_segments:
     operands = [common.Operand("q_seg", (_S, block_q), lambda bi, h, qi: (bi, qi), 4),
                 common.Operand("k_seg", (_S, s), lambda bi, h, qi: (bi, 0), 4,
-                               streamed=(block_k,))] + operands
+                               streamed=(block_k,), decides_skip=True)] + operands
 
   def items(bi, h, qi):
     del bi, h
     lo, hi = p.kv_block_range(qi, block_q, block_k, nk)
     return [(qi, kb) for kb in range(lo, hi)]
 
-  return common.Plan("forward", (b, n, nq), ("parallel",) * 3, tuple(operands), items,
-                     block_q=block_q, heads_per_item=1, block_k=block_k, head_dim=d, matmuls=2,
-                     masks_every_block=True)
-
-
-def _specs(operands):
-  return [pl.BlockSpec(o.block, o.index_map) for o in operands]
+  return common.Plan("forward", (b, kv, nq), ("parallel",) * 3, tuple(operands), items,
+                     block_q=block_q, heads_per_item=g, block_k=block_k, head_dim=d,
+                     matmuls=2)
 
 
 def forward(p: common.Problem, q, k, v, q_seg, k_seg, *, block_q: int, block_k: int,
             interpret: bool = False):
-  """(out [B, T, N, D], lse [B, N, T] float32) for padded inputs."""
+  """(out [B, T, N, D], base-2 lse [B, N, T] float32) for padded inputs."""
   b, t, n, d = q.shape
   nk = k.shape[1] // block_k
   plan = forward_plan(p, q.shape, k.shape, q.dtype.itemsize, block_q=block_q, block_k=block_k)
-  kernel = functools.partial(_fwd_kernel, p=p, block_q=block_q, block_k=block_k,
-                             num_k_blocks=nk)
+  kernel = functools.partial(_fwd_kernel, p=p, groups=n // k.shape[2], block_q=block_q,
+                             block_k=block_k, num_k_blocks=nk)
   args = ([q_seg, k_seg] if p.has_segments else []) + [q, k, v]
   return pl.pallas_call(
       kernel,
@@ -122,70 +159,107 @@ def forward(p: common.Problem, q, k, v, q_seg, k_seg, *, block_q: int, block_k: 
   )(*args)
 
 
-def _dkv_kernel(*refs, p: common.Problem, block_q: int, block_k: int, num_q_blocks: int):
+def _dkv_kernel(*refs, p: common.Problem, groups: int, splits: int, block_q: int,
+                block_k: int, num_q_blocks: int):
   if p.has_segments:
     q_seg_ref, k_seg_ref, *refs = refs
   q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref = refs
-  k_block = pl.program_id(2)
+  k_block, split = pl.program_id(2), pl.program_id(3)
   k, v = k_ref[...], v_ref[...]
-  k_pos = common.positions(k_block * block_k, block_k, axis=1)
-  k_seg = k_seg_ref[...][None, :] if p.has_segments else None
-  lo, hi = p.q_block_range(k_block, block_q, block_k, num_q_blocks)
+  k_seg = k_seg_ref[...] if p.has_segments else None
+  first, end, lo, n_q = _dkv_share(p, k_block, split, groups, splits, block_q, block_k,
+                                   num_q_blocks)
 
-  def q_body(qb, carry, head):
+  def item(j, carry):
+    n = jnp.asarray(n_q, jnp.int32)
+    head, qb = lax.div(j, n), lo + lax.rem(j, n)
     start = pl.multiple_of(qb * block_q, block_q)
     rows = pl.ds(start, block_q)
-    q, do = q_ref[rows, head, :], do_ref[rows, head, :]
-    q_seg = q_seg_ref[rows][:, None] if p.has_segments else None
-    probs, ds = common.bwd_block(p, q, k, v, do, lse_ref[head, rows][:, None],
-                                 delta_ref[head, rows][:, None],
-                                 common.positions(start, block_q, axis=0), k_pos, q_seg, k_seg)
-    return common.dkv_update(q, do, probs, ds, *carry, transpose_in_register=False)
 
-  def head_body(head, carry):
-    return lax.fori_loop(lo, hi, functools.partial(q_body, head=head), carry)
+    def step(mask, carry):
+      q, do = q_ref[rows, head, :], do_ref[rows, head, :]
+      probs, ds = common.bwd_block(p, q, k, v, do, lse_ref[head, rows][:, None],
+                                   delta_ref[head, rows][:, None], mask)
+      return common.dkv_update(q, do, probs, ds, *carry, transpose_in_register=False)
+
+    q_seg = q_seg_ref[rows] if p.has_segments else None
+    return _masked_step(p, qb, k_block, block_q, block_k, q_seg, k_seg, step, carry)
 
   zeros = jnp.zeros(k.shape, jnp.float32)
-  dk, dv = lax.fori_loop(0, p.groups, head_body, (zeros, zeros))
+  dk, dv = lax.fori_loop(first, end, item, (zeros, zeros))
   dk_ref[...] = dk.astype(dk_ref.dtype)
   dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def _dq_kernel(*refs, p: common.Problem, block_q: int, block_k: int, num_k_blocks: int):
+def _dkv_share(p, k_block, split, groups, splits, block_q, block_k, num_q_blocks):
+  """Program (key block, split)'s items [first, end) of the key block's G * n_q (head, query
+  block) items, head-major, query blocks from lo. Ints or traced alike."""
+  lo, hi = p.q_block_range(k_block, block_q, block_k, num_q_blocks)
+  n_q = hi - lo
+  per_split = common.idiv(groups * n_q + (splits - 1), splits)
+  first = split * per_split
+  return first, common.imin(first + per_split, groups * n_q), lo, n_q
+
+
+def dkv_splits(batch: int, kv_heads: int, num_k_blocks: int, groups: int, num_q_blocks: int,
+               cores: int) -> int:
+  """Programs per key block: enough for the grid to cover `cores` SMs, at most one per item."""
+  programs = batch * kv_heads * num_k_blocks
+  if programs >= cores:
+    return 1
+  return max(1, min(groups * num_q_blocks, -(-cores // programs)))
+
+
+def _dq_kernel(*refs, p: common.Problem, groups: int, block_q: int, block_k: int,
+               num_k_blocks: int):
   if p.has_segments:
     q_seg_ref, k_seg_ref, *refs = refs
   q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref = refs
   q_block = pl.program_id(2)
-  q, do = q_ref[...], do_ref[...]
-  lse, delta = lse_ref[...][:, None], delta_ref[...][:, None]
-  q_pos = common.positions(q_block * block_q, block_q, axis=0)
-  q_seg = q_seg_ref[...][:, None] if p.has_segments else None
+  qs = [q_ref[:, h, :] for h in range(groups)]
+  dos = [do_ref[:, h, :] for h in range(groups)]
+  lses = [lse_ref[h, :][:, None] for h in range(groups)]
+  deltas = [delta_ref[h, :][:, None] for h in range(groups)]
+  q_seg = q_seg_ref[...] if p.has_segments else None
 
-  def body(kb, dq):
+  def body(kb, carry):
     start = pl.multiple_of(kb * block_k, block_k)
     rows = pl.ds(start, block_k)
-    k = k_ref[rows, :]
-    k_seg = k_seg_ref[rows][None, :] if p.has_segments else None
-    _, ds = common.bwd_block(p, q, k, v_ref[rows, :], do, lse, delta, q_pos,
-                             common.positions(start, block_k, axis=1), q_seg, k_seg)
-    return common.dq_update(k, ds, dq)
+
+    def step(mask, carry):
+      k, v = k_ref[rows, :], v_ref[rows, :]  # once for the whole group
+      out = []
+      for h in range(groups):
+        _, ds = common.bwd_block(p, qs[h], k, v, dos[h], lses[h], deltas[h], mask)
+        out.append(common.dq_update(k, ds, carry[h]))
+      return tuple(out)
+
+    k_seg = k_seg_ref[rows] if p.has_segments else None
+    return _masked_step(p, q_block, kb, block_q, block_k, q_seg, k_seg, step, carry)
 
   lo, hi = p.kv_block_range(q_block, block_q, block_k, num_k_blocks)
-  dq = lax.fori_loop(lo, hi, body, jnp.zeros(q.shape, jnp.float32))
-  dq_ref[...] = dq.astype(dq_ref.dtype)
+  zeros = tuple(jnp.zeros(qs[0].shape, jnp.float32) for _ in range(groups))
+  dq = lax.fori_loop(lo, hi, body, zeros)
+  for h in range(groups):
+    dq_ref[:, h, :] = dq[h].astype(dq_ref.dtype)
 
 
 def backward_plans(p: common.Problem, q_shape, kv_shape, itemsize: int, *, block_q: int,
-                   block_k: int) -> tuple[common.Plan, common.Plan]:
-  """(dK/dV plan, dQ plan)."""
+                   block_k: int, cores: int = compat.ABSTRACT_H100[1]
+                   ) -> tuple[common.Plan, common.Plan]:
+  """(dK/dV plan, dQ plan); `cores`: the SM count the dK/dV grid should cover."""
   b, t, n, d = q_shape
   s, kv = kv_shape[1], kv_shape[2]
   g = n // kv
   nq, nk = t // block_q, s // block_k
-  # dK/dV: one program per (batch, kv head, key block); whole sequences of its G query heads.
-  group_map = lambda bi, h, ki: (bi, 0, h, 0)
-  row_map = lambda bi, h, ki: (bi, h, 0)
-  kv_map = lambda bi, h, ki: (bi, ki, h, 0)
+  splits = dkv_splits(b, kv, nk, g, nq, cores)
+  group_map = lambda bi, h, ki, si: (bi, 0, h, 0)
+  row_map = lambda bi, h, ki, si: (bi, h, 0)
+  kv_map = lambda bi, h, ki, si: (bi, ki, h, 0)
+  out_block, out_map, out_size = (_S, block_k, _S, d), kv_map, itemsize
+  if splits > 1:  # float32 partials [splits, B, S, K, D]
+    out_block, out_size = (_S, _S, block_k, _S, d), 4
+    out_map = lambda bi, h, ki, si: (si, bi, ki, h, 0)
   dkv_operands = [
       common.Operand("q", (_S, t, g, d), group_map, itemsize, streamed=(block_q, d)),
       common.Operand("k", (_S, block_k, _S, d), kv_map, itemsize, kv=True),
@@ -193,76 +267,82 @@ def backward_plans(p: common.Problem, q_shape, kv_shape, itemsize: int, *, block
       common.Operand("dout", (_S, t, g, d), group_map, itemsize, streamed=(block_q, d)),
       common.Operand("lse", (_S, g, t), row_map, 4, streamed=(block_q,)),
       common.Operand("delta", (_S, g, t), row_map, 4, streamed=(block_q,)),
-      common.Operand("dk", (_S, block_k, _S, d), kv_map, itemsize, output=True),
-      common.Operand("dv", (_S, block_k, _S, d), kv_map, itemsize, output=True),
+      common.Operand("dk", out_block, out_map, out_size, output=True),
+      common.Operand("dv", out_block, out_map, out_size, output=True),
   ]
   if p.has_segments:
     dkv_operands = [
-        common.Operand("q_seg", (_S, t), lambda bi, h, ki: (bi, 0), 4, streamed=(block_q,)),
-        common.Operand("k_seg", (_S, block_k), lambda bi, h, ki: (bi, ki), 4)] + dkv_operands
+        common.Operand("q_seg", (_S, t), lambda bi, h, ki, si: (bi, 0), 4,
+                       streamed=(block_q,), decides_skip=True),
+        common.Operand("k_seg", (_S, block_k), lambda bi, h, ki, si: (bi, ki), 4),
+    ] + dkv_operands
 
-  def dkv_items(bi, h, ki):
+  def dkv_items(bi, h, ki, si):
     del bi, h
-    lo, hi = p.q_block_range(ki, block_q, block_k, nq)
-    return [(qb, ki) for _ in range(g) for qb in range(lo, hi)]
+    first, end, lo, n_q = _dkv_share(p, ki, si, g, splits, block_q, block_k, nq)
+    return [(lo + j % n_q, ki) for j in range(first, end)]
 
-  dkv = common.Plan("dkv", (b, kv, nk), ("parallel",) * 3, tuple(dkv_operands), dkv_items,
-                    block_q=block_q, heads_per_item=1, block_k=block_k, head_dim=d, matmuls=4,
-                    masks_every_block=True)
+  dkv = common.Plan("dkv", (b, kv, nk, splits), ("parallel",) * 4, tuple(dkv_operands),
+                    dkv_items, block_q=block_q, heads_per_item=1, block_k=block_k, head_dim=d,
+                    matmuls=4)
 
-  q_map = lambda bi, h, qi: (bi, qi, h, 0)
+  group_map = lambda bi, h, qi: (bi, qi, h, 0)
   row_map = lambda bi, h, qi: (bi, h, qi)
-  kv_map = lambda bi, h, qi: (bi, 0, common.idiv(h, g), 0)
+  kv_map = lambda bi, h, qi: (bi, 0, h, 0)
   dq_operands = [
-      common.Operand("q", (_S, block_q, _S, d), q_map, itemsize),
+      common.Operand("q", (_S, block_q, g, d), group_map, itemsize),
       common.Operand("k", (_S, s, _S, d), kv_map, itemsize, kv=True, streamed=(block_k, d)),
       common.Operand("v", (_S, s, _S, d), kv_map, itemsize, kv=True, streamed=(block_k, d)),
-      common.Operand("dout", (_S, block_q, _S, d), q_map, itemsize),
-      common.Operand("lse", (_S, _S, block_q), row_map, 4),
-      common.Operand("delta", (_S, _S, block_q), row_map, 4),
-      common.Operand("dq", (_S, block_q, _S, d), q_map, itemsize, output=True),
+      common.Operand("dout", (_S, block_q, g, d), group_map, itemsize),
+      common.Operand("lse", (_S, g, block_q), row_map, 4),
+      common.Operand("delta", (_S, g, block_q), row_map, 4),
+      common.Operand("dq", (_S, block_q, g, d), group_map, itemsize, output=True),
   ]
   if p.has_segments:
     dq_operands = [common.Operand("q_seg", (_S, block_q), lambda bi, h, qi: (bi, qi), 4),
                    common.Operand("k_seg", (_S, s), lambda bi, h, qi: (bi, 0), 4,
-                                  streamed=(block_k,))] + dq_operands
+                                  streamed=(block_k,), decides_skip=True)] + dq_operands
 
   def dq_items(bi, h, qi):
     del bi, h
     lo, hi = p.kv_block_range(qi, block_q, block_k, nk)
     return [(qi, kb) for kb in range(lo, hi)]
 
-  dq = common.Plan("dq", (b, n, nq), ("parallel",) * 3, tuple(dq_operands), dq_items,
-                   block_q=block_q, heads_per_item=1, block_k=block_k, head_dim=d, matmuls=3,
-                   masks_every_block=True)
+  dq = common.Plan("dq", (b, kv, nq), ("parallel",) * 3, tuple(dq_operands), dq_items,
+                   block_q=block_q, heads_per_item=g, block_k=block_k, head_dim=d, matmuls=3)
   return dkv, dq
 
 
 def backward(p: common.Problem, q, k, v, q_seg, k_seg, out, lse, do, *, block_q: int,
              block_k: int, interpret: bool = False):
-  """(dq, dk, dv) for padded inputs; lse [B, N, T] from forward()."""
-  d = q.shape[3]
-  nq, nk = q.shape[1] // block_q, k.shape[1] // block_k
+  """(dq, dk, dv) for padded inputs; lse [B, N, T] (base 2) from forward()."""
+  b, t, n, d = q.shape
+  g = n // k.shape[2]
+  nq, nk = t // block_q, k.shape[1] // block_k
   # delta_i = sum_d out_id * dout_id, the softmax-backward row term; one fused XLA pass.
   delta = jnp.einsum("btnd,btnd->bnt", out.astype(jnp.float32), do.astype(jnp.float32))
   seg_args = [q_seg, k_seg] if p.has_segments else []
   dkv_plan, dq_plan = backward_plans(p, q.shape, k.shape, q.dtype.itemsize, block_q=block_q,
-                                     block_k=block_k)
+                                     block_k=block_k, cores=compat.gpu_core_count())
+  splits = dkv_plan.grid[3]
+  partial_shape = (splits, *k.shape) if splits > 1 else k.shape
+  partial_dtype = jnp.float32 if splits > 1 else k.dtype
   dk, dv = pl.pallas_call(
-      functools.partial(_dkv_kernel, p=p, block_q=block_q, block_k=block_k,
-                        num_q_blocks=nq),
+      functools.partial(_dkv_kernel, p=p, groups=g, splits=splits, block_q=block_q,
+                        block_k=block_k, num_q_blocks=nq),
       grid=dkv_plan.grid,
       in_specs=_specs(dkv_plan.inputs),
       out_specs=_specs(dkv_plan.outputs),
-      out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype),
-                 jax.ShapeDtypeStruct(v.shape, v.dtype)],
+      out_shape=[jax.ShapeDtypeStruct(partial_shape, partial_dtype)] * 2,
       compiler_params=_params(d, num_stages=2, interpret=interpret),
       interpret=interpret,
       name="effjax_flash_dkv",
   )(*seg_args, q, k, v, do, lse, delta)
+  if splits > 1:
+    dk, dv = dk.sum(0).astype(k.dtype), dv.sum(0).astype(v.dtype)
 
   dq = pl.pallas_call(
-      functools.partial(_dq_kernel, p=p, block_q=block_q, block_k=block_k,
+      functools.partial(_dq_kernel, p=p, groups=g, block_q=block_q, block_k=block_k,
                         num_k_blocks=nk),
       grid=dq_plan.grid,
       in_specs=_specs(dq_plan.inputs),

@@ -1,26 +1,34 @@
 """Flash attention as Mosaic TPU `pallas_call`s: forward, dK/dV and dQ kernels.
 
 Layout [batch, heads, seq, head_dim] (api.py transposes), so every block's last two dims are
-(sequence tile, head_dim) as Mosaic's (sublane, lane) tiling wants. Unlike the GPU kernels,
-which loop over key blocks inside a program, the key (or query) loop is the innermost grid
-axis ("arbitrary"), with float32 accumulators in VMEM scratch: Mosaic pipelines the block
-copies of a grid axis for us. Blocks no query can see are skipped with `pl.when`, and their
-index maps are clamped into the visible range so the pipeline does not fetch them either.
+(sequence tile, head_dim) as Mosaic's (sublane, lane) tiling wants. The key (or query) loop is
+the innermost grid axis ("arbitrary"), with float32 accumulators in VMEM scratch: Mosaic
+pipelines the block copies of a grid axis, and copies a block only when its index changes.
 
-dK/dV sums the N // K query heads of a group on a grid axis (B, K, key blocks, G, query
-blocks), accumulating in the same scratch: no partials, no atomics.
-Segment ids arrive as [B, T, 1] (queries, a column per block) and [B, 1, S] (keys, a row).
+GQA: every kernel's grid runs over kv heads; a step holds the query block of all G = N // K
+heads of the group as one [G * block_q, head_dim] tile (a free leading-dim reshape), so each
+K/V block is copied once per group, not once per query head. dK/dV sums the group's rows in
+the same tile products: no partials, no atomics.
+
+Layouts as JAX's own TPU kernels keep them (a [rows, 1] column would fill one lane per vreg):
+  - max/sum statistics: [rows, 128] VMEM scratch, the value repeated over the lanes;
+  - log-sum-exp (base 2) and delta reach the backward as [B, N, T, 128] (the forward writes
+    lse so and the wrapper keeps lane 0 as the residual);
+  - query segment ids [B, T, 128] (lanes), key segment ids [B, 8, S] (sublanes);
+  - positions as full [block_q, block_k] iotas.
+Blocks no query can see are skipped with `pl.when` and their index maps clamped into the
+visible range (the pipeline does not copy them). Only blocks that straddle a boundary are
+masked; with segment ids, the blocks' min/max ids (computed by XLA, scalar-prefetched to SMEM)
+decide whether a block needs the segment mask or can be skipped.
 
 Status: checked against the reference in the TPU simulator and lowered for "tpu" on a CPU;
-not yet compiled by Mosaic on TPU hardware (its layout rules for the [bq, 1] statistics and
-segment-id blocks are the likeliest thing to need a change there).
+not yet compiled by Mosaic on TPU hardware (its layout passes run only there).
 """
 from __future__ import annotations
 
 import functools
 
 import jax
-from jax import lax
 from jax.experimental import pallas as pl
 import jax.numpy as jnp
 
@@ -28,6 +36,7 @@ from pallas_kernels import compat
 from pallas_kernels.attention import common
 
 _S = compat.SQUEEZED
+LANES, SUBLANES = 128, 8
 
 
 def _clamp(i, lo, hi, n: int):
@@ -39,11 +48,80 @@ def _specs(operands):
   return [pl.BlockSpec(o.block, o.index_map) for o in operands]
 
 
-def _fwd_kernel(*refs, p: common.Problem, block_q: int, block_k: int, num_k_blocks: int):
+def _run_block(p: common.Problem, in_range, q_block, k_block, block_q: int, block_k: int,
+               seg, step):
+  """step(mask) for an in-range, not skipped block; the mask only where it straddles a
+  boundary. seg: (q_seg_ref, k_seg_ref, (q_lo, q_hi, k_lo, k_hi) scalars) or None."""
+  needs_mask = p.block_straddles_position_boundary(q_block, k_block, block_q, block_k)
+  compute = in_range
+  if seg is not None:
+    skip, uniform = common.segment_block_test(*seg[2])
+    compute = jnp.logical_and(compute, jnp.logical_not(skip))
+    needs_mask = jnp.logical_or(needs_mask, jnp.logical_not(uniform))
+
+  def masked():
+    q_pos, k_pos = common.block_positions(q_block * block_q, k_block * block_k, block_q,
+                                          block_k)
+    q_seg = k_seg = None
+    if seg is not None:
+      q_seg, k_seg = common.column(seg[0][...]), seg[1][:1, :]  # [bq, 1] and [1, bk]
+    step(p.mask(q_pos, k_pos, q_seg, k_seg))
+
+  if isinstance(needs_mask, bool):
+    pl.when(compute)(masked if needs_mask else lambda: step(None))
+  else:
+    pl.when(jnp.logical_and(compute, needs_mask))(masked)
+    pl.when(jnp.logical_and(compute, jnp.logical_not(needs_mask)))(lambda: step(None))
+
+
+def _segment_bounds(q_seg, k_seg, block_q: int, block_k: int):
+  """Per-block min and max segment ids, flattened [B * blocks] for SMEM."""
+  q, k = q_seg[:, :, 0], k_seg[:, 0, :]
+  b = q.shape[0]
+  qb, kb = q.reshape(b, -1, block_q), k.reshape(b, -1, block_k)
+  return [x.reshape(-1) for x in (qb.min(-1), qb.max(-1), kb.min(-1), kb.max(-1))]
+
+
+def _seg_scalars(refs, bi, q_block, k_block, nq: int, nk: int):
+  q_lo, q_hi, k_lo, k_hi = refs
+  qi, ki = bi * nq + q_block, bi * nk + k_block
+  return q_lo[qi], q_hi[qi], k_lo[ki], k_hi[ki]
+
+
+def _call(plan: common.Plan, kernel, args, bounds, out_shape, scratch, name, interpret):
+  """pallas_call of a plan, with the segment bounds scalar-prefetched when there are any."""
+  params = compat.tpu_compiler_params(plan.semantics)
+  if not bounds:
+    return pl.pallas_call(kernel, grid=plan.grid, in_specs=_specs(plan.inputs),
+                          out_specs=_specs(plan.outputs), out_shape=out_shape,
+                          scratch_shapes=scratch, compiler_params=params, interpret=interpret,
+                          name=name)(*args)
+  grid_spec = compat.tpu_prefetch_scalar_grid_spec(
+      num_scalar_prefetch=len(bounds), grid=plan.grid, in_specs=_specs(plan.inputs),
+      out_specs=_specs(plan.outputs), scratch_shapes=scratch)
+  return pl.pallas_call(kernel, grid_spec=grid_spec, out_shape=out_shape,
+                        compiler_params=params, interpret=interpret, name=name)(*bounds, *args)
+
+
+def _seg_operands(p: common.Problem, block_q: int, block_k: int, q_map, k_map):
+  if not p.has_segments:
+    return []
+  return [common.Operand("q_seg", (_S, block_q, LANES), q_map, 4),
+          common.Operand("k_seg", (_S, SUBLANES, block_k), k_map, 4)]
+
+
+def _fwd_kernel(*refs, p: common.Problem, groups: int, block_q: int, block_k: int,
+                num_q_blocks: int, num_k_blocks: int):
+  seg = None
   if p.has_segments:
-    q_seg_ref, k_seg_ref, *refs = refs
+    *bounds, q_seg_ref, k_seg_ref = refs[:6]
+    refs = refs[6:]
   q_ref, k_ref, v_ref, o_ref, lse_ref, acc_ref, m_ref, l_ref = refs
-  q_block, k_block = pl.program_id(2), pl.program_id(3)
+  bi, q_block, k_block = pl.program_id(0), pl.program_id(2), pl.program_id(3)
+  rows, d = groups * block_q, q_ref.shape[-1]
+  if p.has_segments:
+    seg = (q_seg_ref, k_seg_ref,
+           _seg_scalars(bounds, bi, q_block, k_block, num_q_blocks, num_k_blocks))
 
   @pl.when(k_block == 0)
   def _init():
@@ -51,24 +129,20 @@ def _fwd_kernel(*refs, p: common.Problem, block_q: int, block_k: int, num_k_bloc
     m_ref[...] = jnp.full(m_ref.shape, common.reference.MASK_VALUE, jnp.float32)
     l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
 
-  lo, hi = p.kv_block_range(q_block, block_q, block_k, num_k_blocks)
-
-  @pl.when((k_block >= lo) & (k_block < hi))
-  def _step():
-    acc, m, l = common.fwd_block(
-        p, q_ref[...], k_ref[...], v_ref[...],
-        common.positions(q_block * block_q, block_q, axis=0),
-        common.positions(k_block * block_k, block_k, axis=1),
-        q_seg_ref[...] if p.has_segments else None,
-        k_seg_ref[...] if p.has_segments else None,
-        acc_ref[...], m_ref[...], l_ref[...])
+  def step(mask):
+    acc, m, l = common.fwd_block(p, q_ref[...].reshape(rows, d), k_ref[...], v_ref[...], mask,
+                                 acc_ref[...], m_ref[...], l_ref[...])
     acc_ref[...], m_ref[...], l_ref[...] = acc, m, l
+
+  lo, hi = p.kv_block_range(q_block, block_q, block_k, num_k_blocks)
+  _run_block(p, jnp.logical_and(k_block >= lo, k_block < hi), q_block, k_block, block_q,
+             block_k, seg, step)
 
   @pl.when(k_block == num_k_blocks - 1)
   def _finish():
     out, lse = common.fwd_finish(acc_ref[...], m_ref[...], l_ref[...])
-    o_ref[...] = out.astype(o_ref.dtype)
-    lse_ref[...] = lse
+    o_ref[...] = out.reshape(o_ref.shape).astype(o_ref.dtype)
+    lse_ref[...] = jnp.broadcast_to(lse, (rows, LANES)).reshape(lse_ref.shape)
 
 
 def forward_plan(p: common.Problem, q_shape, kv_shape, itemsize: int, *, block_q: int,
@@ -78,116 +152,130 @@ def forward_plan(p: common.Problem, q_shape, kv_shape, itemsize: int, *, block_q
   g = n // kv
   nq, nk = t // block_q, s // block_k
 
-  def kv_index(bi, h, qi, ki):
+  def kv_index(bi, h, qi, ki, *_):
     lo, hi = p.kv_block_range(qi, block_q, block_k, nk)
-    return bi, common.idiv(h, g), _clamp(ki, lo, hi, nk), 0
+    return bi, h, _clamp(ki, lo, hi, nk), 0
 
-  def k_seg_index(bi, h, qi, ki):
+  def k_seg_index(bi, h, qi, ki, *_):
     lo, hi = p.kv_block_range(qi, block_q, block_k, nk)
     return bi, 0, _clamp(ki, lo, hi, nk)
 
-  q_map = lambda bi, h, qi, ki: (bi, h, qi, 0)
-  operands = [
-      common.Operand("q", (_S, _S, block_q, d), q_map, itemsize),
+  group_map = lambda bi, h, qi, ki, *_: (bi, h, qi, 0)  # head-axis block of G: kv head h's
+  operands = _seg_operands(p, block_q, block_k, lambda bi, h, qi, ki, *_: (bi, qi, 0),
+                           k_seg_index) + [
+      common.Operand("q", (_S, g, block_q, d), group_map, itemsize),
       common.Operand("k", (_S, _S, block_k, d), kv_index, itemsize, kv=True),
       common.Operand("v", (_S, _S, block_k, d), kv_index, itemsize, kv=True),
-      common.Operand("out", (_S, _S, block_q, d), q_map, itemsize, output=True),
-      common.Operand("lse", (_S, _S, block_q, 1), q_map, 4, output=True),
+      common.Operand("out", (_S, g, block_q, d), group_map, itemsize, output=True),
+      common.Operand("lse", (_S, g, block_q, LANES), group_map, 4, output=True),
   ]
-  if p.has_segments:
-    operands = [common.Operand("q_seg", (_S, block_q, 1), lambda bi, h, qi, ki: (bi, qi, 0), 4),
-                common.Operand("k_seg", (_S, 1, block_k), k_seg_index, 4)] + operands
 
   def items(bi, h, qi, ki):
     del bi, h
     lo, hi = p.kv_block_range(qi, block_q, block_k, nk)
     return [(qi, ki)] if lo <= ki < hi else []
 
-  return common.Plan("forward", (b, n, nq, nk), ("parallel",) * 3 + ("arbitrary",),
-                     tuple(operands), items, block_q=block_q, heads_per_item=1, block_k=block_k, head_dim=d,
-                     matmuls=2, masks_every_block=True)
+  return common.Plan("forward", (b, kv, nq, nk), ("parallel",) * 3 + ("arbitrary",),
+                     tuple(operands), items, block_q=block_q, heads_per_item=g,
+                     block_k=block_k, head_dim=d, matmuls=2)
+
+
+def _segments(p, q_seg, k_seg, block_q, block_k):
+  if not p.has_segments:
+    return [], []
+  return _segment_bounds(q_seg, k_seg, block_q, block_k), [q_seg, k_seg]
 
 
 def forward(p: common.Problem, q, k, v, q_seg, k_seg, *, block_q: int, block_k: int,
             interpret=False):
-  """(out [B, N, T, D], lse [B, N, T, 1] float32) for padded [B, N, T, D] inputs."""
+  """(out [B, N, T, D], base-2 lse [B, N, T] float32) for padded [B, N, T, D] inputs;
+  segment ids as [B, T, 128] and [B, 8, S]."""
   b, n, t, d = q.shape
-  nk = k.shape[2] // block_k
+  g = n // k.shape[1]
+  nq, nk = t // block_q, k.shape[2] // block_k
   plan = forward_plan(p, q.shape, k.shape, q.dtype.itemsize, block_q=block_q, block_k=block_k)
-  args = ([q_seg, k_seg] if p.has_segments else []) + [q, k, v]
-  return pl.pallas_call(
-      functools.partial(_fwd_kernel, p=p, block_q=block_q, block_k=block_k, num_k_blocks=nk),
-      grid=plan.grid,
-      in_specs=_specs(plan.inputs),
-      out_specs=_specs(plan.outputs),
-      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
-                 jax.ShapeDtypeStruct((b, n, t, 1), jnp.float32)],
-      scratch_shapes=[compat.tpu_vmem((block_q, d), jnp.float32),
-                      compat.tpu_vmem((block_q, 1), jnp.float32),
-                      compat.tpu_vmem((block_q, 1), jnp.float32)],
-      compiler_params=compat.tpu_compiler_params(plan.semantics),
-      interpret=interpret,
-      name="effjax_flash_fwd_tpu",
-  )(*args)
+  bounds, seg_args = _segments(p, q_seg, k_seg, block_q, block_k)
+  rows = g * block_q
+  out, lse = _call(
+      plan,
+      functools.partial(_fwd_kernel, p=p, groups=g, block_q=block_q, block_k=block_k,
+                        num_q_blocks=nq, num_k_blocks=nk),
+      seg_args + [q, k, v], bounds,
+      [jax.ShapeDtypeStruct(q.shape, q.dtype),
+       jax.ShapeDtypeStruct((b, n, t, LANES), jnp.float32)],
+      [compat.tpu_vmem((rows, d), jnp.float32), compat.tpu_vmem((rows, LANES), jnp.float32),
+       compat.tpu_vmem((rows, LANES), jnp.float32)],
+      "effjax_flash_fwd_tpu", interpret)
+  return out, lse[..., 0]
 
 
-def _dkv_kernel(*refs, p: common.Problem, block_q: int, block_k: int, num_q_blocks: int):
+def _dkv_kernel(*refs, p: common.Problem, groups: int, block_q: int, block_k: int,
+                num_q_blocks: int, num_k_blocks: int):
+  seg = None
   if p.has_segments:
-    q_seg_ref, k_seg_ref, *refs = refs
+    *bounds, q_seg_ref, k_seg_ref = refs[:6]
+    refs = refs[6:]
   q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, dk_acc, dv_acc = refs
-  k_block, head, q_block = pl.program_id(2), pl.program_id(3), pl.program_id(4)
+  bi, k_block, q_block = pl.program_id(0), pl.program_id(2), pl.program_id(3)
+  rows, d = groups * block_q, q_ref.shape[-1]
+  if p.has_segments:
+    seg = (q_seg_ref, k_seg_ref,
+           _seg_scalars(bounds, bi, q_block, k_block, num_q_blocks, num_k_blocks))
 
-  @pl.when((head == 0) & (q_block == 0))
+  @pl.when(q_block == 0)
   def _init():
     dk_acc[...] = jnp.zeros(dk_acc.shape, jnp.float32)
     dv_acc[...] = jnp.zeros(dv_acc.shape, jnp.float32)
 
-  lo, hi = p.q_block_range(k_block, block_q, block_k, num_q_blocks)
-
-  @pl.when((q_block >= lo) & (q_block < hi))
-  def _step():
-    q, do = q_ref[...], do_ref[...]
-    probs, ds = common.bwd_block(
-        p, q, k_ref[...], v_ref[...], do, lse_ref[...], delta_ref[...],
-        common.positions(q_block * block_q, block_q, axis=0),
-        common.positions(k_block * block_k, block_k, axis=1),
-        q_seg_ref[...] if p.has_segments else None,
-        k_seg_ref[...] if p.has_segments else None)
+  def step(mask):
+    q, do = q_ref[...].reshape(rows, d), do_ref[...].reshape(rows, d)
+    probs, ds = common.bwd_block(p, q, k_ref[...], v_ref[...], do,
+                                 lse_ref[...].reshape(rows, LANES),
+                                 delta_ref[...].reshape(rows, LANES), mask)
     dk_acc[...], dv_acc[...] = common.dkv_update(q, do, probs, ds, dk_acc[...], dv_acc[...],
                                                  transpose_in_register=True)
 
-  @pl.when((head == p.groups - 1) & (q_block == num_q_blocks - 1))
+  lo, hi = p.q_block_range(k_block, block_q, block_k, num_q_blocks)
+  _run_block(p, jnp.logical_and(q_block >= lo, q_block < hi), q_block, k_block, block_q,
+             block_k, seg, step)
+
+  @pl.when(q_block == num_q_blocks - 1)
   def _finish():
     dk_ref[...] = dk_acc[...].astype(dk_ref.dtype)
     dv_ref[...] = dv_acc[...].astype(dv_ref.dtype)
 
 
-def _dq_kernel(*refs, p: common.Problem, block_q: int, block_k: int, num_k_blocks: int):
+def _dq_kernel(*refs, p: common.Problem, groups: int, block_q: int, block_k: int,
+               num_q_blocks: int, num_k_blocks: int):
+  seg = None
   if p.has_segments:
-    q_seg_ref, k_seg_ref, *refs = refs
+    *bounds, q_seg_ref, k_seg_ref = refs[:6]
+    refs = refs[6:]
   q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, dq_acc = refs
-  q_block, k_block = pl.program_id(2), pl.program_id(3)
+  bi, q_block, k_block = pl.program_id(0), pl.program_id(2), pl.program_id(3)
+  rows, d = groups * block_q, q_ref.shape[-1]
+  if p.has_segments:
+    seg = (q_seg_ref, k_seg_ref,
+           _seg_scalars(bounds, bi, q_block, k_block, num_q_blocks, num_k_blocks))
 
   @pl.when(k_block == 0)
   def _init():
     dq_acc[...] = jnp.zeros(dq_acc.shape, jnp.float32)
 
-  lo, hi = p.kv_block_range(q_block, block_q, block_k, num_k_blocks)
-
-  @pl.when((k_block >= lo) & (k_block < hi))
-  def _step():
+  def step(mask):
     k = k_ref[...]
-    _, ds = common.bwd_block(
-        p, q_ref[...], k, v_ref[...], do_ref[...], lse_ref[...], delta_ref[...],
-        common.positions(q_block * block_q, block_q, axis=0),
-        common.positions(k_block * block_k, block_k, axis=1),
-        q_seg_ref[...] if p.has_segments else None,
-        k_seg_ref[...] if p.has_segments else None)
+    _, ds = common.bwd_block(p, q_ref[...].reshape(rows, d), k, v_ref[...],
+                             do_ref[...].reshape(rows, d), lse_ref[...].reshape(rows, LANES),
+                             delta_ref[...].reshape(rows, LANES), mask)
     dq_acc[...] = common.dq_update(k, ds, dq_acc[...])
+
+  lo, hi = p.kv_block_range(q_block, block_q, block_k, num_k_blocks)
+  _run_block(p, jnp.logical_and(k_block >= lo, k_block < hi), q_block, k_block, block_q,
+             block_k, seg, step)
 
   @pl.when(k_block == num_k_blocks - 1)
   def _finish():
-    dq_ref[...] = dq_acc[...].astype(dq_ref.dtype)
+    dq_ref[...] = dq_acc[...].reshape(dq_ref.shape).astype(dq_ref.dtype)
 
 
 def backward_plans(p: common.Problem, q_shape, kv_shape, itemsize: int, *, block_q: int,
@@ -198,107 +286,92 @@ def backward_plans(p: common.Problem, q_shape, kv_shape, itemsize: int, *, block
   g = n // kv
   nq, nk = t // block_q, s // block_k
 
-  # dK/dV: grid (B, K, key blocks, group head, query blocks).
-  def q_index(bi, h, ki, gi, qi):
+  # dK/dV: grid (B, K, key blocks, query blocks); a step holds the group's G heads.
+  def group_index(bi, h, ki, qi, *_):
     lo, hi = p.q_block_range(ki, block_q, block_k, nq)
-    return bi, h * g + gi, _clamp(qi, lo, hi, nq), 0
+    return bi, h, _clamp(qi, lo, hi, nq), 0
 
-  def q_seg_index(bi, h, ki, gi, qi):
+  def q_seg_index(bi, h, ki, qi, *_):
     lo, hi = p.q_block_range(ki, block_q, block_k, nq)
     return bi, _clamp(qi, lo, hi, nq), 0
 
-  kv_map = lambda bi, h, ki, gi, qi: (bi, h, ki, 0)
-  dkv_operands = [
-      common.Operand("q", (_S, _S, block_q, d), q_index, itemsize),
+  kv_map = lambda bi, h, ki, qi, *_: (bi, h, ki, 0)
+  dkv_operands = _seg_operands(p, block_q, block_k, q_seg_index,
+                               lambda bi, h, ki, qi, *_: (bi, 0, ki)) + [
+      common.Operand("q", (_S, g, block_q, d), group_index, itemsize),
       common.Operand("k", (_S, _S, block_k, d), kv_map, itemsize, kv=True),
       common.Operand("v", (_S, _S, block_k, d), kv_map, itemsize, kv=True),
-      common.Operand("dout", (_S, _S, block_q, d), q_index, itemsize),
-      common.Operand("lse", (_S, _S, block_q, 1), q_index, 4),
-      common.Operand("delta", (_S, _S, block_q, 1), q_index, 4),
+      common.Operand("dout", (_S, g, block_q, d), group_index, itemsize),
+      common.Operand("lse", (_S, g, block_q, LANES), group_index, 4),
+      common.Operand("delta", (_S, g, block_q, LANES), group_index, 4),
       common.Operand("dk", (_S, _S, block_k, d), kv_map, itemsize, output=True),
       common.Operand("dv", (_S, _S, block_k, d), kv_map, itemsize, output=True),
   ]
-  if p.has_segments:
-    dkv_operands = [
-        common.Operand("q_seg", (_S, block_q, 1), q_seg_index, 4),
-        common.Operand("k_seg", (_S, 1, block_k), lambda bi, h, ki, gi, qi: (bi, 0, ki), 4),
-    ] + dkv_operands
 
-  def dkv_items(bi, h, ki, gi, qi):
-    del bi, h, gi
+  def dkv_items(bi, h, ki, qi):
+    del bi, h
     lo, hi = p.q_block_range(ki, block_q, block_k, nq)
     return [(qi, ki)] if lo <= qi < hi else []
 
-  dkv = common.Plan("dkv", (b, kv, nk, g, nq), ("parallel",) * 3 + ("arbitrary",) * 2,
-                    tuple(dkv_operands), dkv_items, block_q=block_q, heads_per_item=1, block_k=block_k,
-                    head_dim=d, matmuls=4, masks_every_block=True)
+  dkv = common.Plan("dkv", (b, kv, nk, nq), ("parallel",) * 3 + ("arbitrary",),
+                    tuple(dkv_operands), dkv_items, block_q=block_q, heads_per_item=g,
+                    block_k=block_k, head_dim=d, matmuls=4)
 
-  # dQ: grid (B, N, query blocks, key blocks).
-  def kv_index(bi, h, qi, ki):
+  # dQ: grid (B, K, query blocks, key blocks), like the forward.
+  def kv_index(bi, h, qi, ki, *_):
     lo, hi = p.kv_block_range(qi, block_q, block_k, nk)
-    return bi, common.idiv(h, g), _clamp(ki, lo, hi, nk), 0
+    return bi, h, _clamp(ki, lo, hi, nk), 0
 
-  def k_seg_index(bi, h, qi, ki):
+  def k_seg_index(bi, h, qi, ki, *_):
     lo, hi = p.kv_block_range(qi, block_q, block_k, nk)
     return bi, 0, _clamp(ki, lo, hi, nk)
 
-  q_map = lambda bi, h, qi, ki: (bi, h, qi, 0)
-  dq_operands = [
-      common.Operand("q", (_S, _S, block_q, d), q_map, itemsize),
+  group_map = lambda bi, h, qi, ki, *_: (bi, h, qi, 0)
+  dq_operands = _seg_operands(p, block_q, block_k, lambda bi, h, qi, ki, *_: (bi, qi, 0),
+                              k_seg_index) + [
+      common.Operand("q", (_S, g, block_q, d), group_map, itemsize),
       common.Operand("k", (_S, _S, block_k, d), kv_index, itemsize, kv=True),
       common.Operand("v", (_S, _S, block_k, d), kv_index, itemsize, kv=True),
-      common.Operand("dout", (_S, _S, block_q, d), q_map, itemsize),
-      common.Operand("lse", (_S, _S, block_q, 1), q_map, 4),
-      common.Operand("delta", (_S, _S, block_q, 1), q_map, 4),
-      common.Operand("dq", (_S, _S, block_q, d), q_map, itemsize, output=True),
+      common.Operand("dout", (_S, g, block_q, d), group_map, itemsize),
+      common.Operand("lse", (_S, g, block_q, LANES), group_map, 4),
+      common.Operand("delta", (_S, g, block_q, LANES), group_map, 4),
+      common.Operand("dq", (_S, g, block_q, d), group_map, itemsize, output=True),
   ]
-  if p.has_segments:
-    dq_operands = [
-        common.Operand("q_seg", (_S, block_q, 1), lambda bi, h, qi, ki: (bi, qi, 0), 4),
-        common.Operand("k_seg", (_S, 1, block_k), k_seg_index, 4)] + dq_operands
 
   def dq_items(bi, h, qi, ki):
     del bi, h
     lo, hi = p.kv_block_range(qi, block_q, block_k, nk)
     return [(qi, ki)] if lo <= ki < hi else []
 
-  dq = common.Plan("dq", (b, n, nq, nk), ("parallel",) * 3 + ("arbitrary",),
-                   tuple(dq_operands), dq_items, block_q=block_q, heads_per_item=1, block_k=block_k, head_dim=d,
-                   matmuls=3, masks_every_block=True)
+  dq = common.Plan("dq", (b, kv, nq, nk), ("parallel",) * 3 + ("arbitrary",),
+                   tuple(dq_operands), dq_items, block_q=block_q, heads_per_item=g,
+                   block_k=block_k, head_dim=d, matmuls=3)
   return dkv, dq
 
 
 def backward(p: common.Problem, q, k, v, q_seg, k_seg, out, lse, do, *, block_q: int,
              block_k: int, interpret=False):
-  """(dq, dk, dv) in [B, heads, T, D] for padded inputs; lse [B, N, T, 1] from forward()."""
-  d = q.shape[3]
-  nq, nk = q.shape[2] // block_q, k.shape[2] // block_k
-  delta = jnp.sum(out.astype(jnp.float32) * do.astype(jnp.float32), axis=-1, keepdims=True)
-  seg_args = [q_seg, k_seg] if p.has_segments else []
+  """(dq, dk, dv) in [B, heads, T, D] for padded inputs; lse [B, N, T] (base 2) from
+  forward()."""
+  b, n, t, d = q.shape
+  g = n // k.shape[1]
+  nq, nk = t // block_q, k.shape[2] // block_k
+  rows = g * block_q
+  lanes = (b, n, t, LANES)
+  lse = jnp.broadcast_to(lse[..., None], lanes)
+  delta = jnp.broadcast_to(
+      jnp.sum(out.astype(jnp.float32) * do.astype(jnp.float32), axis=-1, keepdims=True), lanes)
+  bounds, seg_args = _segments(p, q_seg, k_seg, block_q, block_k)
   dkv_plan, dq_plan = backward_plans(p, q.shape, k.shape, q.dtype.itemsize, block_q=block_q,
                                      block_k=block_k)
-  dk, dv = pl.pallas_call(
-      functools.partial(_dkv_kernel, p=p, block_q=block_q, block_k=block_k, num_q_blocks=nq),
-      grid=dkv_plan.grid,
-      in_specs=_specs(dkv_plan.inputs),
-      out_specs=_specs(dkv_plan.outputs),
-      out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-      scratch_shapes=[compat.tpu_vmem((block_k, d), jnp.float32),
-                      compat.tpu_vmem((block_k, d), jnp.float32)],
-      compiler_params=compat.tpu_compiler_params(dkv_plan.semantics),
-      interpret=interpret,
-      name="effjax_flash_dkv_tpu",
-  )(*seg_args, q, k, v, do, lse, delta)
-
-  dq = pl.pallas_call(
-      functools.partial(_dq_kernel, p=p, block_q=block_q, block_k=block_k, num_k_blocks=nk),
-      grid=dq_plan.grid,
-      in_specs=_specs(dq_plan.inputs),
-      out_specs=_specs(dq_plan.outputs)[0],
-      out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-      scratch_shapes=[compat.tpu_vmem((block_q, d), jnp.float32)],
-      compiler_params=compat.tpu_compiler_params(dq_plan.semantics),
-      interpret=interpret,
-      name="effjax_flash_dq_tpu",
-  )(*seg_args, q, k, v, do, lse, delta)
+  kw = dict(p=p, groups=g, block_q=block_q, block_k=block_k, num_q_blocks=nq, num_k_blocks=nk)
+  dk, dv = _call(
+      dkv_plan, functools.partial(_dkv_kernel, **kw), seg_args + [q, k, v, do, lse, delta],
+      bounds, [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+      [compat.tpu_vmem((block_k, d), jnp.float32), compat.tpu_vmem((block_k, d), jnp.float32)],
+      "effjax_flash_dkv_tpu", interpret)
+  dq = _call(
+      dq_plan, functools.partial(_dq_kernel, **kw), seg_args + [q, k, v, do, lse, delta],
+      bounds, [jax.ShapeDtypeStruct(q.shape, q.dtype)],
+      [compat.tpu_vmem((rows, d), jnp.float32)], "effjax_flash_dq_tpu", interpret)[0]
   return dq, dk, dv

@@ -25,6 +25,7 @@ import math
 
 import numpy as np
 
+from pallas_kernels import compat
 from pallas_kernels.attention import api
 from pallas_kernels.attention import common
 from pallas_kernels.attention import reference
@@ -73,56 +74,59 @@ def _block_view(mask, bq: int, tq: int, bk: int, tk: int):
   return padded.reshape(tq // bq, bq, tk // bk, bk).transpose(0, 2, 1, 3)
 
 
-def _walk(plan: common.Plan, batch: int, gpu: bool, masked_fn):
+def _walk(plan: common.Plan, batch: int, gpu: bool, classify):
   """(programs, steps, visited, masked, kv bytes, bytes moved) over the whole grid.
 
-  The batch axis is the grid's first; every index map carries it, so a change of batch always
-  copies: the byte counts of batch 0 times `batch` are exact. Items are walked per batch when
-  masking depends on the batch row (segment ids).
+  classify(batch row, q_block, k_block) -> (computed, masked), the kernels' runtime tests.
+  The batch axis is the grid's first and every index map carries it, so a change of batch
+  always copies: the byte counts of batch 0 times `batch` are exact. Items are classified per
+  batch row (segment ids differ by row); GPU streamed bytes follow batch 0's items.
   """
-  rest = plan.grid[1:]
-  kv_bytes = moved = visited = masked = 0
+  kv_row = moved_row = 0  # copied blocks of batch row 0 (the same for every row)
+  kv_streamed = moved_streamed = visited = masked = 0  # summed over all rows
   prev = {}
-  for ids in itertools.product(range(1), *map(range, rest)):
+  for ids in itertools.product(range(1), *map(range, plan.grid[1:])):
     for o in plan.operands:
-      if gpu:
-        if o.streamed is None:
-          nbytes = o.block_elements * o.itemsize
-        else:
-          continue
-      else:
+      if gpu and o.streamed is not None:
+        continue
+      if not gpu:
         index = tuple(int(i) for i in o.index_map(*ids))
         if prev.get(o.name) == index:
           continue
         prev[o.name] = index
-        nbytes = o.block_elements * o.itemsize
-      moved += nbytes
-      kv_bytes += nbytes if o.kv else 0
+      nbytes = o.block_elements * o.itemsize
+      moved_row += nbytes
+      kv_row += nbytes if o.kv else 0
     items = list(plan.items(*ids))
-    if gpu:
-      for o in plan.inputs:
-        if o.streamed is not None:
-          nbytes = len(items) * math.prod(o.streamed) * o.itemsize
-          moved += nbytes
-          kv_bytes += nbytes if o.kv else 0
     for bi in range(batch):
-      visited += len(items)
-      masked += sum(1 for qb, kb in items if masked_fn(bi, qb, kb))
+      kinds = [classify(bi, qb, kb) for qb, kb in items]
+      computed = sum(1 for c, _ in kinds if c)
+      visited += computed
+      masked += sum(1 for c, m in kinds if c and m)
+      for o in plan.inputs if gpu else ():
+        if o.streamed is not None:
+          nbytes = (len(items) if o.decides_skip else computed) * math.prod(o.streamed) \
+              * o.itemsize
+          moved_streamed += nbytes
+          kv_streamed += nbytes if o.kv else 0
   steps = math.prod(plan.grid)
   programs = steps if gpu else math.prod(
       n for n, sem in zip(plan.grid, plan.semantics) if sem == "parallel")
   heads = plan.heads_per_item
-  return programs, steps, visited * heads, masked * heads, kv_bytes * batch, moved * batch
+  return (programs, steps, visited * heads, masked * heads, kv_row * batch + kv_streamed,
+          moved_row * batch + moved_streamed)
 
 
 def count_work(*, implementation: str, batch: int, q_heads: int, kv_heads: int, q_len: int,
                kv_len: int, head_dim: int, itemsize: int = 2, causal: bool = False,
                sliding_window: int | None = None, segment_ids=None,
-               block_sizes: common.BlockSizes | None = None) -> dict[str, Work]:
+               block_sizes: common.BlockSizes | None = None,
+               gpu_cores: int = compat.ABSTRACT_H100[1]) -> dict[str, Work]:
   """Work of the forward, dQ and dK/dV kernels ("gpu" or "tpu") for one flash_attention call.
 
   segment_ids: optional [batch, q_len] integers (needs kv_len == q_len), as the call gets them;
-  they decide which blocks straddle a segment boundary.
+  they decide which blocks straddle a segment boundary and which are skipped.
+  gpu_cores: the SM count the GPU dK/dV grid is sized for (the kernels read the device's).
   """
   if implementation not in ("gpu", "tpu"):
     raise ValueError(f"implementation must be 'gpu' or 'tpu', got {implementation!r}")
@@ -137,7 +141,7 @@ def count_work(*, implementation: str, batch: int, q_heads: int, kv_heads: int, 
   c = api.make_call((batch, q_len, q_heads, head_dim), (batch, kv_len, kv_heads, head_dim),
                     causal=causal, sliding_window=sliding_window, logit_softcap=None,
                     has_segments=seg is not None, sm_scale=1.0, implementation=implementation,
-                    block_sizes=block_sizes, interpret=False)
+                    block_sizes=block_sizes, interpret=False, itemsize=itemsize)
   kernels = api._kernels(implementation)  # pylint: disable=protected-access
   gpu = implementation == "gpu"
   out = {}
@@ -151,39 +155,37 @@ def count_work(*, implementation: str, batch: int, q_heads: int, kv_heads: int, 
     if fwd:
       plans = [kernels.forward_plan(p, q_shape, kv_shape, itemsize, block_q=bq, block_k=bk)]
     else:
+      extra = dict(cores=gpu_cores) if gpu else {}
       plans = list(kernels.backward_plans(p, q_shape, kv_shape, itemsize, block_q=bq,
-                                          block_k=bk))
-    # Per batch row: visible tiles, boundary tiles, and which tiles the kernel masks.
-    vis_tiles, boundary, seg_uniform = [], [], []
+                                          block_k=bk, **extra))
+    # Per batch row: tiles holding a visible pair, and per tile the kernels' runtime tests.
+    vis_tiles, boundary, seg_skip, seg_uniform = [], [], [], []
+    straddles = np.array([[p.block_straddles_position_boundary(qb, kb, bq, bk)
+                           for kb in range(tk // bk)] for qb in range(tq // bq)], bool)
     for bi in range(batch):
       row = None
+      skip = np.zeros(straddles.shape, bool)
+      uniform = np.ones(straddles.shape, bool)
       if seg is not None:
         row = np.zeros(max(tq, tk), np.int32)  # api pads segment ids with zeros
         row[:q_len] = seg[bi]
-      tiles = _block_view(_visible_np(p, q_len, kv_len, row), bq, tq, bk, tk)
-      any_visible = tiles.any(axis=(2, 3))
-      uniform = np.ones(any_visible.shape, bool)
-      if row is not None:
         qs, ks = row[:tq].reshape(-1, bq), row[:tk].reshape(-1, bk)
-        uniform = ((qs.min(1) == qs.max(1))[:, None] & (ks.min(1) == ks.max(1))[None, :]
-                   & (qs.min(1)[:, None] == ks.min(1)[None, :]))
-      straddles = np.array([[p.block_straddles_position_boundary(qb, kb, bq, bk)
-                             for kb in range(tk // bk)] for qb in range(tq // bq)], bool)
+        skip, uniform = common.segment_block_test(
+            qs.min(1)[:, None], qs.max(1)[:, None], ks.min(1)[None, :], ks.max(1)[None, :])
+      any_visible = _block_view(_visible_np(p, q_len, kv_len, row), bq, tq, bk, tk).any((2, 3))
       vis_tiles.append(any_visible)
       boundary.append(any_visible & (straddles | ~uniform))
+      seg_skip.append(skip)
       seg_uniform.append(uniform)
     pairs = sum(int(_visible_np(p, q_len, kv_len, None if seg is None else seg[bi]).sum())
                 for bi in range(batch))
 
-    def masked_fn(bi, qb, kb, plan_masks_all=None, p=p, bq=bq, bk=bk):
-      if plan_masks_all:
-        return p.mask(0, 0, None, None) is not None or p.has_segments
-      return bool(p.block_straddles_position_boundary(qb, kb, bq, bk)
-                  or not seg_uniform[bi][qb, kb])
+    def classify(bi, qb, kb):
+      return (not seg_skip[bi][qb, kb],
+              bool(straddles[qb, kb]) or not seg_uniform[bi][qb, kb])
 
     for plan in plans:
-      fn = lambda bi, qb, kb, plan=plan: masked_fn(bi, qb, kb, plan.masks_every_block)
-      programs, steps, visited, masked, kv_bytes, moved = _walk(plan, batch, gpu, fn)
+      programs, steps, visited, masked, kv_bytes, moved = _walk(plan, batch, gpu, classify)
       qkv = batch * (q_len * q_heads + 2 * kv_len * kv_heads) * head_dim * itemsize
       q_sized = batch * q_len * q_heads * head_dim * itemsize
       rows_f32 = batch * q_heads * q_len * 4
