@@ -268,6 +268,34 @@ class MoEConfig:
     return self.eval_capacity_factor or self.capacity_factor
 
 
+GEOMETRIES = ("euclidean", "hyperbolic")
+
+
+@dataclasses.dataclass(frozen=True)
+class HyperbolicConfig:
+  """The fully hyperbolic LM (effjax/models/hyperbolic_lm.py, layers in
+  effjax/layers/lorentz.py), used where `model.geometry == "hyperbolic"`.
+
+  Points live on the hyperboloid of curvature -1/K (`curvature` = K, learned when
+  `learn_curvature`). `time_scaling`: HyboNet's Lorentz linear time coordinate
+  sqrt(K) (lambda sigmoid(z) + 1.1), lambda initialised to `time_scale` and learned unless
+  `learn_time_scale` is False; without it the time coordinate is computed from the space part.
+  `dropout`: HyboNet's dropout on the input of every Lorentz linear layer (training only).
+  """
+  curvature: float = 1.0
+  learn_curvature: bool = False
+  time_scaling: bool = True
+  time_scale: float = 10.0
+  learn_time_scale: bool = True
+  dropout: float = 0.0
+
+  def __post_init__(self):
+    _positive("model.hyperbolic.curvature", self.curvature)
+    _positive("model.hyperbolic.time_scale", self.time_scale)
+    _require(0 <= self.dropout < 1,
+             f"model.hyperbolic.dropout must be in [0, 1), got {self.dropout!r}")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   vocab_size: int = 384
@@ -290,6 +318,8 @@ class ModelConfig:
   remat: str = "none"
   param_dtype: str = "float32"
   dtype: str = "float32"
+  geometry: str = "euclidean"  # GEOMETRIES; "hyperbolic": see HyperbolicConfig
+  hyperbolic: HyperbolicConfig = HyperbolicConfig()
 
   def __post_init__(self):
     for name in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "d_ff"):
@@ -339,10 +369,42 @@ class ModelConfig:
       _require(self.linear.kind_for("mlp") == "dense",
                f"model.ffn='moe' builds its experts dense; model.linear.mlp (or kind) must be "
                f"dense, got {self.linear.kind_for('mlp')!r}")
+    self._check_geometry()
     if self.attention_impl == "cudnn":
       _require(self.dtype == "bfloat16",
                "model.attention_impl='cudnn' runs cuDNN flash attention, which needs "
                f"model.dtype='bfloat16' (got {self.dtype!r})")
+
+  def _check_geometry(self) -> None:
+    """What the hyperbolic LM does not define (HyboNet has no such layer) is refused."""
+    _one_of("model.geometry", self.geometry, GEOMETRIES)
+    if self.geometry == "euclidean":
+      _require(self.hyperbolic == HyperbolicConfig(),
+               f"model.hyperbolic={self.hyperbolic} is set but model.geometry='euclidean' "
+               "ignores it; set model.geometry='hyperbolic' or leave model.hyperbolic at its "
+               "defaults")
+      return
+    where = "model.geometry='hyperbolic'"
+    _require(self.ffn == "dense", f"{where}: model.ffn={self.ffn!r} is not defined in "
+             "HyboNet (its feed-forward is two Lorentz linear layers); use ffn='dense'")
+    for group in LINEAR_GROUPS:
+      _require(self.linear.kind_for(group) != "monarch",
+               f"{where}: model.linear.{group} kind 'monarch' is not supported in a Lorentz "
+               "linear layer (dense, lora and sst are)")
+    _require(self.attention_impl == "xla",
+             f"{where}: model.attention_impl={self.attention_impl!r} computes softmax(q k^T) "
+             "dot-product attention; Lorentz attention (Lorentzian inner-product scores, "
+             "centroid aggregation) exists only as attention_impl='xla'")
+    for name in ("dtype", "param_dtype"):
+      _require(getattr(self, name) == "float32",
+               f"{where}: model.{name}={getattr(self, name)!r}; the hyperboloid constraint "
+               "x_0^2 - |x_s|^2 = K cancels catastrophically below float32, so only "
+               "'float32' is supported")
+    _require(not self.scan_layers, f"{where}: model.scan_layers=True is not implemented for "
+             "the hyperbolic LM; use scan_layers=False")
+    _require(self.resolved_head_dim >= 3, f"{where}: head dim {self.resolved_head_dim} leaves "
+             "a head fewer than 2 space-like coordinates (one is the time coordinate, RoPE "
+             "rotates pairs of the rest); use a head dim >= 3")
 
   def is_moe_layer(self, layer: int) -> bool:
     """Whether layer `layer` (0-based) has a Mixture-of-Experts FFN."""
@@ -362,7 +424,9 @@ class ModelConfig:
     return {"qkv": [(d, self.num_heads * h), (d, self.num_kv_heads * h),
                     (d, self.num_kv_heads * h)],
             "attn_out": [(self.num_heads * h, d)],
-            "mlp": [(d, self.d_ff), (d, self.d_ff), (self.d_ff, d)]}
+            # the hyperbolic LM's feed-forward is two Lorentz linear layers, not SwiGLU
+            "mlp": ([(d, self.d_ff), (self.d_ff, d)] if self.geometry == "hyperbolic"
+                    else [(d, self.d_ff), (d, self.d_ff), (self.d_ff, d)])}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -71,6 +71,10 @@ class DecoderLM(nn.Module):
     the cache slots of the tokens.
     """
     cfg = self.config
+    if cfg.geometry == "hyperbolic":  # the fully hyperbolic LM, params under "hyperbolic"
+      from effjax.models.hyperbolic_lm import HyperbolicLM  # pylint: disable=g-import-not-at-top
+      return HyperbolicLM(cfg, name="hyperbolic")(tokens_BL, segment_ids_BL, positions_BL,
+                                                  train=train, step=step, decode=decode)
     step = jnp.zeros((), jnp.int32) if step is None else jnp.asarray(step, jnp.int32)
     dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
     if segment_ids_BL is None:
