@@ -5,6 +5,7 @@
   python -m experiments.bench_gmm --shapes=mixtral --tiles_fwd=128,64,256 --iters=50
   python -m experiments.bench_gmm --preset=cpu              # 2-core CPU: a couple of minutes
   python -m experiments.bench_gmm --nokernels               # correctness + whole MoE layers
+  python -m experiments.bench_gmm --preset=work             # counted work only (any machine)
 
 Per shape [m, k] x [G, k, n] and group-size distribution, each direction of the MoE expert
 matmul is timed on its own: forward (out = gmm(x, w)), input gradient (dx = gmm(dout, w.T)),
@@ -24,6 +25,13 @@ preset times effjax_ref / ragged_dot / padded_einsum and marks the kernels "n/a"
 correctness section still runs effjax's kernels there, in their interpreters (Mosaic GPU's
 from jax 0.12, on bf16 copies of the inputs: it takes no float32 operands).
 
+Work (every preset, next to the timings; alone with --preset=work): what each effjax kernel's
+schedule issues, counted on the host by pallas_kernels/grouped_matmul/work.py from the same
+metadata and index maps the kernel uses: MMA tile steps, MACs and bytes loaded/stored, each
+next to the ideal (useful MACs; each operand read once), plus api.py's padding copies. The
+work preset counts the Triton, Mosaic GPU and TPU schedules on WORK_SHAPES (m = 8192 routed
+rows over 8, 64, 256 experts, uniform random routing) with the default tilings, bf16.
+
 Timing: random normal inputs (--dtype; bf16 on GPU, float32 on the CPU preset), group sizes
 passed as a traced argument (one compilation per shape), --warmup calls after compilation,
 then the median of --iters individually timed calls, each ended by block_until_ready.
@@ -42,9 +50,10 @@ gate-projection unless named "down"):
   small_k1024      [16384, 1024] x [64, 1024, 4096]
 CPU preset: mixtral_tiny [2048, 256] x [8, 256, 896], deepseek_tiny [1024, 256] x
 [64, 256, 128], small_k_tiny [2048, 64] x [16, 64, 512] (float32; 5 timed calls).
-Distributions: balanced (m / G rows each, remainder spread) and skewed (a multinomial draw of
+Distributions: balanced (m / G rows each, remainder spread), skewed (a multinomial draw of
 m rows over G experts with Dirichlet(0.5) probabilities, seeded: a few hot experts, some
-nearly empty).
+nearly empty) and random (a seeded multinomial draw with equal probabilities: uniform random
+routing).
 
 Whole MoE layer (--moe_layer, on by default): effjax.moe.MoELayer (router, dispatch, SwiGLU
 experts, combine, aux losses) forward + backward with respect to its params and input, per
@@ -68,7 +77,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels import compat
-from pallas_kernels.grouped_matmul import GPU_TILING, MOSAIC_GPU_TILING, Tiles, Tiling, gmm, tgmm
+from pallas_kernels.grouped_matmul import GPU_TILING, MOSAIC_GPU_TILING, TPU_TILING, Tiles, Tiling
+from pallas_kernels.grouped_matmul import gmm, tgmm, work
 
 GPU_SHAPES = {  # name: (m, k, n, G)
     "mixtral": (8192, 4096, 14336, 8),
@@ -84,13 +94,25 @@ CPU_SHAPES = {  # the same families, shrunk for two CPU cores
     "deepseek_tiny": (1024, 256, 128, 64),
     "small_k_tiny": (2048, 64, 512, 16),
 }
+# The issue-20 case: m = 8192 routed rows, uniform random routing over 8, 64, 256 experts
+# (k, n as DeepSeek-V2-Lite's up-projection). Counted only: --preset=work.
+WORK_SHAPES = {
+    "routed_e8": (8192, 2048, 1408, 8),
+    "routed_e64": (8192, 2048, 1408, 64),
+    "routed_e256": (8192, 2048, 1408, 256),
+}
 DIRECTIONS = ("fwd", "dlhs", "drhs")
+# bench implementation name -> the grouped_matmul kernel whose schedule work.py counts
+WORK_KERNELS = {"effjax_triton": "gpu", "effjax_mosaic_gpu": "mosaic_gpu", "effjax_tpu": "tpu"}
 
-_PRESET = flags.DEFINE_enum("preset", "gpu", ["gpu", "cpu"],
-                            "gpu: the published-size shapes; cpu: small shapes, no kernels timed.")
+_PRESET = flags.DEFINE_enum("preset", "gpu", ["gpu", "cpu", "work"],
+                            "gpu: the published-size shapes; cpu: small shapes, no kernels timed; "
+                            "work: only the counted work of each kernel's schedule (WORK_SHAPES, "
+                            "random routing), no device needed.")
 _SHAPES = flags.DEFINE_list("shapes", [], "Shape names to run (default: all of the preset's).")
 _DISTRIBUTIONS = flags.DEFINE_list("distributions", ["balanced", "skewed"],
-                                   "Group-size distributions.")
+                                   "Group-size distributions: balanced, skewed, random "
+                                   "(--preset=work defaults to random).")
 _IMPLS = flags.DEFINE_list("impls", [], "Implementations to time (default: the preset's).")
 _DTYPE = flags.DEFINE_enum("dtype", "", ["", "bfloat16", "float16", "float32"],
                            "Operand dtype (default: bfloat16 for gpu, float32 for cpu).")
@@ -130,6 +152,9 @@ def group_sizes(m: int, num_groups: int, distribution: str, seed: int = 0) -> np
   if distribution == "balanced":
     return np.array([m // num_groups + (g < m % num_groups) for g in range(num_groups)],
                     np.int32)
+  if distribution == "random":  # uniform random routing: each row to one of G experts
+    rng = np.random.default_rng(seed)
+    return rng.multinomial(m, [1 / num_groups] * num_groups).astype(np.int32)
   if distribution == "skewed":
     rng = np.random.default_rng(seed)
     return rng.multinomial(m, rng.dirichlet([0.5] * num_groups)).astype(np.int32)
@@ -303,9 +328,12 @@ def timing_rows(impls: dict, shapes: dict, dtype):
       arrays["gs"] = jnp.asarray(sizes)
       flops = 2 * m * k * n
       for direction in DIRECTIONS:
+        itemsize = jnp.dtype(dtype).itemsize
         row = dict(shape=shape_name, m=m, k=k, n=n, groups=num_groups,
                    distribution=distribution, max_group=int(sizes.max()),
-                   direction=direction, flops=flops)
+                   direction=direction, flops=flops,
+                   work={name: work_row(name, m, k, n, sizes, direction, itemsize)
+                         for name in impls if name in WORK_KERNELS})
         for name, make in impls.items():
           if make is None:
             row[name] = None
@@ -319,6 +347,54 @@ def timing_rows(impls: dict, shapes: dict, dtype):
             row[name] = dict(error=f"{type(e).__name__}: {str(e).splitlines()[0][:80]}")
         rows.append(row)
         print(_timing_line(row, list(impls)), flush=True)
+  return rows
+
+
+def _work_tiling(bench_name: str) -> Tiling:
+  if bench_name == "effjax_tpu":
+    return TPU_TILING
+  return _effjax_tiling("mosaic_gpu" if bench_name == "effjax_mosaic_gpu" else None)
+
+
+def work_row(bench_name, m, k, n, sizes, direction, itemsize) -> dict:
+  """What the kernel's schedule issues for one direction (work.py), next to the ideal."""
+  w = work.direction_work(direction, m, k, n, sizes, implementation=WORK_KERNELS[bench_name],
+                          tiling=_work_tiling(bench_name), itemsize=itemsize)
+  return dict(tiles=w.tiles, macs=w.macs, bytes=w.bytes, pad_bytes=w.pad_bytes,
+              ideal_macs=w.ideal_macs, ideal_bytes=w.ideal_bytes, mac_ratio=w.mac_ratio,
+              byte_ratio=w.byte_ratio)
+
+
+_WORK_HEADER = ("| shape [m,k]x[G,k,n] | sizes (max group) | direction | kernel | tiles | "
+                "MACs (G) | ideal MACs (G) | MACs / ideal | bytes (MiB) | pad copies (MiB) | "
+                "bytes / ideal |\n|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
+
+
+def _work_line(row, kernel) -> str:
+  w = row["work"][kernel]
+  cells = [f"{row['shape']} [{row['m']},{row['k']}]x[{row['groups']},{row['k']},{row['n']}]",
+           f"{row['distribution']} ({row['max_group']})", row["direction"], kernel,
+           str(w["tiles"]), f"{w['macs'] / 1e9:.2f}", f"{w['ideal_macs'] / 1e9:.2f}",
+           f"{w['mac_ratio']:.3f}", f"{w['bytes'] / 2**20:.1f}",
+           f"{w['pad_bytes'] / 2**20:.1f}", f"{w['byte_ratio']:.2f}"]
+  return "| " + " | ".join(cells) + " |"
+
+
+def work_rows(shapes: dict, distributions, kernels, itemsize: int):
+  """The counted work of each kernel's schedule, per shape, distribution and direction."""
+  rows = []
+  print(_WORK_HEADER, flush=True)
+  for shape_name, (m, k, n, num_groups) in shapes.items():
+    for distribution in distributions:
+      sizes = group_sizes(m, num_groups, distribution)
+      for direction in DIRECTIONS:
+        row = dict(shape=shape_name, m=m, k=k, n=n, groups=num_groups,
+                   distribution=distribution, max_group=int(sizes.max()), direction=direction,
+                   work={name: work_row(name, m, k, n, sizes, direction, itemsize)
+                         for name in kernels})
+        rows.append(row)
+        for name in kernels:
+          print(_work_line(row, name), flush=True)
   return rows
 
 
@@ -338,7 +414,8 @@ def _flops_unit():
 def _timing_header(names):
   unit = _flops_unit()[0]
   header = (["shape [m,k]x[G,k,n]", "sizes (max group)", "direction"] +
-            [f"{n} {unit}" for n in names] + [f"{n} temp MiB" for n in names])
+            [f"{n} {unit}" for n in names] + [f"{n} temp MiB" for n in names] +
+            [f"{n} tiles, MACs/ideal, bytes/ideal" for n in names if n in WORK_KERNELS])
   return "| " + " | ".join(header) + " |\n|" + "---|" * len(header)
 
 
@@ -348,6 +425,10 @@ def _timing_line(row, names):
            f"{row['distribution']} ({row['max_group']})", row["direction"]]
   cells += [_cell(row[n], "seconds", ".3g", lambda s: row["flops"] / s / scale) for n in names]
   cells += [_cell(row[n], "temp_mib", ".4g") for n in names]
+  for n in names:
+    if n in WORK_KERNELS:
+      w = row["work"][n]
+      cells.append(f"{w['tiles']}, {w['mac_ratio']:.3f}, {w['byte_ratio']:.2f}")
   return "| " + " | ".join(cells) + " |"
 
 
@@ -410,6 +491,19 @@ def main(argv):
   results = dict(device=device.device_kind, platform=device.platform, jax=jax.__version__,
                  preset=_PRESET.value)
   dtype = jnp.dtype(_DTYPE.value or ("float32" if cpu else "bfloat16")).type
+  if _PRESET.value == "work":
+    shapes = {name: WORK_SHAPES[name] for name in _SHAPES.value} if _SHAPES.value else (
+        WORK_SHAPES)
+    print(f"\nCounted work of each kernel's schedule (pallas_kernels/grouped_matmul/work.py; "
+          f"{jnp.dtype(dtype).name} operands, default tilings; bytes: blocks the kernel loads "
+          "and stores, cache hits not modelled, plus api.py's padding copies):")
+    distributions = _DISTRIBUTIONS.value if _DISTRIBUTIONS.present else ["random"]
+    results["work"] = work_rows(shapes, distributions, list(WORK_KERNELS),
+                                jnp.dtype(dtype).itemsize)
+    if _OUT.value:
+      from effjax import provenance  # pylint: disable=g-import-not-at-top
+      provenance.write_json(_OUT.value, results)
+    return
 
   # Correctness first: what runs here against the float32 reference (3 rows past the sum).
   hopper = on_gpu and (compat.cuda_compute_capability() or (0,))[0] == 9

@@ -16,7 +16,10 @@ import pytest
 
 from pallas_kernels import compat
 from pallas_kernels.grouped_matmul import Tiles, Tiling, default_implementation, gmm, tgmm
+from pallas_kernels.grouped_matmul import api
 from pallas_kernels.grouped_matmul import common
+from pallas_kernels.grouped_matmul import GPU_TILING, MOSAIC_GPU_TILING, TPU_TILING
+from pallas_kernels.grouped_matmul import work
 
 F32_TOL, BF16_TOL = 1e-5, 1e-2
 SMALL = Tiling(fwd=Tiles(16, 16, 16), dlhs=Tiles(32, 16, 16), drhs=Tiles(16, 16, 32))
@@ -350,3 +353,131 @@ def test_platform_selection_on_cpu():
   assert default_implementation() == "reference"
   assert default_implementation(interpret=True) == "gpu"
   assert default_implementation(interpret=_tpu_simulator()) == "tpu"
+
+
+# ------------------------------------------------------------- work items and counts (no timing)
+
+def test_row_chunks_own_every_row_once_and_issue_under_min_rows_extra_per_segment():
+  rng = np.random.default_rng(0)
+  for block_m, min_rows, tiles in ((64, 16, 3), (32, 8, 2)):
+    num_rows = block_m * tiles
+    chunks = jax.jit(lambda s, e, block_m=block_m, min_rows=min_rows, num_rows=num_rows:
+                     common.row_chunks(s, e, block_m=block_m, min_rows=min_rows,
+                                       num_rows=num_rows))
+    for _ in range(15):
+      cuts = np.sort(rng.integers(0, num_rows + 1, size=7))  # 6 segments, some empty
+      starts, ends = cuts[:-1], cuts[1:]
+      c = jax.tree.map(np.asarray, chunks(jnp.asarray(starts, jnp.int32),
+                                          jnp.asarray(ends, jnp.int32)))
+      count = int(c.num_items[0])
+      assert count <= c.max_items
+      owned = np.zeros(num_rows, int)
+      issued = np.zeros(len(starts), int)
+      for i in range(count):
+        seg, row0, lo, hi = (int(a[i]) for a in (c.segment, c.row0, c.lo, c.hi))
+        rows = c.sizes[int(c.size_class[i])]
+        assert 0 <= row0 <= lo <= hi <= row0 + rows <= num_rows  # no read past the rows
+        assert starts[seg] <= lo and hi <= ends[seg]  # owns only its segment's rows
+        owned[lo:hi] += 1
+        issued[seg] += rows
+      want = np.zeros(num_rows, int)
+      for s, e in zip(starts, ends):
+        want[s:e] = 1
+      assert (owned == want).all(), cuts  # every row of every segment owned exactly once
+      assert ((issued - (ends - starts)) < min_rows).all(), cuts
+
+
+def _rows_chunked_gpu(sizes, block_m, min_rows=16):
+  """Rows the Triton kernels issue: full chunks, then the tail rounded up to min_rows."""
+  sizes = [int(s) for s in sizes]
+  return sum(s // block_m * block_m + -(-(s % block_m) // min_rows) * min_rows for s in sizes)
+
+
+def _rows_rounded_out(sizes, unit):
+  """Each nonempty group's rows [s, e) rounded out to multiples of unit: what a kernel issues
+  when it multiplies whole unit-row blocks per group (TPU: unit = the sublane granularity; the
+  row tiles are multiples of it, so splitting a group at tile edges adds nothing; the Mosaic
+  GPU per-tile loop over groups: unit = block_m)."""
+  sizes = np.asarray(sizes, np.int64)
+  ends = np.cumsum(sizes)
+  return sum(int(-(-e // unit) - s // unit) * unit for s, e in zip(ends - sizes, ends) if e > s)
+
+
+ROUTED = dict(m=8192, k=2048, n=1024)  # the issue's case: m = 8192 rows, random routing
+
+
+def _routed_sizes(num_groups, seed=0):
+  return np.random.default_rng(seed).multinomial(
+      ROUTED["m"], [1 / num_groups] * num_groups).astype(np.int32)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("num_groups", [8, 64, 256])
+def test_work_counts_are_the_designed_rows_and_near_ideal_at_m8192(num_groups):
+  m, k, n = ROUTED["m"], ROUTED["k"], ROUTED["n"]
+  sizes = _routed_sizes(num_groups)
+  for direction, bm in (("fwd", GPU_TILING.fwd.block_m), ("drhs", GPU_TILING.drhs_tiles.block_m)):
+    triton = work.direction_work(direction, m, k, n, sizes, implementation="gpu")
+    assert triton.macs == _rows_chunked_gpu(sizes, bm) * k * n, direction
+    assert triton.ideal_macs == m * k * n and triton.pad_bytes == 0
+    # The issue's target (1.10x) where the hardware's row granularity allows it; at 256
+    # groups of ~32 rows, 16-row MMAs leave ~7.5 rows per group (expected 1.23x).
+    assert triton.mac_ratio < {8: 1.02, 64: 1.10, 256: 1.25}[num_groups], direction
+    tpu_work = work.direction_work(direction, m, k, n, sizes, implementation="tpu")
+    assert tpu_work.macs == _rows_rounded_out(sizes, 16) * k * n, direction  # bf16: 16 rows
+  # Mosaic GPU still loops over the groups of each row tile: a whole tile per group.
+  mosaic = work.direction_work("fwd", m, k, n, sizes, implementation="mosaic_gpu")
+  assert mosaic.macs == _rows_rounded_out(sizes, MOSAIC_GPU_TILING.fwd.block_m) * k * n
+
+
+def test_work_counts_by_hand_on_a_small_ragged_case():
+  c = CASES["ragged_empty_tail"]  # m = 64, k = 40, n = 24; groups of 7, 20, 3, 23 rows
+  tiles = Tiles(16, 16, 16)  # k padded to 48, n to 32
+  triton = work.gmm_work(c.m, c.k, c.n, c.sizes, implementation="gpu", tiles=tiles,
+                         itemsize=4)
+  assert triton.macs == (16 + 32 + 16 + 32) * 48 * 32  # each group rounded up to 16 rows
+  assert triton.ideal_macs == 53 * 40 * 24
+  assert triton.pad_bytes == 4 * ((64 * 40 + 64 * 48) + (7 * 40 * 24 + 7 * 48 * 32) +
+                                  (64 * 32 + 64 * 24))  # lhs, weights, output slice
+  tpu_work = work.gmm_work(c.m, c.k, c.n, c.sizes, implementation="tpu", tiles=tiles,
+                           itemsize=4, interpret=True)
+  # 8-row sublane blocks: [0, 8) + [0, 32) + [24, 32) + [24, 56) (the tile splits add none);
+  # 8-wide k and n tiles divide 40 and 24 here, so nothing is padded
+  assert tpu_work.macs == (8 + 32 + 8 + 32) * 40 * 24 and tpu_work.pad_bytes == 0
+  tgmm_work = work.tgmm_work(c.m, c.k, c.n, c.sizes, implementation="gpu", tiles=tiles,
+                             itemsize=4)
+  assert tgmm_work.macs == triton.macs
+
+
+def test_k_and_n_tiles_divide_the_weights_instead_of_padding_them():
+  # k = 768 with the TPU default 512: a 384 tile divides it (no weight copy, no padded MACs).
+  sizes = _routed_sizes(8)
+  w = work.gmm_work(8192, 768, 1024, sizes, implementation="tpu", tiles=TPU_TILING.fwd)
+  assert w.pad_bytes == 0 and w.macs == _rows_rounded_out(sizes, 16) * 768 * 1024
+  assert api.fit_tile("tpu", False, "block_k", 512, 768, lane=True) == (384, 768)
+  # n = 1408 = 11 x 128: no tile in [256, 512] divides it, so the weights are padded to 1536
+  # on every call, and the counter charges the copy and the padded MACs.
+  w = work.gmm_work(8192, 768, 1408, sizes, implementation="tpu", tiles=TPU_TILING.fwd)
+  assert w.pad_bytes == 2 * ((8 * 768 * 1408 + 8 * 768 * 1536) + (8192 * 1536 + 8192 * 1408))
+  assert w.macs == _rows_rounded_out(sizes, 16) * 768 * 1536
+  assert api.fit_tile("gpu", False, "block_k", 64, 96, lane=True) == (32, 96)
+  assert api.fit_tile("mosaic_gpu", False, "block_n", 256, 384, lane=True) == (192, 384)
+
+
+def test_work_counter_refuses_what_it_cannot_count():
+  with pytest.raises(ValueError, match="implementation='ragged_dot'"):
+    work.gmm_work(64, 16, 16, [64], implementation="ragged_dot", tiles=Tiles())
+  with pytest.raises(ValueError, match="direction must be one of.*'bwd'"):
+    work.direction_work("bwd", 64, 16, 16, [64], implementation="gpu")
+
+
+# Several groups per 64-row tile: exercises every chunk height (Triton 64/32/16; TPU f32
+# 64/32/16/8) against the reference, with empty groups and a NaN tail past the sum.
+CHUNKED = Case(m=200, k=32, n=24, sizes=(0, 37, 5, 0, 64, 1, 17, 30, 16, 0, 9, 3))
+CHUNKED_TILING = Tiling(fwd=Tiles(64, 16, 16), dlhs=Tiles(64, 16, 16), drhs=Tiles(64, 16, 16))
+
+
+@pytest.mark.parametrize("implementation", _implementations("gpu", "tpu"))
+def test_chunked_schedules_match_reference_with_many_groups_per_tile(implementation):
+  _check_against_reference(CHUNKED, implementation, KERNELS[implementation],
+                           tiling=CHUNKED_TILING)

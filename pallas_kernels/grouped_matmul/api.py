@@ -4,7 +4,9 @@ gmm(lhs, rhs, group_sizes) multiplies each group of sorted rows by its own weigh
 its weight gradient on its own. Any m, k, n: the kernel implementations pad every axis with
 zeros up to a tile multiple (padded rows lie in no group, padded k columns add zero, padded n
 columns are sliced off) and group boundaries may fall anywhere inside a row tile. Nothing is
-padded when the sizes already are tile multiples.
+padded when the sizes already are tile multiples, and a k or n tile that does not divide its
+axis is first lowered (to at least half) to one that does (fit_tile): padding the weights
+copies them on every call. work.py counts what each kernel then issues.
 
 Gradients (one custom_vjp for every implementation, so each direction can use its own tiles):
   d lhs = gmm(d out, rhs, transpose_rhs=not transpose_rhs)     (zero for rows in no group)
@@ -50,21 +52,39 @@ class _Call:
   interpret: Any
 
 
+def _dividing(tile: int, dim: int, step: int, allowed=lambda t: True) -> int:
+  """tile, or the largest allowed multiple of step in [tile / 2, tile) that divides dim when
+  tile does not: a k or n tile that divides the weights' axis spares padding them (a full
+  copy of the weights on every call) and the padded MACs; a smaller tile than that is left
+  to the caller (it costs grid steps)."""
+  if dim % tile == 0:
+    return tile
+  for t in range(tile - step, tile // 2 - 1, -step):
+    if t > 0 and dim % t == 0 and allowed(t):
+      return t
+  return tile
+
+
 def fit_tile(implementation: str, interpret, name: str, tile: int, dim: int, *,
              lane: bool) -> tuple[int, int]:
-  """(tile, padded dim) for one axis of one kernel call; lane: a TPU lane (last) axis."""
+  """(tile, padded dim) for one axis of one kernel call; lane: a weight axis (k or n, a TPU
+  lane axis), where a slightly smaller tile that divides the axis is taken over padding."""
   if implementation == "mosaic_gpu":
     from pallas_kernels.grouped_matmul import mosaic_gpu  # pylint: disable=g-import-not-at-top
     if tile % mosaic_gpu.TILE_MULTIPLE:
       raise ValueError(f"Mosaic GPU tiles must be multiples of {mosaic_gpu.TILE_MULTIPLE} (a "
                        f"warpgroup's wgmma rows), got Tiles.{name}={tile}")
     tile = min(tile, tiling.round_up(dim, mosaic_gpu.TILE_MULTIPLE))
+    if lane:
+      tile = _dividing(tile, dim, mosaic_gpu.TILE_MULTIPLE)
     return tile, tiling.round_up(dim, tile)
   if implementation == "gpu":
     if tile < 16 or tile & (tile - 1):
       raise ValueError(f"GPU tiles must be powers of two >= 16 (Triton tiles), got "
                        f"Tiles.{name}={tile}")
     tile = min(tile, max(16, tiling.next_pow2(dim)))
+    if lane:
+      tile = _dividing(tile, dim, 16, allowed=lambda t: t & (t - 1) == 0)
     return tile, tiling.round_up(dim, tile)
   if tile % _TPU_SUBLANES:
     raise ValueError(f"TPU tiles must be multiples of {_TPU_SUBLANES}, got Tiles.{name}={tile}")
@@ -74,6 +94,8 @@ def fit_tile(implementation: str, interpret, name: str, tile: int, dim: int, *,
     raise ValueError(f"Tiles.{name}={tile} tiles a TPU lane axis of size {dim}: Mosaic needs a "
                      f"multiple of {_TPU_LANES} (or a tile covering the whole axis)")
   tile = min(tile, tiling.round_up(dim, _TPU_SUBLANES))
+  if lane:
+    tile = _dividing(tile, dim, _TPU_LANES if tile % _TPU_LANES == 0 else _TPU_SUBLANES)
   return tile, tiling.round_up(dim, tile)
 
 

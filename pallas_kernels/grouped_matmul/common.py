@@ -15,6 +15,7 @@ rejected by api.py before they get here.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 from jax import lax
@@ -140,6 +141,9 @@ def visit_schedule(starts, ends, block_m: int, num_row_tiles: int, *, visit_empt
   return segment, tile, num_visits.reshape(1).astype(jnp.int32)
 
 
+@functools.partial(jax.tree_util.register_dataclass, meta_fields=["sizes"],
+                   data_fields=["segment", "row0", "size_class", "lo", "hi", "first_item",
+                                "num_items"])
 @dataclasses.dataclass(frozen=True)
 class RowChunks:
   """Work items covering sorted segments of rows with chunks aligned to each segment's start.

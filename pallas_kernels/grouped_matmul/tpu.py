@@ -35,22 +35,56 @@ from pallas_kernels.grouped_matmul import common
 _S = compat.SQUEEZED
 
 
+def row_granularity(block_m: int, dtype) -> int:
+  """Rows per sublane tile of the dtype (8 for 32-bit, 16 for 16-bit), or 8 where block_m is
+  no multiple of 16: a visit multiplies its rows rounded out to this granularity."""
+  return 16 if jnp.dtype(dtype).itemsize == 2 and block_m % 16 == 0 else 8
+
+
+def chunk_sizes(block_m: int, granularity: int) -> tuple[int, ...]:
+  """The static chunk heights a visit's rows are split into: granularity * 2^j <= block_m,
+  largest first (a binary decomposition of any multiple of granularity up to block_m)."""
+  sizes = [granularity]
+  while sizes[-1] * 2 <= block_m:
+    sizes.append(sizes[-1] * 2)
+  return tuple(reversed(sizes))
+
+
+def visit_rows(first_row, start, end, *, block_m: int, granularity: int):
+  """(offset, length): the rows of segment [start, end) inside the tile at first_row, rounded
+  out to multiples of granularity, as an offset into the tile and a row count (0 if none).
+  Chunk of size z is present when length & z; it starts at offset + (length & ~(2 z - 1))."""
+  lo = jnp.clip(start - first_row, 0, block_m)
+  hi = jnp.clip(end - first_row, 0, block_m)
+  # Bit masks, not //: both are >= 0 and granularity is a power of two (and Mosaic lowers
+  # integer floor division through sign(), which asks for the TPU generation).
+  offset = lo & -granularity
+  length = jnp.where(hi > lo, ((hi + granularity - 1) & -granularity) - offset, 0)
+  return offset, length
+
+
 def _gmm_kernel(segment_of_visit, tile_of_visit, seg_starts, seg_ends, num_visits,
-                lhs_ref, rhs_ref, out_ref, acc_ref, *, block_m: int, num_k_tiles: int,
-                num_segments: int, transpose_rhs: bool):
+                lhs_ref, rhs_ref, out_ref, acc_ref, *, block_m: int, granularity: int,
+                num_k_tiles: int, num_segments: int, transpose_rhs: bool):
   visit, kt = pl.program_id(1), pl.program_id(2)
   segment = segment_of_visit[visit]
   real_visit = visit < num_visits[0]
   is_group = (segment > 0) & (segment < num_segments - 1)
+  offset, length = visit_rows(tile_of_visit[visit] * block_m, seg_starts[segment],
+                              seg_ends[segment], block_m=block_m, granularity=granularity)
 
   @pl.when(kt == 0)
   def _init():
     acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
 
-  @pl.when(real_visit & is_group)
-  def _accumulate():
-    dims = tiling.NT_DIMS if transpose_rhs else tiling.NN_DIMS
-    acc_ref[...] += tiling.dot(lhs_ref[...], rhs_ref[...], dims)
+  # Only the segment's rows (rounded out to sublane tiles) go through the MXU: a tile that
+  # holds several groups costs about its rows once, not the whole tile once per group.
+  dims = tiling.NT_DIMS if transpose_rhs else tiling.NN_DIMS
+  for rows in chunk_sizes(block_m, granularity):
+    @pl.when(real_visit & is_group & ((length & rows) != 0))
+    def _accumulate(rows=rows):
+      at = pl.ds(pl.multiple_of(offset + (length & ~(2 * rows - 1)), granularity), rows)
+      acc_ref[at, :] += tiling.dot(lhs_ref[at, :], rhs_ref[...], dims)
 
   @pl.when(real_visit & (kt == num_k_tiles - 1))
   def _store():  # a zero segment stores its zero accumulator
@@ -109,8 +143,10 @@ def gmm(lhs, rhs, starts, ends, *, tiles: common.Tiles, transpose_rhs: bool, out
   lhs_index, rhs_index, out_index = gmm_index_maps(num_groups, transpose_rhs)
 
   rhs_block = (_S, bn, bk) if transpose_rhs else (_S, bk, bn)
-  kernel = functools.partial(_gmm_kernel, block_m=bm, num_k_tiles=num_k_tiles,
-                             num_segments=num_segments, transpose_rhs=transpose_rhs)
+  kernel = functools.partial(_gmm_kernel, block_m=bm,
+                             granularity=row_granularity(bm, lhs.dtype),
+                             num_k_tiles=num_k_tiles, num_segments=num_segments,
+                             transpose_rhs=transpose_rhs)
   grid_spec = compat.tpu_prefetch_scalar_grid_spec(
       num_scalar_prefetch=5,
       grid=(n // bn, schedule[0].shape[0], num_k_tiles),
@@ -135,7 +171,7 @@ def _select_rows_f32(x, mask):
 
 
 def _tgmm_kernel(group_of_visit, tile_of_visit, starts, ends, num_visits, lhs_ref, grad_ref,
-                 out_ref, acc_ref, *, block_m: int, max_visits: int):
+                 out_ref, acc_ref, *, block_m: int, granularity: int, max_visits: int):
   visit = pl.program_id(2)
   group = group_of_visit[visit]
   previous_group = group_of_visit[jnp.maximum(visit - 1, 0)]
@@ -145,13 +181,17 @@ def _tgmm_kernel(group_of_visit, tile_of_visit, starts, ends, num_visits, lhs_re
   def _init():
     acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
 
-  @pl.when(visit < num_visits[0])
-  def _accumulate():
-    first_row, start, end = tile_of_visit[visit] * block_m, starts[group], ends[group]
-    x, y = lhs_ref[...], grad_ref[...]
-    x = _select_rows_f32(x, common.rows_in(first_row, x.shape, start, end))
-    y = _select_rows_f32(y, common.rows_in(first_row, y.shape, start, end))
-    acc_ref[...] += tiling.dot(x, y, tiling.TN_DIMS, transpose_in_register=True)
+  first_row, start, end = tile_of_visit[visit] * block_m, starts[group], ends[group]
+  offset, length = visit_rows(first_row, start, end, block_m=block_m, granularity=granularity)
+  for rows in chunk_sizes(block_m, granularity):
+    @pl.when((visit < num_visits[0]) & ((length & rows) != 0))
+    def _accumulate(rows=rows):
+      chunk_row = pl.multiple_of(offset + (length & ~(2 * rows - 1)), granularity)
+      at = pl.ds(chunk_row, rows)
+      x, y = lhs_ref[at, :], grad_ref[at, :]
+      x = _select_rows_f32(x, common.rows_in(first_row + chunk_row, x.shape, start, end))
+      y = _select_rows_f32(y, common.rows_in(first_row + chunk_row, y.shape, start, end))
+      acc_ref[...] += tiling.dot(x, y, tiling.TN_DIMS, transpose_in_register=True)
 
   @pl.when((visit == max_visits - 1) | (next_group != group))
   def _store():
@@ -199,7 +239,8 @@ def tgmm(lhs, grad, starts, ends, *, tiles: common.Tiles, out_dtype, interpret=F
       out_specs=pl.BlockSpec((_S, bk, bn), out_index),
       scratch_shapes=[compat.tpu_vmem((bk, bn), jnp.float32)])
   return pl.pallas_call(
-      functools.partial(_tgmm_kernel, block_m=bm, max_visits=max_visits),
+      functools.partial(_tgmm_kernel, block_m=bm, granularity=row_granularity(bm, lhs.dtype),
+                        max_visits=max_visits),
       grid_spec=grid_spec,
       out_shape=jax.ShapeDtypeStruct((num_groups, k, n), out_dtype),
       compiler_params=compat.tpu_compiler_params(("parallel", "parallel", "arbitrary")),

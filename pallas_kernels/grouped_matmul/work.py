@@ -23,7 +23,9 @@ Nothing here runs a kernel: the counts are plain integers for a benchmark column
 from __future__ import annotations
 
 import dataclasses
+import functools
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -66,6 +68,11 @@ def _bounds(group_sizes, group_offset, num_local: int, m: int):
   return starts, ends
 
 
+def _dtype(itemsize: int):
+  """The operand dtype the kernels see, from its size (granularity depends only on it)."""
+  return {2: jnp.bfloat16, 4: jnp.float32}[itemsize]
+
+
 def _pad_copy(shape, padded_shape) -> int:
   """Elements moved by padding an array of `shape` to `padded_shape` (read + write; 0 if equal)."""
   if tuple(shape) == tuple(padded_shape):
@@ -78,6 +85,31 @@ def _fetches(indices: list[np.ndarray]) -> int:
   stacked = np.stack([np.broadcast_to(np.asarray(i), np.shape(indices[0])) for i in indices])
   changed = np.any(stacked[:, 1:] != stacked[:, :-1], axis=0)
   return 1 + int(changed.sum())
+
+
+def _jit(schedule_fn, **static):
+  """schedule_fn with its static arguments bound, compiled (eager op-by-op dispatch of the
+  metadata code costs seconds of compilation per new shape); one jit per binding."""
+  return _cached_jit(schedule_fn, tuple(sorted(static.items())))
+
+
+@functools.lru_cache(maxsize=None)
+def _cached_jit(schedule_fn, static):
+  return jax.jit(functools.partial(schedule_fn, **dict(static)))
+
+
+@functools.lru_cache(maxsize=None)
+def _index_evaluator(index_maps_fn, args):
+  index_maps = index_maps_fn(*args)
+  return jax.jit(lambda grid, schedule: [index_map(*grid, *schedule)
+                                         for index_map in index_maps])
+
+
+def _blocks(index_maps_fn, args, grid_indices, schedule):
+  """Each operand's block index at every grid step: the kernel's index maps
+  (index_maps_fn(*args)), evaluated on the whole grid at once."""
+  evaluate = _index_evaluator(index_maps_fn, args)
+  return [[np.asarray(i) for i in block] for block in evaluate(grid_indices, schedule)]
 
 
 def _grid(*sizes):
@@ -107,9 +139,25 @@ def gmm_work(m: int, k: int, n: int, group_sizes, *, implementation: str, tiles:
   ideal_macs = rows * k * n
   ideal_bytes = itemsize * (rows * k + int(nonempty.sum()) * k * n + m * n)
 
-  if implementation in ("gpu", "mosaic_gpu"):
+  if implementation == "gpu":
+    # One program per (row-chunk item, n tile): the whole k loop on its chunk if the item is a
+    # group's, then a masked store of the rows it owns (zero segments' items store zeros).
+    from pallas_kernels.grouped_matmul import gpu  # pylint: disable=g-import-not-at-top
+    chunks = _jit(gpu.gmm_schedule, m=m_pad, block_m=bm)(starts, ends)
+    real = np.arange(chunks.max_items) < int(chunks.num_items[0])
+    segment = np.asarray(chunks.segment)
+    rows = np.asarray(chunks.sizes)[np.asarray(chunks.size_class)]
+    multiplies = real & (segment > 0) & (segment <= num_local)
+    steps = int(multiplies.sum()) * k_tiles * n_tiles
+    issued_rows = int(rows[multiplies].sum())
+    owned = int(np.asarray(chunks.hi - chunks.lo)[real].sum())
+    moved = (issued_rows * k_tiles * n_tiles * bk + steps * bk * bn) + owned * n_pad
+    return Work(steps, issued_rows * k_pad * n_pad, itemsize * moved, itemsize * pad,
+                ideal_macs, ideal_bytes)
+
+  if implementation == "mosaic_gpu":
     # One program per [block_m, block_n] output tile; it runs the whole k loop once per
-    # nonempty local group in common.tile_group_range (the kernels' loop bounds).
+    # nonempty local group in common.tile_group_range (the kernel's loop bounds).
     first, stop = (np.asarray(a) for a in common.tile_group_range(starts, ends, bm,
                                                                    m_pad // bm))
     group_visits = sum(int(nonempty[f:s].sum()) for f, s in zip(first, stop))
@@ -119,17 +167,22 @@ def gmm_work(m: int, k: int, n: int, group_sizes, *, implementation: str, tiles:
                 ideal_bytes)
 
   from pallas_kernels.grouped_matmul import tpu  # pylint: disable=g-import-not-at-top
-  schedule = tpu.gmm_schedule(starts, ends, m=m_pad, block_m=bm)
-  lhs_index, rhs_index, out_index = tpu.gmm_index_maps(num_local, transpose_rhs)
+  schedule = _jit(tpu.gmm_schedule, m=m_pad, block_m=bm)(starts, ends)
   j, visit, kt = _grid(n_tiles, schedule[0].shape[0], k_tiles)
-  segment = np.asarray(schedule[0])[np.asarray(visit)]
-  real = np.asarray(visit) < int(schedule[4][0])
-  multiplies = real & (segment > 0) & (segment < num_local + 1)  # the kernel's _accumulate
+  lhs_block, rhs_block, out_block = _blocks(tpu.gmm_index_maps, (num_local, transpose_rhs),
+                                            (j, visit, kt), schedule)
+  segment_of_visit, tile_of_visit, seg_starts, seg_ends, num_visits = schedule
+  _, rows_of_visit = tpu.visit_rows(  # the rows the kernel's _accumulate multiplies
+      tile_of_visit * bm, seg_starts[segment_of_visit], seg_ends[segment_of_visit],
+      block_m=bm, granularity=tpu.row_granularity(bm, _dtype(itemsize)))
+  segment = np.asarray(segment_of_visit)[np.asarray(visit)]
+  real = np.asarray(visit) < int(num_visits[0])
+  multiplies = real & (segment > 0) & (segment < num_local + 1)
   steps = int(multiplies.sum())
-  moved = (_fetches(lhs_index(j, visit, kt, *schedule)) * bm * bk +
-           _fetches(rhs_index(j, visit, kt, *schedule)) * bk * bn +
-           _fetches(out_index(j, visit, kt, *schedule)) * bm * bn)
-  return Work(steps, steps * bm * bk * bn, itemsize * moved, itemsize * pad, ideal_macs,
+  issued_rows = int(np.asarray(rows_of_visit)[np.asarray(visit)][multiplies].sum())
+  moved = (_fetches(lhs_block) * bm * bk + _fetches(rhs_block) * bk * bn +
+           _fetches(out_block) * bm * bn)
+  return Work(steps, issued_rows * bk * bn, itemsize * moved, itemsize * pad, ideal_macs,
               ideal_bytes)
 
 
@@ -150,7 +203,18 @@ def tgmm_work(m: int, k: int, n: int, group_sizes, *, implementation: str, tiles
   ideal_macs = rows * k * n
   ideal_bytes = itemsize * (rows * (k + n) + num_groups * k * n)
 
-  if implementation in ("gpu", "mosaic_gpu"):
+  if implementation == "gpu":
+    # One program per (group, k tile, n tile); it loops over its group's row-chunk items.
+    from pallas_kernels.grouped_matmul import gpu  # pylint: disable=g-import-not-at-top
+    chunks = _jit(gpu.tgmm_schedule, m=m_pad, block_m=bm)(starts, ends)
+    real = np.arange(chunks.max_items) < int(chunks.num_items[0])
+    issued_rows = int(np.asarray(chunks.sizes)[np.asarray(chunks.size_class)][real].sum())
+    steps = int(real.sum()) * k_tiles * n_tiles
+    moved = issued_rows * k_tiles * n_tiles * (bk + bn) + num_groups * k_pad * n_pad
+    return Work(steps, issued_rows * k_pad * n_pad, itemsize * moved, itemsize * pad,
+                ideal_macs, ideal_bytes)
+
+  if implementation == "mosaic_gpu":
     # One program per (group, k tile, n tile); it loops over the row tiles its group touches.
     s, e = np.asarray(starts), np.asarray(ends)
     tiles_of_group = np.where(e > s, -(-e // bm) - s // bm, 0)
@@ -160,14 +224,20 @@ def tgmm_work(m: int, k: int, n: int, group_sizes, *, implementation: str, tiles
                 ideal_bytes)
 
   from pallas_kernels.grouped_matmul import tpu  # pylint: disable=g-import-not-at-top
-  schedule = tpu.tgmm_schedule(starts, ends, m=m_pad, block_m=bm)
-  lhs_index, grad_index, out_index = tpu.tgmm_index_maps()
-  i, j, visit = _grid(k_tiles, n_tiles, schedule[0].shape[0])
-  steps = int((np.asarray(visit) < int(schedule[4][0])).sum())  # the kernel's _accumulate
-  moved = (_fetches(lhs_index(i, j, visit, *schedule)) * bm * bk +
-           _fetches(grad_index(i, j, visit, *schedule)) * bm * bn +
-           _fetches(out_index(i, j, visit, *schedule)) * bk * bn)
-  return Work(steps, steps * bm * bk * bn, itemsize * moved, itemsize * pad, ideal_macs,
+  schedule = _jit(tpu.tgmm_schedule, m=m_pad, block_m=bm)(starts, ends)
+  group_of_visit, tile_of_visit, _, _, num_visits = schedule
+  _, rows_of_visit = tpu.visit_rows(  # the rows the kernel's _accumulate contracts
+      tile_of_visit * bm, starts[group_of_visit], ends[group_of_visit], block_m=bm,
+      granularity=tpu.row_granularity(bm, _dtype(itemsize)))
+  i, j, visit = _grid(k_tiles, n_tiles, group_of_visit.shape[0])
+  lhs_block, grad_block, out_block = _blocks(tpu.tgmm_index_maps, (), (i, j, visit), schedule)
+  real = np.asarray(visit) < int(num_visits[0])
+  multiplies = real & (np.asarray(rows_of_visit)[np.asarray(visit)] > 0)
+  steps = int(multiplies.sum())
+  issued_rows = int(np.asarray(rows_of_visit)[np.asarray(visit)][multiplies].sum())
+  moved = (_fetches(lhs_block) * bm * bk + _fetches(grad_block) * bm * bn +
+           _fetches(out_block) * bk * bn)
+  return Work(steps, issued_rows * bk * bn, itemsize * moved, itemsize * pad, ideal_macs,
               ideal_bytes)
 
 
