@@ -181,14 +181,14 @@ def test_reference_window_semantics_match_jax_local_window(causal):
 
 LOWER_CASES = [
     dict(causal=True, segments=True, dtype="bfloat16"),
-    dict(window=64, softcap=30.0, dtype="float32"),
+    dict(window=64, softcap=30.0, dtype="float32", d=96),  # head_dim 96: masked Triton loads
 ]
 
 
 @pytest.mark.parametrize("platform", ["cuda", "tpu"], ids=["to_cuda", "to_tpu"])
-@pytest.mark.parametrize("features", LOWER_CASES, ids=["causal_seg_bf16", "win_cap_f32"])
+@pytest.mark.parametrize("features", LOWER_CASES, ids=["causal_seg_bf16", "win_cap_d96_f32"])
 def test_kernels_lower_for_their_platform(platform, features, monkeypatch):
-  c = Case(t=200, n=8, k=2, d=64, **features)  # 200: padded to the default blocks
+  c = Case(t=200, n=8, k=2, **(dict(d=64) | features))  # 200: padded to the default blocks
   q, k, v, seg, cot = _inputs(c)
   implementation = "gpu" if platform == "cuda" else "tpu"
 
@@ -327,6 +327,33 @@ def test_gpu_dkv_grid_fills_the_sms_at_batch_one():
   assert alone.programs == 32 and alone.grid[-1] == 1
   # Splitting changes who does the work, not how much.
   assert w["dkv"].macs == alone.macs and w["dkv"].blocks_visited == alone.blocks_visited
+
+
+def _pad_configs(jaxpr):
+  """padding_config of every pad in a jaxpr and the jaxprs nested in its equations."""
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "pad":
+      yield eqn.params["padding_config"]
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, (list, tuple)) else [param]:
+        inner = getattr(sub, "jaxpr", sub)
+        if hasattr(inner, "eqns"):
+          yield from _pad_configs(inner)
+
+
+@pytest.mark.parametrize("implementation", ["gpu", "tpu"], ids=["triton_style", "mosaic"])
+def test_head_dim_96_is_not_padded_in_memory(implementation):
+  x = jnp.ones((1, 44, 2, 96))  # 44: the sequence is padded to a block multiple
+  interpret = True if implementation == "gpu" else compat.tpu_interpret_params()
+  fn = lambda x: flash_attention(x, x, x, causal=True, implementation=implementation,
+                                 interpret=interpret)
+  configs = list(_pad_configs(jax.make_jaxpr(fn)(x).jaxpr))
+  assert configs and all(c[-1] == (0, 0, 0) for c in configs)  # sequence pads only
+  # The counted traffic is that of 96 columns (the Triton tiles compute with 128).
+  w96, w128 = _count(implementation, head_dim=96), _count(implementation, head_dim=128)
+  for kernel in ("forward", "dq", "dkv"):
+    assert w96[kernel].kv_bytes * 128 == w128[kernel].kv_bytes * 96
+    assert (w96[kernel].macs == w128[kernel].macs) == (implementation == "gpu")
 
 
 @pytest.mark.parametrize("implementation", ["gpu", "tpu"], ids=["triton_style", "mosaic"])

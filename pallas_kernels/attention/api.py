@@ -102,7 +102,8 @@ def _blocks(c: _Call, name: str, length: int) -> tuple[int, int]:
 
 
 def kernel_dims(c: _Call, q_len: int, kv_len: int, head_dim: int, fwd: bool):
-  """(block_q, padded q_len, block_k, padded kv_len, head_dim in the kernels) of one call."""
+  """(block_q, padded q_len, block_k, padded kv_len, head_dim the kernels compute with) of one
+  call: Triton tiles round head_dim up to a power of two (in registers, not in memory)."""
   suffix = "" if fwd else "_bwd"
   bq, tq = _blocks(c, "block_q" + suffix, q_len)
   bk, tk = _blocks(c, "block_k" + suffix, kv_len)
@@ -133,10 +134,10 @@ def _pad_axis(x, axis: int, size: int):
 
 
 def _to_kernel_layout(c: _Call, x, length: int):
-  """[B, T, H, D] -> padded to `length` (and, for Triton, head_dim to a power of two);
-  [B, H, T, D] for the TPU kernels."""
-  d = kernel_dims(c, 1, 1, x.shape[-1], True)[4]
-  x = _pad_axis(_pad_axis(x, 1, length), 3, d)
+  """[B, T, H, D] -> padded to `length`; [B, H, T, D] for the TPU kernels. head_dim is never
+  padded in memory: Mosaic blocks take the whole head_dim, and the Triton kernels load a
+  power-of-two tile with the columns past head_dim masked to zero."""
+  x = _pad_axis(x, 1, length)
   return jnp.swapaxes(x, 1, 2) if c.implementation == "tpu" else x
 
 

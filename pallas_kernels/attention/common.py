@@ -85,10 +85,22 @@ class Operand:
   kv: bool = False  # a K or V input (its traffic is what GQA multiplies)
   streamed: tuple[int, ...] | None = None
   decides_skip: bool = False  # streamed, and read for every item in range, skipped or not
+  # Elements read along the last (head) dim when the block pads it and loads are masked.
+  read_last: int | None = None
+
+  def _read(self, dims) -> int:
+    dims = [d for d in dims if isinstance(d, int)]
+    if self.read_last is not None:
+      dims[-1] = self.read_last
+    return math.prod(dims)
 
   @property
   def block_elements(self) -> int:
-    return math.prod(d for d in self.block if isinstance(d, int))
+    return self._read(self.block)
+
+  @property
+  def streamed_elements(self) -> int:
+    return self._read(self.streamed)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,8 +1,10 @@
 """Flash attention as Triton-style `pallas_call`s (GPU): forward, dK/dV and dQ kernels.
 
 Layout [batch, seq, heads, head_dim] throughout, as the model produces it. Inputs reach these
-functions already padded by api.py: sequences to block multiples, head_dim to a power of two
-(Triton's tile shapes must be powers of two).
+functions with sequences padded to block multiples by api.py; head_dim stays as it is in
+memory: Triton tiles must be powers of two, so the BlockSpecs round it up and every load and
+store of a [rows, head_dim] tile masks the columns past it (zeros in, nothing out), as JAX's
+own Pallas Triton `mha` does.
 
 Grid and loops (G = N // K query heads share a kv head; query head n uses kv head n // G):
   forward  grid (B, K, query blocks); a program holds the query block of all G heads of its
@@ -27,9 +29,11 @@ import functools
 import jax
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
 import jax.numpy as jnp
 
 from pallas_kernels import compat
+from pallas_kernels import tiling
 from pallas_kernels.attention import common
 
 _S = compat.SQUEEZED
@@ -44,6 +48,33 @@ def _params(head_dim: int, num_stages: int, interpret):
 
 def _specs(operands):
   return [pl.BlockSpec(o.block, o.index_map) for o in operands]
+
+
+def _padded(head_dim: int) -> int:
+  """The head_dim of the kernels' tiles: Triton tensors have power-of-two sizes."""
+  return max(16, tiling.next_pow2(head_dim))
+
+
+def _head_mask(head_dim: int, padded: int):
+  """[1, padded] columns that exist in memory, or None when head_dim is a power of two."""
+  if padded == head_dim:
+    return None
+  return lax.broadcasted_iota(jnp.int32, (1, padded), 1) < head_dim
+
+
+def _load(ref, head_mask):
+  """A [rows, padded head_dim] tile; columns past head_dim read as zeros (masked load: no
+  padded copy in memory)."""
+  if head_mask is None:
+    return ref[...]
+  return plgpu.load(ref, mask=head_mask, other=0.0)
+
+
+def _store(ref, value, head_mask):
+  if head_mask is None:
+    ref[...] = value
+  else:
+    plgpu.store(ref, value, mask=head_mask)
 
 
 def _branch(pred, true_fn, false_fn, carry):
@@ -75,13 +106,15 @@ def _masked_step(p: common.Problem, q_block, k_block, block_q, block_k, q_seg, k
   return _branch(skip, lambda c: c, compute, carry)
 
 
-def _fwd_kernel(*refs, p: common.Problem, groups: int, block_q: int, block_k: int,
-                num_k_blocks: int):
+def _fwd_kernel(*refs, p: common.Problem, groups: int, head_dim: int, block_q: int,
+                block_k: int, num_k_blocks: int):
   if p.has_segments:
     q_seg_ref, k_seg_ref, *refs = refs
   q_ref, k_ref, v_ref, o_ref, lse_ref = refs
   q_block = pl.program_id(2)
-  qs = [q_ref[:, h, :] for h in range(groups)]
+  hm = _head_mask(head_dim, q_ref.shape[-1])
+  # Heads index as int32 scalars: the interpreter's masked load rejects Python ints.
+  qs = [_load(q_ref.at[:, jnp.int32(h), :], hm) for h in range(groups)]
   q_seg = q_seg_ref[...] if p.has_segments else None
 
   def body(kb, carry):
@@ -89,7 +122,7 @@ def _fwd_kernel(*refs, p: common.Problem, groups: int, block_q: int, block_k: in
     rows = pl.ds(start, block_k)
 
     def step(mask, carry):
-      k, v = k_ref[rows, :], v_ref[rows, :]  # once for the whole group
+      k, v = _load(k_ref.at[rows, :], hm), _load(v_ref.at[rows, :], hm)  # once per group
       return tuple(common.fwd_block(p, qs[h], k, v, mask, *carry[h]) for h in range(groups))
 
     k_seg = k_seg_ref[rows] if p.has_segments else None
@@ -103,23 +136,26 @@ def _fwd_kernel(*refs, p: common.Problem, groups: int, block_q: int, block_k: in
   final = lax.fori_loop(lo, hi, body, init)
   for h in range(groups):
     out, lse = common.fwd_finish(*final[h])
-    o_ref[:, h, :] = out.astype(o_ref.dtype)
+    _store(o_ref.at[:, jnp.int32(h), :], out.astype(o_ref.dtype), hm)
     lse_ref[h, :] = lse[:, 0]
 
 
 def forward_plan(p: common.Problem, q_shape, kv_shape, itemsize: int, *, block_q: int,
                  block_k: int) -> common.Plan:
-  b, t, n, d = q_shape
+  b, t, n, head_dim = q_shape
   s, kv = kv_shape[1], kv_shape[2]
   g = n // kv
   nq, nk = t // block_q, s // block_k
+  d, rd = _padded(head_dim), dict(read_last=head_dim)
   group_map = lambda bi, h, qi: (bi, qi, h, 0)  # the N-axis block of G heads: kv head h's
   kv_map = lambda bi, h, qi: (bi, 0, h, 0)
   operands = [
-      common.Operand("q", (_S, block_q, g, d), group_map, itemsize),
-      common.Operand("k", (_S, s, _S, d), kv_map, itemsize, kv=True, streamed=(block_k, d)),
-      common.Operand("v", (_S, s, _S, d), kv_map, itemsize, kv=True, streamed=(block_k, d)),
-      common.Operand("out", (_S, block_q, g, d), group_map, itemsize, output=True),
+      common.Operand("q", (_S, block_q, g, d), group_map, itemsize, **rd),
+      common.Operand("k", (_S, s, _S, d), kv_map, itemsize, kv=True, streamed=(block_k, d),
+                     **rd),
+      common.Operand("v", (_S, s, _S, d), kv_map, itemsize, kv=True, streamed=(block_k, d),
+                     **rd),
+      common.Operand("out", (_S, block_q, g, d), group_map, itemsize, output=True, **rd),
       common.Operand("lse", (_S, g, block_q), lambda bi, h, qi: (bi, h, qi), 4, output=True),
   ]
   if p.has_segments:
@@ -143,8 +179,8 @@ def forward(p: common.Problem, q, k, v, q_seg, k_seg, *, block_q: int, block_k: 
   b, t, n, d = q.shape
   nk = k.shape[1] // block_k
   plan = forward_plan(p, q.shape, k.shape, q.dtype.itemsize, block_q=block_q, block_k=block_k)
-  kernel = functools.partial(_fwd_kernel, p=p, groups=n // k.shape[2], block_q=block_q,
-                             block_k=block_k, num_k_blocks=nk)
+  kernel = functools.partial(_fwd_kernel, p=p, groups=n // k.shape[2], head_dim=d,
+                             block_q=block_q, block_k=block_k, num_k_blocks=nk)
   args = ([q_seg, k_seg] if p.has_segments else []) + [q, k, v]
   return pl.pallas_call(
       kernel,
@@ -153,19 +189,20 @@ def forward(p: common.Problem, q, k, v, q_seg, k_seg, *, block_q: int, block_k: 
       out_specs=_specs(plan.outputs),
       out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
                  jax.ShapeDtypeStruct((b, n, t), jnp.float32)],
-      compiler_params=_params(d, num_stages=2, interpret=interpret),
+      compiler_params=_params(_padded(d), num_stages=2, interpret=interpret),
       interpret=interpret,
       name="effjax_flash_fwd",
   )(*args)
 
 
-def _dkv_kernel(*refs, p: common.Problem, groups: int, splits: int, block_q: int,
-                block_k: int, num_q_blocks: int):
+def _dkv_kernel(*refs, p: common.Problem, groups: int, splits: int, head_dim: int,
+                block_q: int, block_k: int, num_q_blocks: int):
   if p.has_segments:
     q_seg_ref, k_seg_ref, *refs = refs
   q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref = refs
   k_block, split = pl.program_id(2), pl.program_id(3)
-  k, v = k_ref[...], v_ref[...]
+  hm = _head_mask(head_dim, k_ref.shape[-1])
+  k, v = _load(k_ref, hm), _load(v_ref, hm)
   k_seg = k_seg_ref[...] if p.has_segments else None
   first, end, lo, n_q = _dkv_share(p, k_block, split, groups, splits, block_q, block_k,
                                    num_q_blocks)
@@ -177,7 +214,7 @@ def _dkv_kernel(*refs, p: common.Problem, groups: int, splits: int, block_q: int
     rows = pl.ds(start, block_q)
 
     def step(mask, carry):
-      q, do = q_ref[rows, head, :], do_ref[rows, head, :]
+      q, do = _load(q_ref.at[rows, head, :], hm), _load(do_ref.at[rows, head, :], hm)
       probs, ds = common.bwd_block(p, q, k, v, do, lse_ref[head, rows][:, None],
                                    delta_ref[head, rows][:, None], mask)
       return common.dkv_update(q, do, probs, ds, *carry, transpose_in_register=False)
@@ -187,8 +224,8 @@ def _dkv_kernel(*refs, p: common.Problem, groups: int, splits: int, block_q: int
 
   zeros = jnp.zeros(k.shape, jnp.float32)
   dk, dv = lax.fori_loop(first, end, item, (zeros, zeros))
-  dk_ref[...] = dk.astype(dk_ref.dtype)
-  dv_ref[...] = dv.astype(dv_ref.dtype)
+  _store(dk_ref, dk.astype(dk_ref.dtype), hm)
+  _store(dv_ref, dv.astype(dv_ref.dtype), hm)
 
 
 def _dkv_share(p, k_block, split, groups, splits, block_q, block_k, num_q_blocks):
@@ -210,14 +247,15 @@ def dkv_splits(batch: int, kv_heads: int, num_k_blocks: int, groups: int, num_q_
   return max(1, min(groups * num_q_blocks, -(-cores // programs)))
 
 
-def _dq_kernel(*refs, p: common.Problem, groups: int, block_q: int, block_k: int,
-               num_k_blocks: int):
+def _dq_kernel(*refs, p: common.Problem, groups: int, head_dim: int, block_q: int,
+               block_k: int, num_k_blocks: int):
   if p.has_segments:
     q_seg_ref, k_seg_ref, *refs = refs
   q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref = refs
   q_block = pl.program_id(2)
-  qs = [q_ref[:, h, :] for h in range(groups)]
-  dos = [do_ref[:, h, :] for h in range(groups)]
+  hm = _head_mask(head_dim, q_ref.shape[-1])
+  qs = [_load(q_ref.at[:, jnp.int32(h), :], hm) for h in range(groups)]
+  dos = [_load(do_ref.at[:, jnp.int32(h), :], hm) for h in range(groups)]
   lses = [lse_ref[h, :][:, None] for h in range(groups)]
   deltas = [delta_ref[h, :][:, None] for h in range(groups)]
   q_seg = q_seg_ref[...] if p.has_segments else None
@@ -227,7 +265,7 @@ def _dq_kernel(*refs, p: common.Problem, groups: int, block_q: int, block_k: int
     rows = pl.ds(start, block_k)
 
     def step(mask, carry):
-      k, v = k_ref[rows, :], v_ref[rows, :]  # once for the whole group
+      k, v = _load(k_ref.at[rows, :], hm), _load(v_ref.at[rows, :], hm)  # once per group
       out = []
       for h in range(groups):
         _, ds = common.bwd_block(p, qs[h], k, v, dos[h], lses[h], deltas[h], mask)
@@ -241,17 +279,18 @@ def _dq_kernel(*refs, p: common.Problem, groups: int, block_q: int, block_k: int
   zeros = tuple(jnp.zeros(qs[0].shape, jnp.float32) for _ in range(groups))
   dq = lax.fori_loop(lo, hi, body, zeros)
   for h in range(groups):
-    dq_ref[:, h, :] = dq[h].astype(dq_ref.dtype)
+    _store(dq_ref.at[:, jnp.int32(h), :], dq[h].astype(dq_ref.dtype), hm)
 
 
 def backward_plans(p: common.Problem, q_shape, kv_shape, itemsize: int, *, block_q: int,
                    block_k: int, cores: int = compat.ABSTRACT_H100[1]
                    ) -> tuple[common.Plan, common.Plan]:
   """(dK/dV plan, dQ plan); `cores`: the SM count the dK/dV grid should cover."""
-  b, t, n, d = q_shape
+  b, t, n, head_dim = q_shape
   s, kv = kv_shape[1], kv_shape[2]
   g = n // kv
   nq, nk = t // block_q, s // block_k
+  d, rd = _padded(head_dim), dict(read_last=head_dim)
   splits = dkv_splits(b, kv, nk, g, nq, cores)
   group_map = lambda bi, h, ki, si: (bi, 0, h, 0)
   row_map = lambda bi, h, ki, si: (bi, h, 0)
@@ -261,14 +300,14 @@ def backward_plans(p: common.Problem, q_shape, kv_shape, itemsize: int, *, block
     out_block, out_size = (_S, _S, block_k, _S, d), 4
     out_map = lambda bi, h, ki, si: (si, bi, ki, h, 0)
   dkv_operands = [
-      common.Operand("q", (_S, t, g, d), group_map, itemsize, streamed=(block_q, d)),
-      common.Operand("k", (_S, block_k, _S, d), kv_map, itemsize, kv=True),
-      common.Operand("v", (_S, block_k, _S, d), kv_map, itemsize, kv=True),
-      common.Operand("dout", (_S, t, g, d), group_map, itemsize, streamed=(block_q, d)),
+      common.Operand("q", (_S, t, g, d), group_map, itemsize, streamed=(block_q, d), **rd),
+      common.Operand("k", (_S, block_k, _S, d), kv_map, itemsize, kv=True, **rd),
+      common.Operand("v", (_S, block_k, _S, d), kv_map, itemsize, kv=True, **rd),
+      common.Operand("dout", (_S, t, g, d), group_map, itemsize, streamed=(block_q, d), **rd),
       common.Operand("lse", (_S, g, t), row_map, 4, streamed=(block_q,)),
       common.Operand("delta", (_S, g, t), row_map, 4, streamed=(block_q,)),
-      common.Operand("dk", out_block, out_map, out_size, output=True),
-      common.Operand("dv", out_block, out_map, out_size, output=True),
+      common.Operand("dk", out_block, out_map, out_size, output=True, **rd),
+      common.Operand("dv", out_block, out_map, out_size, output=True, **rd),
   ]
   if p.has_segments:
     dkv_operands = [
@@ -290,13 +329,15 @@ def backward_plans(p: common.Problem, q_shape, kv_shape, itemsize: int, *, block
   row_map = lambda bi, h, qi: (bi, h, qi)
   kv_map = lambda bi, h, qi: (bi, 0, h, 0)
   dq_operands = [
-      common.Operand("q", (_S, block_q, g, d), group_map, itemsize),
-      common.Operand("k", (_S, s, _S, d), kv_map, itemsize, kv=True, streamed=(block_k, d)),
-      common.Operand("v", (_S, s, _S, d), kv_map, itemsize, kv=True, streamed=(block_k, d)),
-      common.Operand("dout", (_S, block_q, g, d), group_map, itemsize),
+      common.Operand("q", (_S, block_q, g, d), group_map, itemsize, **rd),
+      common.Operand("k", (_S, s, _S, d), kv_map, itemsize, kv=True, streamed=(block_k, d),
+                     **rd),
+      common.Operand("v", (_S, s, _S, d), kv_map, itemsize, kv=True, streamed=(block_k, d),
+                     **rd),
+      common.Operand("dout", (_S, block_q, g, d), group_map, itemsize, **rd),
       common.Operand("lse", (_S, g, block_q), row_map, 4),
       common.Operand("delta", (_S, g, block_q), row_map, 4),
-      common.Operand("dq", (_S, block_q, g, d), group_map, itemsize, output=True),
+      common.Operand("dq", (_S, block_q, g, d), group_map, itemsize, output=True, **rd),
   ]
   if p.has_segments:
     dq_operands = [common.Operand("q_seg", (_S, block_q), lambda bi, h, qi: (bi, qi), 4),
@@ -328,13 +369,13 @@ def backward(p: common.Problem, q, k, v, q_seg, k_seg, out, lse, do, *, block_q:
   partial_shape = (splits, *k.shape) if splits > 1 else k.shape
   partial_dtype = jnp.float32 if splits > 1 else k.dtype
   dk, dv = pl.pallas_call(
-      functools.partial(_dkv_kernel, p=p, groups=g, splits=splits, block_q=block_q,
-                        block_k=block_k, num_q_blocks=nq),
+      functools.partial(_dkv_kernel, p=p, groups=g, splits=splits, head_dim=d,
+                        block_q=block_q, block_k=block_k, num_q_blocks=nq),
       grid=dkv_plan.grid,
       in_specs=_specs(dkv_plan.inputs),
       out_specs=_specs(dkv_plan.outputs),
       out_shape=[jax.ShapeDtypeStruct(partial_shape, partial_dtype)] * 2,
-      compiler_params=_params(d, num_stages=2, interpret=interpret),
+      compiler_params=_params(_padded(d), num_stages=2, interpret=interpret),
       interpret=interpret,
       name="effjax_flash_dkv",
   )(*seg_args, q, k, v, do, lse, delta)
@@ -342,13 +383,13 @@ def backward(p: common.Problem, q, k, v, q_seg, k_seg, out, lse, do, *, block_q:
     dk, dv = dk.sum(0).astype(k.dtype), dv.sum(0).astype(v.dtype)
 
   dq = pl.pallas_call(
-      functools.partial(_dq_kernel, p=p, groups=g, block_q=block_q, block_k=block_k,
-                        num_k_blocks=nk),
+      functools.partial(_dq_kernel, p=p, groups=g, head_dim=d, block_q=block_q,
+                        block_k=block_k, num_k_blocks=nk),
       grid=dq_plan.grid,
       in_specs=_specs(dq_plan.inputs),
       out_specs=_specs(dq_plan.outputs)[0],
       out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-      compiler_params=_params(d, num_stages=2, interpret=interpret),
+      compiler_params=_params(_padded(d), num_stages=2, interpret=interpret),
       interpret=interpret,
       name="effjax_flash_dq",
   )(*seg_args, q, k, v, do, lse, delta)

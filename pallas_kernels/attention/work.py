@@ -105,7 +105,7 @@ def _walk(plan: common.Plan, batch: int, gpu: bool, classify):
       masked += sum(1 for c, m in kinds if c and m)
       for o in plan.inputs if gpu else ():
         if o.streamed is not None:
-          nbytes = (len(items) if o.decides_skip else computed) * math.prod(o.streamed) \
+          nbytes = (len(items) if o.decides_skip else computed) * o.streamed_elements \
               * o.itemsize
           moved_streamed += nbytes
           kv_streamed += nbytes if o.kv else 0
@@ -148,8 +148,8 @@ def count_work(*, implementation: str, batch: int, q_heads: int, kv_heads: int, 
   for fwd in (True, False):
     bq, tq, bk, tk, d = api.kernel_dims(c, q_len, kv_len, head_dim, fwd)
     p = api.problem_for(c, tk)
-    if gpu:
-      q_shape, kv_shape = (batch, tq, q_heads, d), (batch, tk, kv_heads, d)
+    if gpu:  # head_dim unpadded in memory: the kernels pad it in registers
+      q_shape, kv_shape = (batch, tq, q_heads, head_dim), (batch, tk, kv_heads, head_dim)
     else:
       q_shape, kv_shape = (batch, q_heads, tq, d), (batch, kv_heads, tk, d)
     if fwd:
