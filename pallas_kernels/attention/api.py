@@ -121,7 +121,7 @@ def make_call(q_shape, kv_shape, *, causal, sliding_window, logit_softcap, has_s
       causal=bool(causal), sliding_window=sliding_window,
       logit_softcap=None if logit_softcap is None else float(logit_softcap),
       sm_scale=float(sm_scale), kv_len=kv_shape[1], kv_padded=False,
-      has_segments=has_segments, groups=groups)
+      has_segments=has_segments)
   return _Call(problem, implementation, block_sizes, interpret, itemsize)
 
 

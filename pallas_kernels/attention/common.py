@@ -140,7 +140,6 @@ class Problem:
   kv_len: int  # true key length; arrays reaching a kernel are padded to block multiples
   kv_padded: bool  # whether keys past kv_len exist and must be masked
   has_segments: bool
-  groups: int  # query heads per kv head
 
   def logits2(self, s):
     """log2(e) * softcap(sm_scale * s): logits in base-2 units, so the softmax runs on exp2
