@@ -4,9 +4,11 @@
 BlockSpec index maps, the (query block, key block) items each grid point computes) for the
 padded shapes and blocks a call would use, and walks them:
 
-  GPU (Triton-style): every program reads its per-program blocks once, and per item the
-      sub-blocks it streams from whole-sequence BlockSpecs (K/V in the forward and dQ, Q/dO in
-      dK/dV); outputs are written once per program.
+  GPU (Triton-style): every program reads its per-program blocks once, and per computed item
+      the sub-blocks it streams from whole-sequence BlockSpecs (K/V in the forward and dQ, Q/dO
+      in dK/dV; segment ids for every item in range, since they decide the skip); outputs are
+      written once per program. Loads read head_dim columns (masked), tiles compute the
+      power-of-two width.
   TPU (Mosaic): the grid runs in row-major order and the pipeline copies an operand's block
       only when its block index differs from the previous step's (outputs: written back when
       it changes).
@@ -30,7 +32,7 @@ from pallas_kernels.attention import api
 from pallas_kernels.attention import common
 from pallas_kernels.attention import reference
 
-KERNELS = ("forward", "dq", "dkv")
+KERNELS = ("forward", "dq", "dkv")  # count_work's keys
 
 
 @dataclasses.dataclass(frozen=True)
