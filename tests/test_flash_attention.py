@@ -319,6 +319,42 @@ def test_forward_and_dq_read_kv_once_per_group_whatever_the_group_size(implement
     assert counts[8][kernel].macs == 8 * counts[1][kernel].macs
 
 
+def _pallas_grids(jaxpr):
+  """{kernel name: grid} of every pallas_call in a jaxpr and the jaxprs nested in it."""
+  grids = {}
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "pallas_call":
+      name = eqn.params.get("name") or eqn.params["name_and_src_info"].name  # jax versions
+      grids[str(name)] = tuple(eqn.params["grid_mapping"].grid)
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, (list, tuple)) else [param]:
+        inner = getattr(sub, "jaxpr", sub)
+        if hasattr(inner, "eqns"):
+          grids |= _pallas_grids(inner)
+  return grids
+
+
+@pytest.mark.parametrize("implementation", ["gpu", "tpu"], ids=["triton_style", "mosaic"])
+def test_counted_grids_are_the_grids_the_call_launches(implementation):
+  b, t, n, kv, d = 2, 200, 4, 2, 32
+  seg = jnp.repeat(jnp.arange(2, dtype=jnp.int32), 100)[None].repeat(b, 0)
+  interpret = True if implementation == "gpu" else compat.tpu_interpret_params()
+  q, k = jnp.ones((b, t, n, d)), jnp.ones((b, t, kv, d))
+
+  def loss(q, k, v):
+    return jnp.sum(flash_attention(q, k, v, causal=True, segment_ids=seg,
+                                   implementation=implementation, interpret=interpret))
+
+  launched = _pallas_grids(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(q, k, k).jaxpr)
+  counted = work.count_work(implementation=implementation, batch=b, q_heads=n, kv_heads=kv,
+                            q_len=t, kv_len=t, head_dim=d, itemsize=4, causal=True,
+                            segment_ids=np.asarray(seg), gpu_cores=compat.gpu_core_count())
+  suffix = "_tpu" if implementation == "tpu" else ""
+  assert {f"effjax_flash_{k}{suffix}": w.grid for k, w in
+          (("fwd", counted["forward"]), ("dq", counted["dq"]), ("dkv", counted["dkv"]))
+          } == launched
+
+
 def test_gpu_dkv_grid_fills_the_sms_at_batch_one():
   w = _count("gpu", batch=1, q_heads=8, kv_heads=1, q_len=2048, kv_len=2048, causal=True)
   assert w["dkv"].programs >= 132  # H100's SMs; B * K * (S / 64) alone gives 32
