@@ -18,6 +18,11 @@ per stage) and multiplies them with wgmma into a float32 accumulator.
 Operands are bf16/fp16 only: wgmma on float32 operands computes in tf32, which would be a
 silent loss of precision. Tiles are multiples of 64 (a warpgroup's wgmma rows).
 
+Boundary cost: unlike the Triton kernels (row chunks aligned to each group), gmm here still
+runs a whole [block_m, block_n] tile over all of k once per group the tile holds: about
+1 + (G - 1) block_m / m times the useful MACs (work.py counts it: 1.9x at 64 random groups of
+m = 8192, 4.9x at 256). tgmm likewise visits each (group, row tile) pair.
+
 Status: checked against the reference in Mosaic GPU's interpreter (with its race detector)
 on JAX >= 0.12 and lowered for an abstract H100 on 0.10.2 and 0.12; not yet compiled or timed
 on a GPU (experiments/bench_gmm.py does both).

@@ -8,6 +8,13 @@ VMEM; each visit fills in its own rows (a select), and Pallas writes the block b
 tile changes. The schedule has a static length (row tiles + segments - 1), so one compilation
 serves every group-size vector; visits past the real count do nothing and fetch nothing.
 
+A visit multiplies only its segment's rows of the tile, rounded out to sublane tiles (8 rows
+for 32-bit operands, 16 for 16-bit; visit_rows), as a binary decomposition into static chunk
+heights (block_m / 2^j) at aligned offsets in the VMEM block: a tile holding several groups
+costs about its rows once, not a whole tile per group. The blocks are still fetched whole
+(the bytes do not change), and where a chunk is much shorter than the MXU the weights are
+pushed for few rows: work.py counts MACs, not MXU cycles.
+
   gmm   grid (n tiles, visits, k tiles). Segments are the local groups plus one zero segment
         before them and one after (other shards' rows, rows past the sum, padding), so every
         row of every tile is written. A zero-segment visit skips the MXU and holds its input
@@ -17,7 +24,8 @@ serves every group-size vector; visits past the real count do nothing and fetch 
         reset at a group's first visit and stored at its last.
 
 Status: checked against the reference in the TPU simulator (out-of-bounds reads raising) and
-lowered for "tpu" on a CPU; not yet compiled by Mosaic on TPU hardware. Tiles there must follow
+lowered for "tpu" on a CPU; not yet compiled by Mosaic on TPU hardware (the dynamic, aligned
+sublane slices of the chunks are untested by Mosaic's layout passes). Tiles there must follow
 the (8, 128) layout rule (api.py checks it outside interpret mode).
 """
 from __future__ import annotations
