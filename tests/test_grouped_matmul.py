@@ -450,17 +450,21 @@ def test_work_counts_by_hand_on_a_small_ragged_case():
 
 
 def test_k_and_n_tiles_divide_the_weights_instead_of_padding_them():
-  # k = 768 with the TPU default 512: a 384 tile divides it (no weight copy, no padded MACs).
+  # TPU default 512 tiles: k = 768 takes 384, n = 1408 = 11 x 128 takes 128 (no weight copy,
+  # no padded MACs).
   sizes = _routed_sizes(8)
-  w = work.gmm_work(8192, 768, 1024, sizes, implementation="tpu", tiles=TPU_TILING.fwd)
-  assert w.pad_bytes == 0 and w.macs == _rows_rounded_out(sizes, 16) * 768 * 1024
-  assert api.fit_tile("tpu", False, "block_k", 512, 768, lane=True) == (384, 768)
-  # n = 1408 = 11 x 128: no tile in [256, 512] divides it, so the weights are padded to 1536
-  # on every call, and the counter charges the copy and the padded MACs.
   w = work.gmm_work(8192, 768, 1408, sizes, implementation="tpu", tiles=TPU_TILING.fwd)
-  assert w.pad_bytes == 2 * ((8 * 768 * 1408 + 8 * 768 * 1536) + (8192 * 1536 + 8192 * 1408))
-  assert w.macs == _rows_rounded_out(sizes, 16) * 768 * 1536
+  assert w.pad_bytes == 0 and w.macs == _rows_rounded_out(sizes, 16) * 768 * 1408
+  assert api.fit_tile("tpu", False, "block_k", 512, 768, lane=True) == (384, 768)
+  assert api.fit_tile("tpu", False, "block_n", 512, 1408, lane=True) == (128, 1408)
+  # n = 1000 has no 128-multiple divisor: the weights are padded to 1024 on every call, and
+  # the counter charges the copy (read + write), the output slice and the padded MACs.
+  w = work.gmm_work(8192, 768, 1000, sizes, implementation="tpu", tiles=TPU_TILING.fwd)
+  assert w.pad_bytes == 2 * ((8 * 768 * 1000 + 8 * 768 * 1024) + (8192 * 1024 + 8192 * 1000))
+  assert w.macs == _rows_rounded_out(sizes, 16) * 768 * 1024
   assert api.fit_tile("gpu", False, "block_k", 64, 96, lane=True) == (32, 96)
+  # 16 divides 80 but is under a quarter of the tile: padded instead (to 128)
+  assert api.fit_tile("gpu", False, "block_k", 128, 80, lane=True) == (128, 128)
   assert api.fit_tile("mosaic_gpu", False, "block_n", 256, 384, lane=True) == (192, 384)
 
 
@@ -473,7 +477,7 @@ def test_work_counter_refuses_what_it_cannot_count():
 
 # Several groups per 64-row tile: exercises every chunk height (Triton 64/32/16; TPU f32
 # 64/32/16/8) against the reference, with empty groups and a NaN tail past the sum.
-CHUNKED = Case(m=200, k=32, n=24, sizes=(0, 37, 5, 0, 64, 1, 17, 30, 16, 0, 9, 3))
+CHUNKED = Case(m=136, k=16, n=24, sizes=(0, 70, 5, 0, 9, 1, 17, 30))
 CHUNKED_TILING = Tiling(fwd=Tiles(64, 16, 16), dlhs=Tiles(64, 16, 16), drhs=Tiles(64, 16, 16))
 
 
