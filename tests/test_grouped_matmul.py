@@ -450,20 +450,19 @@ def test_work_counts_by_hand_on_a_small_ragged_case():
 
 
 def test_k_and_n_tiles_divide_the_weights_instead_of_padding_them():
-  # TPU default 512 tiles: k = 768 takes 384, n = 1408 = 11 x 128 takes 128 (no weight copy,
-  # no padded MACs).
+  # k = 768 with the TPU default 512: a 384 tile divides it (no weight copy, no padded MACs).
   sizes = _routed_sizes(8)
-  w = work.gmm_work(8192, 768, 1408, sizes, implementation="tpu", tiles=TPU_TILING.fwd)
-  assert w.pad_bytes == 0 and w.macs == _rows_rounded_out(sizes, 16) * 768 * 1408
+  w = work.gmm_work(8192, 768, 1024, sizes, implementation="tpu", tiles=TPU_TILING.fwd)
+  assert w.pad_bytes == 0 and w.macs == _rows_rounded_out(sizes, 16) * 768 * 1024
   assert api.fit_tile("tpu", False, "block_k", 512, 768, lane=True) == (384, 768)
-  assert api.fit_tile("tpu", False, "block_n", 512, 1408, lane=True) == (128, 1408)
-  # n = 1000 has no 128-multiple divisor: the weights are padded to 1024 on every call, and
-  # the counter charges the copy (read + write), the output slice and the padded MACs.
-  w = work.gmm_work(8192, 768, 1000, sizes, implementation="tpu", tiles=TPU_TILING.fwd)
-  assert w.pad_bytes == 2 * ((8 * 768 * 1000 + 8 * 768 * 1024) + (8192 * 1024 + 8192 * 1000))
-  assert w.macs == _rows_rounded_out(sizes, 16) * 768 * 1024
+  # n = 1408 = 11 x 128: no tile in [256, 512] divides it, so the weights are padded to 1536
+  # on every call, and the counter charges the copy (read + write), the output slice and the
+  # padded MACs.
+  w = work.gmm_work(8192, 768, 1408, sizes, implementation="tpu", tiles=TPU_TILING.fwd)
+  assert w.pad_bytes == 2 * ((8 * 768 * 1408 + 8 * 768 * 1536) + (8192 * 1536 + 8192 * 1408))
+  assert w.macs == _rows_rounded_out(sizes, 16) * 768 * 1536
   assert api.fit_tile("gpu", False, "block_k", 64, 96, lane=True) == (32, 96)
-  # 16 divides 80 but is under a quarter of the tile: padded instead (to 128)
+  # 16 divides 80 but is under half the tile: padded instead (to 128)
   assert api.fit_tile("gpu", False, "block_k", 128, 80, lane=True) == (128, 128)
   assert api.fit_tile("mosaic_gpu", False, "block_n", 256, 384, lane=True) == (192, 384)
 

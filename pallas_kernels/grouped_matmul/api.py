@@ -5,7 +5,7 @@ its weight gradient on its own. Any m, k, n: the kernel implementations pad ever
 zeros up to a tile multiple (padded rows lie in no group, padded k columns add zero, padded n
 columns are sliced off) and group boundaries may fall anywhere inside a row tile. Nothing is
 padded when the sizes already are tile multiples, and a k or n tile that does not divide its
-axis is first lowered (to at least a quarter) to one that does (fit_tile): padding the weights
+axis is first lowered (to at least half) to one that does (fit_tile): padding the weights
 copies them on every call. work.py counts what each kernel then issues.
 
 Gradients (one custom_vjp for every implementation, so each direction can use its own tiles):
@@ -53,13 +53,14 @@ class _Call:
 
 
 def _dividing(tile: int, dim: int, step: int, allowed=lambda t: True) -> int:
-  """tile, or the largest allowed multiple of step in [tile / 4, tile) that divides dim when
+  """tile, or the largest allowed multiple of step in [tile / 2, tile) that divides dim when
   tile does not: a k or n tile that divides the weights' axis spares padding them (a full
-  copy of the weights on every call) and the padded MACs; a smaller tile than that is left
-  to the caller (it costs grid steps)."""
+  copy of the weights on every call) and the padded MACs. Smaller tiles are left to the
+  caller: each halving re-reads the other operand once more (work.py counts both; e.g. TPU
+  n = 1408 in 128-wide tiles moves more bytes than padding it to 1536 in 512-wide ones)."""
   if dim % tile == 0:
     return tile
-  for t in range(tile - step, tile // 4 - 1, -step):
+  for t in range(tile - step, tile // 2 - 1, -step):
     if t > 0 and dim % t == 0 and allowed(t):
       return t
   return tile
