@@ -484,3 +484,28 @@ CHUNKED_TILING = Tiling(fwd=Tiles(64, 16, 16), dlhs=Tiles(64, 16, 16), drhs=Tile
 def test_chunked_schedules_match_reference_with_many_groups_per_tile(implementation):
   _check_against_reference(CHUNKED, implementation, KERNELS[implementation],
                            tiling=CHUNKED_TILING)
+
+
+def _select_dtypes_in_kernels(jaxpr, inside=False, found=None):
+  """dtypes of every select (jnp.where) inside the pallas_call kernels of a jaxpr."""
+  found = [] if found is None else found
+  for eqn in jaxpr.eqns:
+    if inside and eqn.primitive.name == "select_n":
+      found.append(jnp.dtype(eqn.outvars[0].aval.dtype))
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, (list, tuple)) else [param]:
+        sub = getattr(sub, "jaxpr", sub)
+        if hasattr(sub, "eqns"):
+          _select_dtypes_in_kernels(sub, inside or eqn.primitive.name == "pallas_call", found)
+  return found
+
+
+def test_tpu_tgmm_selects_rows_in_float32_on_bf16_operands():
+  # Older TPUs have no bf16 vector unit: the row masks of bf16 tiles are selects in float32.
+  from pallas_kernels.grouped_matmul import tpu  # pylint: disable=g-import-not-at-top
+  x = jnp.ones((32, 16), jnp.bfloat16)
+  starts, ends = jnp.array([0, 5], jnp.int32), jnp.array([5, 30], jnp.int32)
+  jaxpr = jax.make_jaxpr(lambda x, y, s, e: tpu.tgmm(
+      x, y, s, e, tiles=Tiles(16, 16, 16), out_dtype=jnp.bfloat16))(x, x, starts, ends)
+  dtypes = _select_dtypes_in_kernels(jaxpr.jaxpr)
+  assert jnp.dtype(jnp.float32) in dtypes and jnp.dtype(jnp.bfloat16) not in dtypes
