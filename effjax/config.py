@@ -515,7 +515,7 @@ class TrainConfig:
   keep_checkpoints: int = 3
   async_checkpointing: bool = True
   # Reverse sparsification: after this many updates, multiply every Monarch layer out into a
-  # dense weight and continue dense (0 = never). See effjax/train/loop.py.
+  # dense weight and continue dense (0 = never). See effjax/train/methods/monarch.py.
   dense_from_step: int = 0
   # Dense-to-sparse: a workdir (or its checkpoints/ dir) of a run with the same shapes; its
   # latest params initialise this run, projected onto Monarch where this model uses Monarch.

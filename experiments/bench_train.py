@@ -23,7 +23,8 @@ import jax
 from configs import lm
 from effjax import config as config_lib
 from effjax.models.decoder_lm import count_params, flops_per_token
-from effjax.train.loop import compiled_step_on_one_batch, train_and_evaluate
+from effjax.train.loop import train_and_evaluate
+from experiments.runs import compiled_step_on_one_batch
 from effjax.train.metrics import read_metrics
 
 _VARIANTS = flags.DEFINE_list("variants", ["tiny", "small"], "configs/lm.py variants to time.")

@@ -36,21 +36,20 @@ def evaluate_run(workdir: str, *, split: str = "", max_batches: int = 0,
   SystemExit before the checkpoint is read."""
   import dataclasses  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
-  from effjax.models import decode  # pylint: disable=g-import-not-at-top
   from effjax.models.decoder_lm import DecoderLM  # pylint: disable=g-import-not-at-top
-  from effjax.train import evaluation  # pylint: disable=g-import-not-at-top
+  from effjax.train import checkpoint, evaluation  # pylint: disable=g-import-not-at-top
   from effjax.train import step as step_lib  # pylint: disable=g-import-not-at-top
   if max_batches < 0:
     raise SystemExit(f"--max_batches must be >= 0 (0 = the whole split), got {max_batches}")
   try:
-    cfg = decode.read_run_config(workdir)
+    cfg = checkpoint.read_run_config(workdir)
   except (ValueError, FileNotFoundError) as e:
     raise SystemExit(str(e)) from None
   if data_dir is not None:
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, data_dir=data_dir))
   split = split or cfg.data.eval_split
   try:
-    cfg, model_cfg, found, state, mesh = decode.load_run(workdir, step)
+    cfg, model_cfg, found, state, mesh = checkpoint.load_run(workdir, step)
     if data_dir is not None:
       cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, data_dir=data_dir))
     with step_lib.sharding_context(mesh):

@@ -33,7 +33,6 @@ validation batches, median of --reps timed calls, with the routed FFN rows per t
 """
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import time
@@ -49,8 +48,7 @@ from effjax import config as config_lib
 from effjax.data import pipeline
 from effjax.models.decoder_lm import DecoderLM
 from effjax.moe.layer import MoELayer
-from effjax.train.loop import load_checkpoint, train_and_evaluate
-from effjax.train.metrics import read_metrics
+from effjax.train.checkpoint import load_checkpoint
 from experiments import runs
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A new directory; one subdirectory per variant.",
@@ -121,18 +119,13 @@ def expert_layer_throughput(cfg, workdir) -> dict:
 def run_variant(name: str, seed: int) -> dict:
   cfg = variant_config(name, seed)
   workdir = os.path.join(_WORKDIR.value, f"{name}_s{seed}")
-  if os.path.exists(os.path.join(workdir, "checkpoints")):
-    raise SystemExit(f"{workdir} already holds a run; pass a new --workdir")
-  start = time.perf_counter()
-  train_and_evaluate(cfg, workdir)
-  wall = time.perf_counter() - start
-  metrics = read_metrics(os.path.join(workdir, "metrics.jsonl"))
-  evals = {s: m["eval_bpb"] for s, m in sorted(metrics.items()) if "eval_bpb" in m}
-  tps = sorted(m["tokens_per_sec"] for m in metrics.values() if "tokens_per_sec" in m)
+  metrics, wall = runs.train_timed(cfg, workdir)
+  evals = runs.curve(metrics, "eval_bpb")
   row = dict(variant=name, seed=seed, config=config_lib.to_dict(cfg), params=metrics[0]["params"],
              active_params=metrics[0].get("active_params", metrics[0]["params"]),
              train_flops_per_token=metrics[0]["flops_per_token"], eval_bpb=evals,
-             final_bpb=evals[max(evals)], wall_s=wall, median_tokens_per_s=tps[len(tps) // 2],
+             final_bpb=evals[max(evals)], wall_s=wall,
+             median_tokens_per_s=runs.median(metrics, "tokens_per_sec"),
              steps=cfg.train.num_steps,
              tokens=cfg.train.num_steps * cfg.train.global_batch_size * cfg.data.seq_len)
   last = max(s for s, m in metrics.items() if "train_loss" in m)
@@ -151,20 +144,9 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   seeds = runs.seeds()
   runs.guard(_WORKDIR.value)
-  rows = []
-  for name in _VARIANTS.value:
-    for seed in seeds:
-      print(f"running {name} seed {seed} ...", flush=True)
-      rows.append(run_variant(name, seed))
-      print(json.dumps({k: v for k, v in rows[-1].items() if k != "config"}), flush=True)
+  rows = runs.run_each(_VARIANTS.value, seeds, run_variant)
   _print_table(rows)
-  summary, verdicts = runs.versus_baseline(rows)
-  print(summary)
-  runs.write(_OUT.value, {"rows": rows, "final_bpb": {k[0]: v for k, v in
-                                                      runs.group_by(rows, ("variant",),
-                                                                    "final_bpb").items()},
-                          "verdicts": verdicts})
-
+  runs.report_versus_baseline(rows, _OUT.value)
 
 
 def _print_table(rows):

@@ -29,7 +29,6 @@ writes the rows as JSON.
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 from typing import Callable
@@ -42,8 +41,6 @@ import jax
 from configs import lm
 from configs import monarch as monarch_configs
 from effjax import config as config_lib
-from effjax.train.loop import compiled_step_on_one_batch, train_and_evaluate
-from effjax.train.metrics import read_metrics
 from experiments import runs
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A new directory; one subdirectory per variant.",
@@ -98,7 +95,7 @@ def variant_config(name: str, dense_workdir: str = "", seed: int = 0):
 
 def bare_step_seconds(cfg) -> Callable[[], float]:
   """A timer: each call runs `--bare_steps` compiled train steps on one batch, returns s/step."""
-  train_step, state, batch = compiled_step_on_one_batch(cfg)
+  train_step, state, batch = runs.compiled_step_on_one_batch(cfg)
   box = [jax.block_until_ready(train_step(state, batch))[0]]  # warm-up
 
   def timer() -> float:
@@ -112,12 +109,7 @@ def bare_step_seconds(cfg) -> Callable[[], float]:
 
 def run_variant(name: str, workdir: str, seed: int) -> dict:
   cfg = variant_config(name, os.path.join(_WORKDIR.value, f"dense_s{seed}"), seed)
-  if os.path.exists(os.path.join(workdir, "checkpoints")):
-    raise SystemExit(f"{workdir} already holds a run; pass a new --workdir")
-  start = time.perf_counter()
-  train_and_evaluate(cfg, workdir)
-  wall = time.perf_counter() - start
-  metrics = read_metrics(os.path.join(workdir, "metrics.jsonl"))
+  metrics, wall = runs.train_timed(cfg, workdir)
   steps = cfg.train.num_steps
   switch = cfg.train.dense_from_step
   flops0 = metrics[0]["flops_per_token"]
@@ -126,13 +118,12 @@ def run_variant(name: str, workdir: str, seed: int) -> dict:
   if switch:  # the step-weighted FLOPs of the two phases
     flops = (switch * flops0 + (steps - switch) * metrics[switch]["flops_per_token"]) / steps
     params = f"{metrics[0]['params']:,} -> {metrics[switch]['params']:,}"
-  evals = {s: m["eval_bpb"] for s, m in sorted(metrics.items()) if "eval_bpb" in m}
-  step_times = sorted(m["step_time_sec"] for m in metrics.values() if "step_time_sec" in m)
+  evals = runs.curve(metrics, "eval_bpb")
   row = dict(variant=name, seed=seed, config=config_lib.to_dict(cfg), params=params,
              train_flops_per_token=flops,
              eval_bpb=evals, final_bpb=evals[max(evals)], wall_s=wall, steps=steps,
              tokens=steps * cfg.train.global_batch_size * cfg.data.seq_len,
-             median_step_s=step_times[len(step_times) // 2])
+             median_step_s=runs.median(metrics, "step_time_sec"))
   if switch:
     row.update(densify_loss_before=metrics[switch]["densify_loss_before"],
                densify_loss_after=metrics[switch]["densify_loss_after"], dense_from_step=switch)
@@ -156,10 +147,8 @@ def main(argv):
       rows.append(dict(variant=name, steps=cfg.train.num_steps,
                        dense_from_step=cfg.train.dense_from_step))
       continue
-    for seed in seeds:
-      print(f"running {name} seed {seed} ...", flush=True)
-      rows.append(run_variant(name, os.path.join(_WORKDIR.value, f"{name}_s{seed}"), seed))
-      print(json.dumps({k: v for k, v in rows[-1].items() if k != "config"}), flush=True)
+    rows += runs.run_each([name], seeds, lambda n, seed: run_variant(
+        n, os.path.join(_WORKDIR.value, f"{n}_s{seed}"), seed))
 
   if _BARE_STEPS.value:  # steady-state step time, the variants interleaved
     names = [r["variant"] for r in rows]
@@ -191,13 +180,10 @@ def main(argv):
       print(f"| {r['variant']} | {r['bare_step_s']:.3f} | {ratio} |")
   else:
     _print_table(rows, dense)
-  body = {"rows": rows}
-  if not _TIME_ONLY.value:
-    summary, body["verdicts"] = runs.versus_baseline(rows)
-    body["final_bpb"] = {k[0]: v for k, v in
-                         runs.group_by(rows, ("variant",), "final_bpb").items()}
-    print(summary)
-  runs.write(_OUT.value, body)
+  if _TIME_ONLY.value:
+    runs.write(_OUT.value, {"rows": rows})
+  else:
+    runs.report_versus_baseline(rows, _OUT.value)
 
 
 

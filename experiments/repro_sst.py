@@ -42,8 +42,8 @@ from absl import logging
 
 from configs import sst as sst_configs
 from effjax import config as config_lib
-from effjax.optim import lowrank
-from effjax.train.loop import train_and_evaluate
+from effjax.train.methods.low_rank import memory_report
+from effjax.train.methods.sst import sst_round_iterations
 from experiments import runs
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "One subdirectory per run.", required=True)
@@ -111,7 +111,7 @@ def run_config(method: str, ratio: int, lr: float, seed: int = 0):
 def sst_rounds(cfg) -> float:
   """SST rounds completed: iterations run / iterations per round (re-SVD period)."""
   iterations = cfg.train.num_steps // cfg.model.linear.sst_every
-  return iterations / lowrank.sst_round_iterations(cfg)
+  return iterations / sst_round_iterations(cfg)
 
 
 def run_one(method: str, ratio: int, lr: float, seed: int) -> dict:
@@ -119,11 +119,7 @@ def run_one(method: str, ratio: int, lr: float, seed: int) -> dict:
   name = f"{method}_r{rank}_lr{lr:g}" if method != "full" else f"full_lr{lr:g}"
   name += f"_s{seed}"
   workdir = os.path.join(_WORKDIR.value, name)
-  done = runs.is_finished(cfg, workdir)
-  start = time.perf_counter()
-  if not done:
-    train_and_evaluate(cfg, workdir)
-  wall = time.perf_counter() - start
+  _, wall = runs.train_timed(cfg, workdir, resume=True)
   summary = runs.run_summary(cfg, workdir)
   first = summary.pop("first")
   report = first if "opt_state_bytes" in first else {}
@@ -131,13 +127,13 @@ def run_one(method: str, ratio: int, lr: float, seed: int) -> dict:
              ratio=ratio if method != "full" else None, lr=lr, run=name,
              trainable_params=report.get("trainable_params", first.get("params")),
              opt_state_bytes=report.get("opt_state_bytes"),
-             wall_s=None if done else wall, **summary)
+             wall_s=wall, **summary)
   if cfg.data.select_percent:
     row["select_loss"] = runs.selection_loss(cfg, workdir,
                                              PRESETS[_PRESET.value]["select_batches"])
   if method == "sst":
     from effjax.layers import spectral  # pylint: disable=g-import-not-at-top
-    from effjax.train.loop import load_checkpoint  # pylint: disable=g-import-not-at-top
+    from effjax.train.checkpoint import load_checkpoint  # pylint: disable=g-import-not-at-top
     row["sst_rounds"] = sst_rounds(cfg)
     sst_state = load_checkpoint(cfg, workdir)[1].model_state[spectral.SST_COLLECTION]
     row["sst_seen_fraction"] = spectral.seen_fraction(sst_state)
@@ -147,18 +143,16 @@ def run_one(method: str, ratio: int, lr: float, seed: int) -> dict:
 
 
 def _adamw_bytes(cfg) -> int:
-  from effjax.optim import lowrank  # pylint: disable=g-import-not-at-top
-  return lowrank.memory_report(cfg)["full_rank_opt_state_bytes"]
+  return memory_report(cfg)["full_rank_opt_state_bytes"]
 
 
 def bare_step_times(best) -> None:
   """Adds `bare_step_s` to the chosen entry of each method and rank (see --bare_steps)."""
   import jax  # pylint: disable=g-import-not-at-top
-  from effjax.train.loop import compiled_step_on_one_batch  # pylint: disable=g-import-not-at-top
   timers = {}
   for key, row in best.items():
     cfg, _ = run_config(row["method"], row["ratio"] or 8, row["lr"])
-    step, state, batch = compiled_step_on_one_batch(cfg)
+    step, state, batch = runs.compiled_step_on_one_batch(cfg)
     box = [jax.block_until_ready(step(state, batch))[0]]
 
     def timer(step=step, batch=batch, box=box):

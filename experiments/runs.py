@@ -7,9 +7,11 @@ both methods' seed ranges (max - min); with one seed nothing is claimed.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import statistics
+import time
 
 from absl import flags
 
@@ -50,19 +52,61 @@ def run_summary(cfg, workdir: str) -> dict:
   m = read_metrics(os.path.join(workdir, "metrics.jsonl"))
   steps = cfg.train.num_steps
   final = m[steps]
-  times = sorted(v["step_time_sec"] for v in m.values() if "step_time_sec" in v)
-  tps = sorted(v["tokens_per_sec"] for v in m.values() if "tokens_per_sec" in v)
   return dict(
       seed=cfg.train.seed, steps=steps,
       tokens=steps * cfg.train.global_batch_size * cfg.data.seq_len,
       eval_loss=final["eval_loss"], eval_ppl=final["eval_perplexity"],
       eval_bpb=final["eval_bpb"],
-      eval_curve={s: v["eval_loss"] for s, v in sorted(m.items()) if "eval_loss" in v},
-      eval_bpb_curve={s: v["eval_bpb"] for s, v in sorted(m.items()) if "eval_bpb" in v},
-      train_curve={s: v["train_loss"] for s, v in sorted(m.items()) if "train_loss" in v},
-      median_step_s=times[len(times) // 2] if times else math.nan,
-      median_tokens_per_s=tps[len(tps) // 2] if tps else math.nan,
+      eval_curve=curve(m, "eval_loss"), eval_bpb_curve=curve(m, "eval_bpb"),
+      train_curve=curve(m, "train_loss"), median_step_s=median(m, "step_time_sec"),
+      median_tokens_per_s=median(m, "tokens_per_sec"),
       first=m.get(0, {}), config=dataclasses.asdict(cfg))
+
+
+def train_timed(cfg, workdir: str, *, resume: bool = False):
+  """Trains `cfg` in `workdir`: (metrics by step, wall seconds, None when nothing was left to
+  train). A workdir holding checkpoints is refused unless `resume` (then a finished run is
+  read back and an unfinished one continued)."""
+  from effjax.train.loop import train_and_evaluate  # pylint: disable=g-import-not-at-top
+  from effjax.train.metrics import read_metrics  # pylint: disable=g-import-not-at-top
+  wall = None
+  if not (resume and is_finished(cfg, workdir)):
+    if not resume and os.path.exists(os.path.join(workdir, "checkpoints")):
+      raise SystemExit(f"{workdir} already holds a run; pass a new --workdir")
+    start = time.perf_counter()
+    train_and_evaluate(cfg, workdir)
+    wall = time.perf_counter() - start
+  return read_metrics(os.path.join(workdir, "metrics.jsonl")), wall
+
+
+def curve(metrics: dict, key: str) -> dict[int, float]:
+  """{step: value} of one logged metric."""
+  return {s: m[key] for s, m in sorted(metrics.items()) if key in m}
+
+
+def median(metrics: dict, key: str) -> float:
+  values = sorted(m[key] for m in metrics.values() if key in m)
+  return values[len(values) // 2] if values else math.nan
+
+
+def run_each(names, seeds, run) -> list[dict]:
+  """[run(name, seed) for every name and seed], each row printed as it finishes."""
+  rows = []
+  for name in names:
+    for seed in seeds:
+      print(f"running {name} seed {seed} ...", flush=True)
+      rows.append(run(name, seed))
+      print(json.dumps({k: v for k, v in rows[-1].items() if k != "config"}), flush=True)
+  return rows
+
+
+def report_versus_baseline(rows: list[dict], out: str, **extra) -> None:
+  """Prints each variant's final bits/byte against the baseline's and writes the results
+  file: rows, final_bpb over seeds per variant, verdicts, and `extra`."""
+  summary, verdicts = versus_baseline(rows)
+  print(summary)
+  final = {k[0]: v for k, v in group_by(rows, ("variant",), "final_bpb").items()}
+  write(out, {"rows": rows, "final_bpb": final, "verdicts": verdicts, **extra})
 
 
 def is_finished(cfg, workdir: str) -> bool:
@@ -81,18 +125,36 @@ def selection_loss(cfg, workdir: str, max_batches: int = 0) -> float:
   import jax  # pylint: disable=g-import-not-at-top
   from effjax.data import pipeline  # pylint: disable=g-import-not-at-top
   from effjax.models.decoder_lm import DecoderLM  # pylint: disable=g-import-not-at-top
-  from effjax.train import evaluation, loop  # pylint: disable=g-import-not-at-top
+  from effjax.train import evaluation, plugins  # pylint: disable=g-import-not-at-top
   from effjax.train import step as step_lib  # pylint: disable=g-import-not-at-top
-  _, state, mesh = loop.load_checkpoint(cfg, workdir)
-  model_cfg = cfg.model
-  if cfg.train.dense_from_step:
-    model_cfg = dataclasses.replace(model_cfg, linear=model_cfg.linear.all_dense())
+  from effjax.train.checkpoint import load_checkpoint  # pylint: disable=g-import-not-at-top
+  step, state, mesh = load_checkpoint(cfg, workdir)
+  model_cfg = plugins.enabled(cfg).model_config_at(step)
   eval_step = jax.jit(step_lib.make_eval_step(DecoderLM(model_cfg)))
   with step_lib.sharding_context(mesh):
     result = evaluation.evaluate(eval_step, state.params, state.model_state, cfg, mesh,
                                  split=pipeline.selection_split(cfg.data),
                                  max_batches=max_batches)
   return result["eval_loss"]
+
+
+def compiled_step_on_one_batch(cfg):
+  """(compiled train step, fresh state, one real training batch) for timing the bare step."""
+  from effjax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from effjax.models.decoder_lm import DecoderLM  # pylint: disable=g-import-not-at-top
+  from effjax.optim import lowrank  # pylint: disable=g-import-not-at-top
+  from effjax.parallel import build_mesh  # pylint: disable=g-import-not-at-top
+  from effjax.train import step as step_lib  # pylint: disable=g-import-not-at-top
+  mesh = build_mesh(cfg.mesh)
+  model = DecoderLM(cfg.model)
+  tx, lr_fn = lowrank.optimizer_for(cfg)  # AdamW unless a low-rank method is configured
+  state, shardings = step_lib.create_train_state(model, tx, mesh, cfg.train.seed,
+                                                 cfg.data.seq_len)
+  train_step, _ = step_lib.compile_steps(model, tx, lr_fn, mesh, state, shardings,
+                                         (cfg.train.global_batch_size, cfg.data.seq_len + 1))
+  batch = next(pipeline.train_batches(cfg.data, mesh, seed=cfg.train.seed,
+                                      global_batch_size=cfg.train.global_batch_size))
+  return train_step, state, batch  # a real text batch, not zeros
 
 
 def stats(values: list[float]) -> dict:

@@ -30,6 +30,7 @@ def sample(workdir: str, prompts: list[str], *, max_new_tokens: int = 200,
   the checkpoint is read."""
   from effjax.data import tokenizer  # pylint: disable=g-import-not-at-top
   from effjax.models import decode  # pylint: disable=g-import-not-at-top
+  from effjax.train import checkpoint  # pylint: disable=g-import-not-at-top
   if not prompts:
     raise SystemExit("give at least one --prompt or a --prompt_file")
   for i, text in enumerate(prompts):
@@ -39,7 +40,7 @@ def sample(workdir: str, prompts: list[str], *, max_new_tokens: int = 200,
     raise SystemExit(f"--max_new_tokens must be >= 1, got {max_new_tokens}")
   try:
     sampling = decode.SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p)
-    cfg = decode.read_run_config(workdir)
+    cfg = checkpoint.read_run_config(workdir)
   except (ValueError, FileNotFoundError) as e:
     raise SystemExit(str(e)) from None
   length = max_length or cfg.data.seq_len
@@ -53,7 +54,7 @@ def sample(workdir: str, prompts: list[str], *, max_new_tokens: int = 200,
          "positions past it were never trained")
   try:
     decode.decode_config(cfg.model)  # refuses expert choice before the restore
-    _, model_cfg, found, state, mesh = decode.load_run(workdir, step)
+    _, model_cfg, found, state, mesh = checkpoint.load_run(workdir, step)
   except (ValueError, FileNotFoundError) as e:
     raise SystemExit(" ".join(str(e).split())) from None
   params, model_state = state.params, state.model_state

@@ -21,6 +21,8 @@ from effjax.layers.lora import LORA_COLLECTION, LoRALinear, lora_dense_weight
 from effjax.layers.spectral import SST_COLLECTION, SSTLinear, sst_dense_weight
 from effjax.optim import lowrank
 from effjax.optim.schedules import jagged_cosine
+from effjax.train.methods import relora
+from effjax.train.methods import sst as sst_methods
 from effjax.train.step import TrainState, split_variables
 
 
@@ -91,8 +93,8 @@ def run(method: str, *, d: int = 64, rank: int = 4, steps: int = 3000, batch: in
     return jax.lax.scan(body, state, None, length=n)[0]
 
   rounds = sst_round or -(-d // rank)
-  merge = jax.jit(lambda s: lowrank.relora_merge_state(s, scale=1.0))
-  resample = {b: jax.jit(functools.partial(lowrank.sst_resample_state, sampling=sampling,
+  merge = jax.jit(lambda s: relora.relora_merge_state(s, scale=1.0))
+  resample = {b: jax.jit(functools.partial(sst_methods.sst_resample_state, sampling=sampling,
                                            do_resvd=b)) for b in (False, True)}
   done = 0
   while done < steps:

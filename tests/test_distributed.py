@@ -8,6 +8,7 @@ import sys
 import jax
 import pytest
 
+from effjax.optim import adamw
 from effjax.parallel import build_mesh, distributed
 from effjax.config import MeshConfig
 
@@ -38,7 +39,7 @@ def test_state_bytes_per_device_follows_the_sharding(test_config):
   from effjax.models.decoder_lm import DecoderLM
   from effjax.train import step as step_lib
   model = DecoderLM(test_config.model)
-  tx = step_lib.make_optimizer(test_config.optim, 10)
+  tx = adamw.make_optimizer(test_config.optim, 10)
 
   def per_device(**degrees):
     mesh = build_mesh(MeshConfig(**{"data": 1, **degrees}), jax.devices()[:4])

@@ -14,13 +14,15 @@ import jax
 import numpy as np
 import pytest
 
+from effjax.optim import adamw
 from effjax import errors
 from effjax.train import checkpoint as checkpoint_lib
-from effjax.train import loop
+from effjax.train import guards
 from effjax.train import step as step_lib
 from effjax.train import workdir as workdir_lib
 from effjax.train.checkpoint import Checkpointer, IncompatibleCheckpointError
-from effjax.train.loop import NonFiniteError, load_checkpoint, train_and_evaluate
+from effjax.train.checkpoint import load_checkpoint
+from effjax.train.loop import NonFiniteError, train_and_evaluate
 from effjax.train.metrics import read_metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -78,8 +80,8 @@ def test_skipping_a_nonfinite_update_keeps_the_state_and_advances_the_step(test_
   cfg = _replace(test_config, "optim", learning_rate=1e30, warmup_steps=0)
   mesh = build_mesh(cfg.mesh, jax.devices()[:1])
   model = DecoderLM(cfg.model)
-  tx = step_lib.make_optimizer(cfg.optim, cfg.train.num_steps)
-  lr_fn = step_lib.learning_rate_fn(cfg.optim, cfg.train.num_steps)
+  tx = adamw.make_optimizer(cfg.optim, cfg.train.num_steps)
+  lr_fn = adamw.learning_rate_fn(cfg.optim, cfg.train.num_steps)
   state, _ = step_lib.create_train_state(model, tx, mesh, 0, cfg.data.seq_len)
   tokens = np.random.default_rng(0).integers(0, 256, (2, cfg.data.seq_len + 1)).astype(np.int32)
   batch = {"tokens": tokens, "segment_ids": np.ones_like(tokens),
@@ -394,12 +396,12 @@ def test_sigterm_during_compilation_exits_cleanly_and_leaves_the_workdir(tfds_di
 
 def test_first_ctrl_c_asks_for_a_save_and_the_second_aborts():
   import signal  # pylint: disable=g-import-not-at-top
-  flag = loop._StopFlag(multi_process=False)  # pylint: disable=protected-access
+  flag = guards.StopFlag(multi_process=False)  # pylint: disable=protected-access
   flag(signal.SIGINT, None)
   assert flag.requested
   with pytest.raises(KeyboardInterrupt):
     flag(signal.SIGINT, None)
-  flag = loop._StopFlag(multi_process=False)  # pylint: disable=protected-access
+  flag = guards.StopFlag(multi_process=False)  # pylint: disable=protected-access
   flag(signal.SIGTERM, None)
   flag(signal.SIGTERM, None)  # SIGTERM repeated (a scheduler's retry) still saves
   assert flag.requested

@@ -13,6 +13,7 @@ from effjax.layers.lora import LoRALinear, lora_dense_weight, relora_merge
 from effjax.optim import lowrank
 from effjax.optim.galore import scale_by_galore
 from effjax.optim.schedules import jagged_cosine
+from effjax.train.methods import relora
 from effjax.train.step import TrainState, split_variables
 
 
@@ -67,8 +68,8 @@ def test_relora_restart_resets_or_prunes_only_the_moments_of_a_and_b():
   ts = TrainState(step=jnp.array(10), params=params, opt_state=opt_state,
                   rng=jax.random.key_data(jax.random.key(0)),
                   model_state={"lora": {"proj": state["lora"]}})
-  reset = jax.jit(lambda s: lowrank.relora_merge_state(s, scale=1.0))(ts)
-  pruned = jax.jit(lambda s: lowrank.relora_merge_state(s, scale=1.0, prune=0.9))(ts)
+  reset = jax.jit(lambda s: relora.relora_merge_state(s, scale=1.0))(ts)
+  pruned = jax.jit(lambda s: relora.relora_merge_state(s, scale=1.0, prune=0.9))(ts)
   mu, mu_reset, mu_pruned = opt_state[0].mu, reset.opt_state[0].mu, pruned.opt_state[0].mu
   assert int(reset.opt_state[0].count) == 2  # the step count is kept
   for name in ("lora_a", "lora_b"):

@@ -13,6 +13,7 @@ from jax.sharding import PartitionSpec as P
 
 from configs import lm as lm_configs
 from configs import monarch as monarch_configs
+from effjax.optim import adamw
 from effjax import config as config_lib
 from effjax.config import ExperimentConfig, LinearConfig, MeshConfig, ModelConfig, OptimConfig
 from effjax.layers.monarch import (MonarchLinear, activation_copies, monarch_multiply,
@@ -347,7 +348,7 @@ def test_lm_surgery_monarch_to_dense_keeps_the_function_and_projection_inverts_i
 def test_densify_keeps_counts_and_moments_of_unchanged_params_and_zeroes_new_ones():
   cfg, model, params = _lm(LinearConfig(mlp="monarch"))
   dense_model = DecoderLM(dataclasses.replace(cfg, linear=cfg.linear.all_dense()))
-  tx = step_lib.make_optimizer(OptimConfig(), 100)
+  tx = adamw.make_optimizer(OptimConfig(), 100)
   state = step_lib.TrainState(step=jnp.array(7), params=params, opt_state=tx.init(params),
                               rng=jax.random.key_data(jax.random.key(0)))
   grads = jax.tree.map(jnp.ones_like, params)

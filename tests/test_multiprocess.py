@@ -17,6 +17,7 @@ import jax
 import numpy as np
 import pytest
 
+from effjax.optim import adamw
 from effjax.train.metrics import read_metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -96,8 +97,8 @@ def _single_process_losses(cfg):
   from effjax.train import step as step_lib
   mesh = build_mesh(cfg.mesh, jax.devices()[:4])
   model = DecoderLM(cfg.model)
-  tx = step_lib.make_optimizer(cfg.optim, cfg.train.num_steps)
-  lr_fn = step_lib.learning_rate_fn(cfg.optim, cfg.train.num_steps)
+  tx = adamw.make_optimizer(cfg.optim, cfg.train.num_steps)
+  lr_fn = adamw.learning_rate_fn(cfg.optim, cfg.train.num_steps)
   state, shardings = step_lib.create_train_state(model, tx, mesh, cfg.train.seed, cfg.data.seq_len)
   train_step, _ = step_lib.compile_steps(model, tx, lr_fn, mesh, state, shardings,
                                          (cfg.train.global_batch_size, cfg.data.seq_len + 1))

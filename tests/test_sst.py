@@ -19,6 +19,7 @@ from effjax.layers.spectral import (SST_COLLECTION, SSTLinear, resvd, sample_act
 from effjax.models.decoder_lm import count_params
 from effjax.optim import lowrank
 from effjax.train.loop import train_and_evaluate
+from effjax.train.methods import low_rank
 from effjax.train.metrics import read_metrics
 from effjax.train.step import split_variables
 
@@ -203,14 +204,14 @@ def test_bad_input_fails_clearly(make, message):
 @pytest.mark.parametrize("variant", sst_configs.VARIANTS)
 def test_each_method_is_one_config_switch_and_embeddings_stay_dense(variant):
   cfg = config_lib.from_config_dict(sst_configs.get_config(f"{variant},test"))
-  params, opt_state, model_state = lowrank._abstract(cfg)
+  params, opt_state, model_state = low_rank.abstract_state(cfg)
   layer = params["layers_0"]
   expected = {"full": {"kernel"}, "galore": {"kernel"}, "lora": {"lora_a", "lora_b"},
               "relora": {"lora_a", "lora_b"}, "sst": {"sigma", "u_cols", "v_cols"}}[variant]
   for proj in (layer["attn"]["query"], layer["attn"]["out"], layer["mlp"]["wo"]):
     assert set(proj) == expected
   assert params["embed"]["embedding"].shape == (cfg.model.vocab_size, cfg.model.d_model)
-  report = lowrank.memory_report(cfg)
+  report = low_rank.memory_report(cfg)
   if variant == "full":
     assert report["trainable_params"] == report["full_rank_trainable_params"]
     return

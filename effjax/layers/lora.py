@@ -8,19 +8,19 @@ W0 is the usual dense init (normal(init_std)), held in the model state collectio
 is the dense layer's. Trainable: r (in + out) per layer.
 
 ReLoRA (`relora_merge`, a pure function of one layer's params and state): W0 += (alpha/r) B A
-folded in, A re-drawn, B zeroed, so the function is unchanged; the optimizer-state reset and
-the jagged learning-rate schedule are in effjax/optim/.
+folded in, A re-drawn, B zeroed, so the function is unchanged. The whole-state merge with its
+optimizer-state reset is in effjax/train/methods/relora.py, the jagged learning-rate schedule
+in effjax/optim/.
 """
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from effjax.layers.spectral import check_rank
+from effjax.layers.frozen_base import FrozenBaseLinear, checked_shape, dense_init
 
 LORA_COLLECTION = "lora"
 PARAM_NAMES = ("lora_a", "lora_b")
@@ -40,25 +40,15 @@ def _a_init(key, shape, dtype=jnp.float32):
   return jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
-class LoRALinear(nn.Module):
-  features: int
-  rank: int
-  in_axis: str
-  out_axis: str
+class LoRALinear(FrozenBaseLinear):
   alpha: float = 0.0
-  init_std: float = 0.02
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x):
-    n_in, n_out = x.shape[-1], self.features
-    where = f"LoRALinear {'/'.join(self.scope.path) or self.name or ''}".rstrip()
-    check_rank(self.rank, n_in, n_out, where)
+    n_in, n_out, _ = checked_shape(self, x, "LoRALinear")
     pd = self.param_dtype
-    base_init = nn.with_logical_partitioning(
-        lambda: nn.initializers.normal(self.init_std)(self.make_rng("params"), (n_in, n_out), pd),
-        (self.in_axis, self.out_axis))
+    base_init = nn.with_logical_partitioning(lambda: dense_init(self, n_in, n_out, pd),
+                                             (self.in_axis, self.out_axis))
     w0 = self.variable(LORA_COLLECTION, "w0", base_init).value
     a = self.param("lora_a", nn.with_logical_partitioning(_a_init, (self.in_axis, None)),
                    (n_in, self.rank), pd)

@@ -24,31 +24,22 @@ Between steps (pure functions on one layer's params and state, leading scan axes
   sst_resample  write the active columns back into U, V; optionally re-SVD (U diag(sigma) V^T
                 unchanged, orthogonality restored); draw a new active set (r indices without
                 replacement) with one of SAMPLINGS; read the new active columns out.
-The optimizer side (clamp, renormalisation, moment reset, LR re-warm-up) is in
-effjax/optim/lowrank.py.
+The optimizer side (clamp, renormalisation, LR re-warm-up) is in effjax/optim/lowrank.py; the
+whole-state resample (every SST layer, moment reset) in effjax/train/methods/sst.py.
 """
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
+
+from effjax.layers.frozen_base import FrozenBaseLinear, checked_shape, dense_init
 
 SST_COLLECTION = "sst"
 SAMPLINGS = ("mixed", "sigma", "uniform", "top")
 PARAM_NAMES = ("sigma", "u_cols", "v_cols")
-
-
-def check_rank(rank, n_in: int, n_out: int, where: str) -> None:
-  """ValueError unless 1 <= rank <= min(n_in, n_out)."""
-  if not isinstance(rank, (int, np.integer)) or isinstance(rank, bool) or rank < 1:
-    raise ValueError(f"{where}: rank must be a positive integer, got {rank!r}")
-  if rank > min(n_in, n_out):
-    raise ValueError(f"{where}: rank={rank} is larger than min(in, out)=min({n_in}, {n_out}) "
-                     f"= {min(n_in, n_out)}")
 
 
 def check_sampling(sampling: str, where: str = "SST") -> None:
@@ -129,28 +120,18 @@ def _sst_bwd(res, g):
 sst_matmul.defvjp(_sst_fwd, _sst_bwd)
 
 
-class SSTLinear(nn.Module):
+class SSTLinear(FrozenBaseLinear):
   """y = x U diag(sigma) V^T; see the module docstring. `sampling` draws the first active set."""
-  features: int
-  rank: int
-  in_axis: str
-  out_axis: str
   sampling: str = "mixed"
-  init_std: float = 0.02
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x):
-    n_in, n_out = x.shape[-1], self.features
-    where = f"SSTLinear {'/'.join(self.scope.path) or self.name or ''}".rstrip()
-    check_rank(self.rank, n_in, n_out, where)
+    n_in, n_out, where = checked_shape(self, x, "SSTLinear")
     check_sampling(self.sampling, where)
     k = min(n_in, n_out)
     init = {}
     if self.is_initializing():  # the SVD of the dense init: computed at init only
-      w0 = nn.initializers.normal(self.init_std)(self.make_rng("params"), (n_in, n_out),
-                                                 jnp.float32)
+      w0 = dense_init(self, n_in, n_out, jnp.float32)
       init["u"], init["sigma"], init["v"] = svd_factors(w0)
       init["idx"] = sample_active(self.make_rng("params"), init["sigma"], self.rank,
                                   self.sampling)

@@ -22,9 +22,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import json
 import math
-import os
 import time
 from typing import Sequence
 
@@ -33,12 +31,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from effjax.config import ExperimentConfig, ModelConfig
+from effjax.config import ModelConfig
 from effjax.data import tokenizer
 from effjax.layers.attention import CACHE_COLLECTION
 from effjax.layers.lora import LORA_COLLECTION, lora_dense_weight, lora_scale
 from effjax.models.decoder_lm import DecoderLM
-from effjax.parallel import LOGICAL_RULES, data_parallel_size, logical_sharding
+from effjax.parallel import (LOGICAL_RULES, data_parallel_size, logical_sharding,
+                             sharding_context)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -289,7 +288,6 @@ class Sampler:
       lengths_B[i] = len(p)
     args = (self.params, self.model_state, prompt_BP, lengths_B, jax.random.key(seed),
             np.int32(max_new_tokens))
-    from effjax.train.step import sharding_context  # pylint: disable=g-import-not-at-top
     context = (sharding_context(self.mesh) if self.mesh is not None
                else contextlib.nullcontext())
     with context:
@@ -323,49 +321,3 @@ class Sampler:
     ids = [tokenizer.encode(t)[:-1] for t in prompts]
     outs, stats = self.generate(ids, **kwargs)
     return [tokenizer.decode(o) for o in outs], stats
-
-
-# --- loading a run --------------------------------------------------------------------------
-
-def read_run_config(workdir: str) -> ExperimentConfig:
-  """The ExperimentConfig a training run wrote to WORKDIR/config.json."""
-  from effjax import config as config_lib  # pylint: disable=g-import-not-at-top
-  path = os.path.join(workdir, "config.json")
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"{workdir!r} holds no training run: there is no {path}")
-  with open(path, encoding="utf-8") as f:
-    return config_lib.from_dict(ExperimentConfig, json.load(f))
-
-
-def load_run(workdir: str, step: int | None = None, *, devices=None):
-  """(ExperimentConfig, model config of that checkpoint, step, TrainState, mesh) of the run in
-  `workdir`: its newest readable checkpoint, or the one at `step`."""
-  from effjax.train import loop  # pylint: disable=g-import-not-at-top
-  cfg = read_run_config(workdir)
-  directory = os.path.join(workdir, "checkpoints")
-  if not os.path.isdir(directory):
-    raise FileNotFoundError(f"{workdir!r} has no checkpoints/ directory: nothing to load")
-  switch = cfg.train.dense_from_step
-  model_cfg_at = lambda s: (dataclasses.replace(cfg.model, linear=cfg.model.linear.all_dense())
-                            if switch and s >= switch else cfg.model)
-  if step is None:
-    found, state, mesh = loop.load_checkpoint(cfg, workdir, devices=devices)
-    return cfg, model_cfg_at(found), found, state, mesh
-  from effjax.optim import lowrank  # pylint: disable=g-import-not-at-top
-  from effjax.parallel import build_mesh  # pylint: disable=g-import-not-at-top
-  from effjax.train import step as step_lib  # pylint: disable=g-import-not-at-top
-  from effjax.train.checkpoint import Checkpointer  # pylint: disable=g-import-not-at-top
-  checkpointer = Checkpointer(directory, keep=cfg.train.keep_checkpoints, async_save=False)
-  try:
-    steps = checkpointer.all_steps()
-    if step not in steps:
-      raise ValueError(f"no checkpoint at step {step} in {directory}; it has steps {steps}")
-    mesh = build_mesh(cfg.mesh, devices)
-    tx, _ = lowrank.optimizer_for(cfg)
-    abstract, _ = step_lib.abstract_train_state(DecoderLM(model_cfg_at(step)), tx, mesh,
-                                                cfg.train.seed, cfg.data.seq_len)
-    state, _ = checkpointer.restore(step, abstract)
-  finally:
-    checkpointer.close()
-  return cfg, model_cfg_at(step), step, state, mesh
-

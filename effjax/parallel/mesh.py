@@ -7,6 +7,7 @@ activations while weights, which have no batch axis, shard their `embed` axis ov
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from typing import Sequence
@@ -82,3 +83,10 @@ def data_parallel_size(mesh: Mesh) -> int:
   spec = mesh_spec(("batch",))[0]
   axes = (spec,) if isinstance(spec, str) else tuple(spec or ())
   return math.prod(mesh.shape[a] for a in axes)
+
+
+@contextlib.contextmanager
+def sharding_context(mesh: Mesh):
+  """Mesh and logical rules active while tracing, so logical constraints take effect."""
+  with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
+    yield

@@ -14,6 +14,7 @@ shapes would silently reinterpret the weights), and leaves the checkpoint untouc
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -22,7 +23,7 @@ import time
 from absl import logging
 import jax
 
-from effjax.errors import RunError
+from effjax.errors import RunError, WorkdirError
 
 CORRUPT_DIR = "corrupt_checkpoints"
 
@@ -202,3 +203,119 @@ class Checkpointer:
 
   def close(self) -> None:
     self._manager.close()
+
+
+# -- restore targets --------------------------------------------------------------------------
+
+
+def restore_latest_of_phase(checkpointer: Checkpointer, abstract_for_step, identity=None):
+  """restore_latest with the target chosen by the checkpoint's step (a phase change, e.g.
+  reverse sparsification, changes the structure). When the newest checkpoint was unreadable
+  and moved aside, the next one may belong to another phase, so the target is chosen again."""
+  while True:
+    latest = checkpointer.latest_step()
+    if latest is None:
+      return None
+    try:
+      return checkpointer.restore_latest(abstract_for_step(latest), identity)
+    except IncompatibleCheckpointError:
+      if checkpointer.latest_step() == latest:
+        raise  # the newest readable checkpoint itself does not match
+
+
+@contextlib.contextmanager
+def saving(checkpointer: Checkpointer, step: int):
+  """A failed write (disk full, permissions) becomes one clear error; older checkpoints stay."""
+  try:
+    yield
+  except Exception as e:  # pylint: disable=broad-except  (orbax wraps OS errors variously)
+    cause = e
+    while cause is not None and not isinstance(cause, OSError):
+      cause = cause.__cause__ or cause.__context__
+    if cause is None:
+      raise
+    raise WorkdirError(
+        f"could not write the checkpoint at step {step} in {checkpointer.directory}: "
+        f"{cause.strerror or cause}. The checkpoints before it are kept "
+        f"({checkpointer.all_steps()}).") from e
+
+
+def restore_source_params(source: str, abstract_state, keep: int):
+  """(params, step) of the latest checkpoint of another run (train.init_from), restored into
+  `abstract_state` (that run's model with this run's optimizer)."""
+  directory = os.path.join(source, "checkpoints")
+  if not os.path.isdir(directory):
+    directory = source
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"train.init_from={source!r}: no such directory")
+  checkpointer = Checkpointer(directory, keep=keep, async_save=False)
+  try:
+    step = checkpointer.latest_step()
+    if step is None:
+      raise FileNotFoundError(f"train.init_from={source!r}: no checkpoint in {directory}")
+    try:
+      state, _ = checkpointer.restore(step, abstract_state)
+    except Exception as e:  # orbax reports structure mismatches in many ways
+      raise IncompatibleCheckpointError(
+          f"train.init_from={source!r}: the checkpoint at step {step} does not restore into "
+          f"this model with every projection dense ({type(e).__name__}: {str(e)[:300]})") from e
+  finally:
+    checkpointer.close()
+  return state.params, step
+
+
+def read_run_config(workdir: str):
+  """The ExperimentConfig a training run wrote to WORKDIR/config.json."""
+  from effjax import config as config_lib  # pylint: disable=g-import-not-at-top
+  path = os.path.join(workdir, "config.json")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{workdir!r} holds no training run: there is no {path}")
+  with open(path, encoding="utf-8") as f:
+    return config_lib.from_dict(config_lib.ExperimentConfig, json.load(f))
+
+
+def load_checkpoint(cfg, workdir: str, step: int | None = None, *, devices=None):
+  """(step, TrainState, mesh) of `workdir`'s newest readable checkpoint (or the
+  one at `step`), placed on the mesh `cfg.mesh` describes (which may differ from the mesh it
+  was written on). For notebooks, sampling and analysis; training resumes by itself."""
+  # the layers above this module: the model, optimizer and methods a checkpoint was made by
+  from effjax.models.decoder_lm import DecoderLM  # pylint: disable=g-import-not-at-top
+  from effjax.optim import lowrank  # pylint: disable=g-import-not-at-top
+  from effjax.parallel import build_mesh  # pylint: disable=g-import-not-at-top
+  from effjax.train import plugins  # pylint: disable=g-import-not-at-top
+  from effjax.train import step as step_lib  # pylint: disable=g-import-not-at-top
+  directory = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"{workdir!r} has no checkpoints/ directory: nothing to load")
+  mesh = build_mesh(cfg.mesh, devices)
+  tx, _ = lowrank.optimizer_for(cfg)
+  methods = plugins.enabled(cfg)
+
+  def abstract_for(s: int):
+    return step_lib.abstract_train_state(DecoderLM(methods.model_config_at(s)), tx, mesh,
+                                         cfg.train.seed, cfg.data.seq_len)[0]
+
+  checkpointer = Checkpointer(directory, keep=cfg.train.keep_checkpoints, async_save=False)
+  try:
+    if step is None:
+      restored = restore_latest_of_phase(checkpointer, abstract_for, config_identity(cfg))
+      if restored is None:
+        raise FileNotFoundError(f"no checkpoint in {directory}")
+      step, state, _ = restored
+    else:
+      steps = checkpointer.all_steps()
+      if step not in steps:
+        raise ValueError(f"no checkpoint at step {step} in {directory}; it has steps {steps}")
+      state, _ = checkpointer.restore(step, abstract_for(step))
+  finally:
+    checkpointer.close()
+  return step, state, mesh
+
+
+def load_run(workdir: str, step: int | None = None, *, devices=None):
+  """(ExperimentConfig, model config of that checkpoint, step, TrainState, mesh) of the run in
+  `workdir`: its newest readable checkpoint, or the one at `step`."""
+  from effjax.train import plugins  # pylint: disable=g-import-not-at-top
+  cfg = read_run_config(workdir)
+  found, state, mesh = load_checkpoint(cfg, workdir, step, devices=devices)
+  return cfg, plugins.enabled(cfg).model_config_at(found), found, state, mesh

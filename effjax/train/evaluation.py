@@ -12,6 +12,9 @@ rather than its first files.
 """
 from __future__ import annotations
 
+import time
+
+from absl import logging
 import jax
 import numpy as np
 
@@ -109,4 +112,19 @@ def evaluate(eval_step, params, model_state, cfg: ExperimentConfig, mesh, *,
   sums = jax.device_get(sums)
   result = step_lib.eval_summary(sums)
   result.update(eval_tokens=float(sums["tokens"]), eval_batches=float(len(batches)))
+  return result
+
+
+def evaluate_and_log(eval_step, state, cfg: ExperimentConfig, mesh, step: int,
+                     writer) -> dict[str, float]:
+  """The loop's evaluation after `step` updates, printed and written to metrics; the last one
+  (the reported number) on data.final_eval_batches, the others on data.eval_batches."""
+  t = time.perf_counter()
+  final = step == cfg.train.num_steps
+  result = evaluate(eval_step, state.params, state.model_state, cfg, mesh,
+                    max_batches=cfg.data.final_eval_batches if final else None)
+  logging.info("eval at step %d | loss %.4f | ppl %.2f | %.4f bits/byte | %.1fs", step,
+               result["eval_loss"], result["eval_perplexity"], result["eval_bpb"],
+               time.perf_counter() - t)
+  writer.write(step, result)
   return result

@@ -10,9 +10,15 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from typing import Any
 
+from absl import logging
 import jax
+
+from effjax import config as config_lib
+from effjax.models.decoder_lm import count_params, flops_per_token
+from effjax.moe.accounting import inactive_expert_params
 
 
 class MetricsWriter:
@@ -71,3 +77,81 @@ def read_metrics(path: str) -> dict[int, dict[str, Any]]:
         continue
       by_step.setdefault(record["step"], {}).update(record)
   return by_step
+
+
+def format_duration(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  h, rem = divmod(seconds, 3600)
+  m, s = divmod(rem, 60)
+  return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+def describe_linear(model_cfg) -> str:
+  linear = model_cfg.linear
+  kinds = {g: linear.kind_for(g) for g in config_lib.LINEAR_GROUPS}
+  text = ", ".join(f"{g} {k}" for g, k in kinds.items())
+  return text + (f", nblocks {linear.nblocks}" if "monarch" in kinds.values() else "")
+
+
+def log_model(writer: MetricsWriter, step: int, model_cfg, params, cfg) -> None:
+  """Prints and logs a model's parameter count (active per token for MoE) and FLOPs per token."""
+  n_params = count_params(params)
+  flops = flops_per_token(model_cfg, cfg.data.seq_len)
+  tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
+  logging.info("model (%s): %s parameters; %.4g forward / %.4g training FLOPs per token; "
+               "%d tokens per step; %d steps", describe_linear(model_cfg), f"{n_params:,}",
+               flops["forward"], flops["train"], tokens_per_step, cfg.train.num_steps)
+  writer.write(step, {"params": n_params, "flops_per_token": flops["train"],
+                      "forward_flops_per_token": flops["forward"]})
+  if model_cfg.ffn == "moe":  # total vs per-token parameters
+    active = n_params - inactive_expert_params(model_cfg)
+    logging.info("MoE: %s parameters active per token of %s", f"{active:,}", f"{n_params:,}")
+    writer.write(step, {"active_params": active})
+
+
+class StepLog:
+  """The train steps' device metrics, fetched only when flushed (no host sync per step); every
+  fetched step goes through `guard.check` (the non-finite guard) before anything is saved."""
+
+  def __init__(self, tcfg, writer: MetricsWriter, seq_len: int, guard):
+    self.tcfg, self.writer, self.guard = tcfg, writer, guard
+    self.tokens_per_step = tcfg.global_batch_size * seq_len
+    self.pending = []  # (step, device metrics) not yet fetched
+    self.restart_clock()
+
+  def restart_clock(self) -> None:
+    self.t0, self.steps = time.perf_counter(), 0
+
+  def append(self, step: int, metrics) -> None:
+    self.pending.append((step, metrics))
+    self.steps += 1
+
+  def excluding_time(self, fn):
+    """fn() with its wall time (a conversion, a compilation) not counted as step time."""
+    start = time.perf_counter()
+    try:
+      return fn()
+    finally:
+      self.t0 += time.perf_counter() - start
+
+  def flush(self, step: int) -> dict[str, float]:
+    """Fetches pending metrics, stops on a non-finite step, logs the newest ones."""
+    fetched = jax.device_get(self.pending)
+    self.pending.clear()
+    for s, m in fetched:
+      self.guard.check(s, m)
+    if not fetched:
+      return {}
+    elapsed = time.perf_counter() - self.t0
+    metrics = {k: float(v) if v.ndim == 0 else v.tolist() for k, v in fetched[-1][1].items()
+               if k != "nonfinite"}
+    if self.tcfg.max_skipped_nonfinite:
+      metrics["skipped_nonfinite"] = self.guard.skipped_total
+    metrics["tokens_per_sec"] = self.steps * self.tokens_per_step / max(elapsed, 1e-9)
+    metrics["step_time_sec"] = elapsed / max(self.steps, 1)
+    eta = (self.tcfg.num_steps - step) * metrics["step_time_sec"]
+    logging.info("step %d/%d | loss %.4f | %.0f tok/s | %.3f s/step | eta %s", step,
+                 self.tcfg.num_steps, metrics["train_loss"], metrics["tokens_per_sec"],
+                 metrics["step_time_sec"], format_duration(eta))
+    self.writer.write(step, metrics)
+    return metrics

@@ -1,7 +1,6 @@
 """Train state, optimizer, loss, and the sharded jitted train and eval steps."""
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 from typing import Any
@@ -13,9 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from effjax.config import OptimConfig
 from effjax.data import tokenizer
-from effjax.parallel import LOGICAL_RULES, logical_sharding
+from effjax.parallel import LOGICAL_RULES, logical_sharding, sharding_context  # noqa: F401
 
 
 # Collections a layer writes during apply and the step reads back, never stored in the state:
@@ -35,30 +33,6 @@ class TrainState:
   # step passes it as mutable so a layer may update it outside the optimizer, and it is
   # checkpointed with the rest of the state.
   model_state: Any = dataclasses.field(default_factory=dict)
-
-
-def make_optimizer(config: OptimConfig, num_steps: int) -> optax.GradientTransformation:
-  """AdamW with linear warm-up then cosine decay; no weight decay on norms (1-D weights)."""
-  adamw = optax.adamw(learning_rate_fn(config, num_steps), b1=config.b1, b2=config.b2, eps=config.eps,
-                      weight_decay=config.weight_decay,
-                      mask=lambda params: jax.tree.map(lambda p: p.ndim >= 2, params))
-  if config.grad_clip > 0:
-    return optax.chain(optax.clip_by_global_norm(config.grad_clip), adamw)
-  return adamw
-
-
-def learning_rate_fn(config: OptimConfig, num_steps: int):
-  """Linear warm-up from 0 to learning_rate, then cosine decay to learning_rate * min_lr_ratio."""
-  return optax.warmup_cosine_decay_schedule(
-      0.0, config.learning_rate, config.warmup_steps, num_steps,
-      config.learning_rate * config.min_lr_ratio)
-
-
-@contextlib.contextmanager
-def sharding_context(mesh):
-  """Mesh and logical rules active while tracing, so logical constraints take effect."""
-  with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
-    yield
 
 
 def batch_sharding(mesh):

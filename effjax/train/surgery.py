@@ -45,6 +45,11 @@ def _convert(params, target, convert_node: Callable, path: str = ""):
   return params
 
 
+def copy_params(params, target):
+  """`params` checked against `target`'s structure and shapes (under jit: placed as asked)."""
+  return _convert(params, target, lambda p, t, path: None)
+
+
 def monarch_params_to_dense(params, target):
   """Every Monarch layer of `params` multiplied out into the dense kernel `target` expects.
 
