@@ -106,7 +106,7 @@ def _teacher_forced(cfg, params, state, tokens_BL, lengths_B, max_length=24):
 EXTRA_CASES = ("moe_scanned_sigmoid_bias_shared", "moe_dense_to_sparse")
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in EXTRA_CASES
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.drill) if n in EXTRA_CASES
                                   else n for n in CASES])
 def test_cached_decoding_equals_full_forward_at_every_position(name):
   cfg = CASES[name]
@@ -359,7 +359,7 @@ def test_sample_cli_prints_continuations_and_names_bad_arguments(trained_run, tm
                  "top_p")
 
 
-@pytest.mark.slow
+@pytest.mark.drill  # minutes of training; `make test-drills` (CI) runs it
 def test_evaluate_cli_covers_the_whole_split(trained_run, tmp_path):
   import json  # pylint: disable=g-import-not-at-top
   import os  # pylint: disable=g-import-not-at-top

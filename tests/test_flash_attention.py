@@ -443,7 +443,7 @@ def test_lm_with_pallas_attention_matches_xla_in_logits_and_gradients():
     assert _rel(a, b) < 1e-4, path[0]
 
 
-@pytest.mark.slow
+@pytest.mark.drill  # minutes of training; `make test-drills` (CI) runs it
 def test_lm_trains_with_pallas_attention_like_xla(test_config, tmp_path):
   from effjax.train.loop import train_and_evaluate  # pylint: disable=g-import-not-at-top
   from effjax.train.metrics import read_metrics  # pylint: disable=g-import-not-at-top

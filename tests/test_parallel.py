@@ -41,6 +41,7 @@ def test_build_mesh_axes():
   assert data_parallel_size(mesh) == 4
 
 
+@pytest.mark.drill  # minutes of training; `make test-drills` (CI) runs it
 def test_one_device_and_eight_devices_give_the_same_losses(test_config, tmp_path):
   assert len(jax.devices()) >= 8, "conftest sets 8 simulated CPU devices"
   cfg = dataclasses.replace(

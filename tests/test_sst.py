@@ -226,6 +226,7 @@ def test_each_method_is_one_config_switch_and_embeddings_stay_dense(variant):
       per_layer(i, o) for shapes in d.projection_shapes().values() for i, o in shapes)
 
 
+@pytest.mark.drill  # minutes of training; `make test-drills` (CI) runs it
 def test_sst_trains_the_lm_with_a_resample_and_re_warm_up(tfds_dir, tmp_path):
   c = sst_configs.get_config("sst,test")
   c.data.data_dir = tfds_dir

@@ -96,6 +96,7 @@ def _moe_test_config(tfds_dir):
   return config_lib.from_config_dict(c)
 
 
+@pytest.mark.drill  # minutes of training; `make test-drills` (CI) runs it
 @pytest.mark.parametrize("model, written_on, resumed_on", [
     ("dense", dict(fsdp=4), dict(data=2, fsdp=2)),
     ("moe", dict(expert=4), dict(data=2, expert=2)),  # the experts move between devices
