@@ -25,8 +25,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
 from configs import hyperbolic as hyperbolic_configs  # noqa: E402  pylint: disable=g-import-not-at-top
 
 TOL = 1e-5
-MODEL = ModelConfig(vocab_size=384, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2,
-                    d_ff=64, geometry="hyperbolic")
+# one block of each kind is enough to check every layer type; small so compiles are short
+MODEL = ModelConfig(vocab_size=384, d_model=16, num_layers=1, num_heads=2, num_kv_heads=1,
+                    d_ff=32, geometry="hyperbolic")
+
+
+def _init(model, tokens, key=1):
+  return nn.meta.unbox(jax.jit(model.init)(jax.random.key(key), tokens))
 
 
 def _points(key, shape, k, radius):
@@ -81,6 +86,7 @@ def test_lorentz_linear_with_identity_weight_is_the_identity_without_time_scalin
                              rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_time_scale_learning_switch_and_dropout():
   k = 1.0
   x = _points(jax.random.key(2), (4, 8), k, 1.0)
@@ -102,6 +108,7 @@ def test_time_scale_learning_switch_and_dropout():
   assert float(jnp.max(lorentz.manifold_error(y, k))) < TOL and not np.allclose(y, x)
 
 
+@pytest.mark.slow
 def test_sst_lorentz_linear_equals_dense_lorentz_linear_with_the_same_weight_at_init():
   k = 1.0
   x = _points(jax.random.key(5), (6, 16), k, 1.5)
@@ -119,6 +126,7 @@ def test_sst_lorentz_linear_equals_dense_lorentz_linear_with_the_same_weight_at_
     assert float(jnp.max(lorentz.manifold_error(head, k))) < TOL
 
 
+@pytest.mark.slow
 def test_centroid_residual_and_attention_stay_on_the_manifold():
   k = 0.7
   keys = jax.random.split(jax.random.key(6), 3)
@@ -134,6 +142,7 @@ def test_centroid_residual_and_attention_stay_on_the_manifold():
   np.testing.assert_allclose(lorentz.sq_distance(v, v, k), 0.0, atol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("radius", [0.0, 1e-4, 30.0])
 def test_gradients_are_finite_near_and_far_from_the_origin(radius):
   k = 1.0
@@ -156,10 +165,11 @@ def test_gradients_are_finite_near_and_far_from_the_origin(radius):
   assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
 
 
+@pytest.mark.slow
 def test_every_layer_of_the_hyperbolic_lm_outputs_points_of_the_manifold():
   model = DecoderLM(MODEL)
   tokens = jax.random.randint(jax.random.key(0), (2, 16), 0, 256)
-  variables = nn.meta.unbox(model.init(jax.random.key(1), tokens))
+  variables = _init(model, tokens)
   assert hyperbolic_lm.ACTIVATIONS_COLLECTION not in variables  # never model state
   logits, sown = jax.jit(functools.partial(
       model.apply, mutable=[hyperbolic_lm.ACTIVATIONS_COLLECTION]))(variables, tokens)
@@ -171,12 +181,13 @@ def test_every_layer_of_the_hyperbolic_lm_outputs_points_of_the_manifold():
     assert err < TOL, (name, err)
 
 
+@pytest.mark.slow
 def test_learned_curvature_gets_a_gradient_and_the_model_is_causal():
   cfg = dataclasses.replace(MODEL, hyperbolic=config_lib.HyperbolicConfig(
       learn_curvature=True, curvature=2.0))
   model = DecoderLM(cfg)
   tokens = jax.random.randint(jax.random.key(0), (1, 12), 0, 256)
-  params = nn.meta.unbox(model.init(jax.random.key(1), tokens))["params"]
+  params = _init(model, tokens)["params"]
   np.testing.assert_allclose(jnp.exp(params["hyperbolic"]["log_curvature"]), 2.0, rtol=1e-6)
   g = jax.jit(jax.grad(lambda p: jnp.mean(model.apply({"params": p}, tokens))))(params)
   assert float(jnp.abs(g["hyperbolic"]["log_curvature"])) > 0
@@ -227,12 +238,13 @@ def test_config_switches_put_each_method_inside_the_lorentz_layers(method):
   assert (cfg.model.linear.relora_every > 0) == (method == "relora")
 
 
+@pytest.mark.slow
 def test_manifold_membership_holds_after_training_steps():
   """AdamW steps at a high learning rate on random tokens move every weight far from its
   init; every layer's output must still lie on the hyperboloid."""
   model = DecoderLM(MODEL)
   tokens = jax.random.randint(jax.random.key(0), (4, 17), 0, 256)
-  params = nn.meta.unbox(model.init(jax.random.key(1), tokens[:, :-1]))["params"]
+  params = _init(model, tokens[:, :-1])["params"]
   tx = optax.adamw(3e-2)
 
   @jax.jit
