@@ -271,7 +271,8 @@ def test_manifold_membership_holds_after_training_steps():
 
 @pytest.mark.drill
 def test_hyperbolic_run_resumes_exactly_and_stays_on_the_manifold(tfds_dir, tmp_path):
-  from effjax.train.loop import load_checkpoint, train_and_evaluate  # pylint: disable=g-import-not-at-top
+  from effjax.train.checkpoint import load_checkpoint  # pylint: disable=g-import-not-at-top
+  from effjax.train.loop import train_and_evaluate  # pylint: disable=g-import-not-at-top
   from effjax.train.metrics import read_metrics  # pylint: disable=g-import-not-at-top
   c = hyperbolic_configs.get_config("test,sst")
   c.data.data_dir = tfds_dir
