@@ -17,7 +17,6 @@ The token embeddings (points of the hyperboloid) and the output biases stay dens
   python -m experiments.train --config=configs/hyperbolic.py:tiny --workdir=runs/hyp_tiny
   python -m experiments.train --config=configs/hyperbolic.py:tiny,sst --workdir=runs/hyp_sst
 """
-from configs import lm
 from configs import sst
 
 VARIANTS = ("tiny", "test")

@@ -41,7 +41,6 @@ from absl import flags
 from absl import logging
 
 from configs import sst as sst_configs
-from effjax import config as config_lib
 from effjax.train.methods.low_rank import memory_report
 from effjax.train.methods.sst import sst_round_iterations
 from experiments import runs
@@ -86,26 +85,9 @@ def run_config(method: str, ratio: int, lr: float, seed: int = 0):
   p = PRESETS[_PRESET.value]
   c = sst_configs.get_config(f"{method},{p['base']}")
   steps = _STEPS.value or p["steps"]
-  c.model.update(**p["model"])
-  c.data.update(seq_len=p["seq_len"], eval_batches=p["eval_batches"], data_dir=_DATA_DIR.value,
-                select_percent=p["select_percent"], final_eval_batches=p["final_eval_batches"])
-  c.train.update(global_batch_size=p["batch"], num_steps=steps, eval_every=p["eval_every"],
-                 checkpoint_every=steps, log_every=max(1, steps // 60),
-                 async_checkpointing=False, seed=seed)
-  c.optim.update(learning_rate=lr, warmup_steps=p["warmup"])
-  # the variant's periods were derived from the base's step count: redo them for ours
-  rank = max(1, c.model.d_model // ratio)
-  if method in ("lora", "relora", "sst"):
-    c.model.linear.rank = rank
-  if method == "relora":
-    c.model.linear.relora_every = max(1, steps // 6)
-    c.optim.rewarm_steps = max(1, c.model.linear.relora_every // 10)
-  elif method == "galore":
-    c.optim.update(galore_rank=rank, galore_every=max(1, steps // 6))
-  elif method == "sst":
-    c.model.linear.sst_every = p["sst_every"]
-    c.optim.rewarm_steps = max(1, c.model.linear.sst_every // 10)
-  return config_lib.from_config_dict(c), rank
+  rank = max(1, (p["model"].get("d_model") or c.model.d_model) // ratio)
+  return runs.low_rank_run_config(c, p, method, steps=steps, lr=lr, seed=seed, rank=rank,
+                                  data_dir=_DATA_DIR.value), rank
 
 
 def sst_rounds(cfg) -> float:

@@ -44,7 +44,7 @@ from absl import logging
 
 from configs import hyperbolic as hyperbolic_configs
 from effjax import config as config_lib
-from effjax.optim import lowrank
+from effjax.train.methods.sst import sst_round_iterations
 from experiments import runs
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "One subdirectory per run.", required=True)
@@ -80,27 +80,11 @@ def run_config(method: str, lr: float, seed: int):
   p = PRESETS[_PRESET.value]
   c = hyperbolic_configs.get_config(f"{p['base']},{method}")
   steps = _STEPS.value or p["steps"]
-  c.model.update(**p["model"])
-  c.data.update(seq_len=p["seq_len"], eval_batches=p["eval_batches"], data_dir=_DATA_DIR.value,
-                select_percent=p["select_percent"], final_eval_batches=p["final_eval_batches"])
-  c.train.update(global_batch_size=p["batch"], num_steps=steps, eval_every=p["eval_every"],
-                 checkpoint_every=steps, log_every=max(1, steps // 60),
-                 async_checkpointing=False, seed=seed)
-  c.optim.update(learning_rate=lr, warmup_steps=p["warmup"])
-  rank = max(1, c.model.d_model // (_RATIO.value or p["ratio"]))
-  if method in ("lora", "relora", "sst"):
-    c.model.linear.rank = rank
-  if method == "relora":
-    c.model.linear.relora_every = max(1, steps // 6)
-    c.optim.rewarm_steps = max(1, c.model.linear.relora_every // 10)
-  elif method == "galore":
-    c.optim.update(galore_rank=rank, galore_every=max(1, steps // 6))
-  elif method == "sst":
-    c.model.linear.sst_every = p["sst_every"]
-    c.optim.rewarm_steps = max(1, c.model.linear.sst_every // 10)
-  cfg = config_lib.from_config_dict(c)
+  rank = max(1, (p["model"].get("d_model") or c.model.d_model) // (_RATIO.value or p["ratio"]))
+  cfg = runs.low_rank_run_config(c, p, method, steps=steps, lr=lr, seed=seed, rank=rank,
+                                 data_dir=_DATA_DIR.value)
   if method == "sst" and _PRESET.value == "full":
-    rounds = steps // cfg.model.linear.sst_every / lowrank.sst_round_iterations(cfg)
+    rounds = steps // cfg.model.linear.sst_every / sst_round_iterations(cfg)
     if rounds < 5:
       raise app.UsageError(f"--steps={steps}: SST gets {rounds:.2f} rounds; the protocol needs "
                            f">= 5 (steps >= 5 x sst_every x ceil(d / r))")

@@ -157,6 +157,34 @@ def compiled_step_on_one_batch(cfg):
   return train_step, state, batch  # a real text batch, not zeros
 
 
+def low_rank_run_config(c, preset: dict, method: str, *, steps: int, lr: float, seed: int,
+                        rank: int, data_dir: str):
+  """A configs/sst.py-style ConfigDict `c` set up for one run of a low-rank comparison: the
+  preset's model, data and schedule, then the method's rank and periods redone for `steps`
+  (the config variant derived them from its base's step count). Re-warm-ups last 10% of a
+  period, for ReLoRA* and SST alike."""
+  c.model.update(**preset["model"])
+  c.data.update(seq_len=preset["seq_len"], eval_batches=preset["eval_batches"],
+                data_dir=data_dir, select_percent=preset["select_percent"],
+                final_eval_batches=preset["final_eval_batches"])
+  c.train.update(global_batch_size=preset["batch"], num_steps=steps,
+                 eval_every=preset["eval_every"], checkpoint_every=steps,
+                 log_every=max(1, steps // 60), async_checkpointing=False, seed=seed)
+  c.optim.update(learning_rate=lr, warmup_steps=preset["warmup"])
+  if method in ("lora", "relora", "sst"):
+    c.model.linear.rank = rank
+  if method == "relora":
+    c.model.linear.relora_every = max(1, steps // 6)
+    c.optim.rewarm_steps = max(1, c.model.linear.relora_every // 10)
+  elif method == "galore":
+    c.optim.update(galore_rank=rank, galore_every=max(1, steps // 6))
+  elif method == "sst":
+    c.model.linear.sst_every = preset["sst_every"]
+    c.optim.rewarm_steps = max(1, c.model.linear.sst_every // 10)
+  from effjax import config as config_lib  # pylint: disable=g-import-not-at-top
+  return config_lib.from_config_dict(c)
+
+
 def stats(values: list[float]) -> dict:
   """mean, min, max, range (max - min) and n of one metric over seeds."""
   values = [float(v) for v in values]
