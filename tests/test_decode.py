@@ -102,8 +102,9 @@ def _teacher_forced(cfg, params, state, tokens_BL, lengths_B, max_length=24):
   return out
 
 
-# beyond the list (dense, Monarch, SST, LoRA, top-2, MoE++, GQA): slow-marked extras
-EXTRA_CASES = ("moe_scanned_sigmoid_bias_shared", "moe_dense_to_sparse")
+# dense, top-2 and GQA here; the other kinds and the extras are long drills (make test-drills)
+EXTRA_CASES = ("moe_scanned_sigmoid_bias_shared", "moe_dense_to_sparse", "sst",
+               "monarch_one_kv_head", "lora", "moepp")
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.drill) if n in EXTRA_CASES

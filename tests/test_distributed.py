@@ -59,7 +59,7 @@ def _aot(*args):
                         env=dict(os.environ, XLA_FLAGS=""))
 
 
-@pytest.mark.slow
+@pytest.mark.drill  # minutes of training; `make test-drills` (CI) runs it
 def test_aot_check_compiles_for_a_bigger_mesh_and_reports_memory():
   ok = _aot("--num_devices=16", "--config.mesh.data=4", "--config.mesh.fsdp=4",
             "--config.train.global_batch_size=16")

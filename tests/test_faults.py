@@ -242,6 +242,7 @@ def test_known_failures_raise_run_errors_naming_the_value(test_config, tmp_path)
       train_and_evaluate(_short(cfg), workdir, devices=jax.devices()[:4])
 
 
+@pytest.mark.drill  # minutes of training; `make test-drills` (CI) runs it
 def test_step_beyond_device_memory_is_refused_before_training(test_config, tmp_path):
   workdir = str(tmp_path / "run")
   huge = _replace(_short(test_config), "data", seq_len=1 << 17)  # [8, 4, L, L] attention scores

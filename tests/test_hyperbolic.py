@@ -181,7 +181,7 @@ def test_every_layer_of_the_hyperbolic_lm_outputs_points_of_the_manifold():
     assert err < TOL, (name, err)
 
 
-@pytest.mark.slow
+@pytest.mark.drill  # minutes of training; `make test-drills` (CI) runs it
 def test_learned_curvature_gets_a_gradient_and_the_model_is_causal():
   cfg = dataclasses.replace(MODEL, hyperbolic=config_lib.HyperbolicConfig(
       learn_curvature=True, curvature=2.0))
@@ -238,7 +238,7 @@ def test_config_switches_put_each_method_inside_the_lorentz_layers(method):
   assert (cfg.model.linear.relora_every > 0) == (method == "relora")
 
 
-@pytest.mark.slow
+@pytest.mark.drill  # minutes of training; `make test-drills` (CI) runs it
 def test_manifold_membership_holds_after_training_steps():
   """AdamW steps at a high learning rate on random tokens move every weight far from its
   init; every layer's output must still lie on the hyperboloid."""

@@ -410,6 +410,7 @@ def reverse_runs(tfds_dir, tmp_path_factory):
   return cfg, straight, stopped
 
 
+@pytest.mark.drill  # minutes of training; `make test-drills` (CI) runs it
 def test_reverse_sparsification_switch_keeps_the_loss(reverse_runs):
   _, straight, _ = reverse_runs
   m = _metrics(straight)
@@ -421,6 +422,7 @@ def test_reverse_sparsification_switch_keeps_the_loss(reverse_runs):
   assert m[8]["eval_loss"] < m[4]["eval_loss"]  # and dense training goes on
 
 
+@pytest.mark.drill  # minutes of training; `make test-drills` (CI) runs it
 def test_run_stopped_after_the_switch_resumes_exactly(reverse_runs, tmp_path):
   cfg, straight, stopped = reverse_runs
   resumed = str(tmp_path / "resumed")
@@ -431,6 +433,7 @@ def test_run_stopped_after_the_switch_resumes_exactly(reverse_runs, tmp_path):
   assert _losses(resumed) == _losses(straight)
 
 
+@pytest.mark.drill  # minutes of training; `make test-drills` (CI) runs it
 def test_init_from_dense_checkpoint_projects_and_fine_tunes(reverse_runs, tfds_dir, tmp_path):
   # The stopped run's checkpoint holds dense weights that are exactly Monarch, so projecting
   # them back must reproduce its evaluation exactly.
