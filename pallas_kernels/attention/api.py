@@ -15,11 +15,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import compat
 from pallas_kernels import tiling
 from pallas_kernels.attention import common
 from pallas_kernels.attention import reference
 
-IMPLEMENTATIONS = ("reference", "gpu", "tpu")
+IMPLEMENTATIONS = ("reference", "gpu", "mosaic_gpu", "tpu")
 DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 # GPU default; the TPU default is shape-aware (tpu_default_block_sizes). Tests and the
 # benchmark pass their own.
@@ -40,6 +41,7 @@ class _Call:
   block_sizes: common.BlockSizes
   interpret: Any
   itemsize: int
+  groups: int = 1  # query heads per kv head
 
 
 def _tpu_sublanes(itemsize: int) -> int:
@@ -79,6 +81,8 @@ def _blocks(c: _Call, name: str, length: int) -> tuple[int, int]:
   block = getattr(c.block_sizes, name)
   if block is None:
     block = getattr(c.block_sizes, name.removesuffix("_bwd"))
+  if c.implementation == "mosaic_gpu":
+    return _mosaic_gpu_block(c, name, block, length)
   if c.implementation == "gpu":
     if block < 16 or block & (block - 1):
       raise ValueError(f"BlockSizes.{name}={block}: GPU block sizes must be powers of two "
@@ -101,20 +105,52 @@ def _blocks(c: _Call, name: str, length: int) -> tuple[int, int]:
   return block, padded
 
 
+def _mosaic_gpu_block(c: _Call, name: str, block: int, length: int) -> tuple[int, int]:
+  """Mosaic GPU blocks: key blocks and backward query blocks multiples of 64 (wgmma rows or
+  contraction); forward query blocks multiples of 8 whose rows over a kv group's G heads are
+  a multiple of 64. A block past the (rounded-up) sequence shrinks to it."""
+  from pallas_kernels.attention import mosaic_gpu  # pylint: disable=g-import-not-at-top
+  step = mosaic_gpu.ROW_MULTIPLE
+  if name == "block_q":
+    step = mosaic_gpu.block_q_step(c.groups)
+  if block % step:
+    rule = (f"a multiple of {mosaic_gpu.SEQ_MULTIPLE} with G * block_q a multiple of "
+            f"{mosaic_gpu.ROW_MULTIPLE} (G = {c.groups} query heads per kv head)"
+            if name == "block_q" else f"a multiple of {mosaic_gpu.ROW_MULTIPLE}")
+    raise ValueError(f"BlockSizes.{name}={block}: a Mosaic GPU block must be {rule}")
+  block = min(block, tiling.round_up(length, step))
+  return block, tiling.round_up(length, block)
+
+
 def kernel_dims(c: _Call, q_len: int, kv_len: int, head_dim: int, fwd: bool):
   """(block_q, padded q_len, block_k, padded kv_len, head_dim the kernels compute with) of one
   call: Triton tiles round head_dim up to a power of two (in registers, not in memory)."""
   suffix = "" if fwd else "_bwd"
   bq, tq = _blocks(c, "block_q" + suffix, q_len)
   bk, tk = _blocks(c, "block_k" + suffix, kv_len)
-  d = max(16, tiling.next_pow2(head_dim)) if c.implementation == "gpu" else head_dim
+  d = head_dim
+  if c.implementation == "gpu":
+    d = max(16, tiling.next_pow2(head_dim))
+  elif c.implementation == "mosaic_gpu":
+    d = tiling.round_up(head_dim, 64)  # padded in memory: 128-byte swizzled SMEM rows
   return bq, tq, bk, tk, d
+
+
+def mosaic_gpu_default_block_sizes(groups: int, head_dim: int) -> common.BlockSizes:
+  """Forward query blocks of G * block_q = 128 stacked rows (64 past head_dim 128), key
+  blocks of 128 (64 past head_dim 128: K/V stages must fit in SMEM); backward blocks 64."""
+  from pallas_kernels.attention import mosaic_gpu  # pylint: disable=g-import-not-at-top
+  d = tiling.round_up(head_dim, 64)
+  return common.BlockSizes(block_q=mosaic_gpu.default_block_q(groups, d),
+                           block_k=128 if d <= 128 else 64, block_q_bwd=64, block_k_bwd=64)
 
 
 def make_call(q_shape, kv_shape, *, causal, sliding_window, logit_softcap, has_segments,
               sm_scale, implementation, block_sizes, interpret, itemsize: int) -> _Call:
   groups = q_shape[2] // kv_shape[2]
-  if block_sizes is None:
+  if block_sizes is None and implementation == "mosaic_gpu":
+    block_sizes = mosaic_gpu_default_block_sizes(groups, q_shape[3])
+  elif block_sizes is None:
     block_sizes = (GPU_BLOCK_SIZES if implementation == "gpu" else
                    tpu_default_block_sizes(q_shape[1], kv_shape[1], groups, itemsize))
   problem = common.Problem(
@@ -122,7 +158,7 @@ def make_call(q_shape, kv_shape, *, causal, sliding_window, logit_softcap, has_s
       logit_softcap=None if logit_softcap is None else float(logit_softcap),
       sm_scale=float(sm_scale), kv_len=kv_shape[1], kv_padded=False,
       has_segments=has_segments)
-  return _Call(problem, implementation, block_sizes, interpret, itemsize)
+  return _Call(problem, implementation, block_sizes, interpret, itemsize, groups)
 
 
 def _pad_axis(x, axis: int, size: int):
@@ -134,10 +170,13 @@ def _pad_axis(x, axis: int, size: int):
 
 
 def _to_kernel_layout(c: _Call, x, length: int):
-  """[B, T, H, D] -> padded to `length`; [B, H, T, D] for the TPU kernels. head_dim is never
-  padded in memory: Mosaic blocks take the whole head_dim, and the Triton kernels load a
-  power-of-two tile with the columns past head_dim masked to zero."""
+  """[B, T, H, D] -> padded to `length`; [B, H, T, D] for the TPU kernels. head_dim is
+  padded in memory (with zeros) only for Mosaic GPU, to a multiple of 64: Mosaic TPU blocks
+  take the whole head_dim, and the Triton kernels load a power-of-two tile with the columns
+  past head_dim masked to zero."""
   x = _pad_axis(x, 1, length)
+  if c.implementation == "mosaic_gpu":
+    return _pad_axis(x, 3, tiling.round_up(x.shape[3], 64))
   return jnp.swapaxes(x, 1, 2) if c.implementation == "tpu" else x
 
 
@@ -169,6 +208,9 @@ def _kernels(impl: str):
   if impl == "gpu":
     from pallas_kernels.attention import gpu  # pylint: disable=g-import-not-at-top
     return gpu
+  if impl == "mosaic_gpu":
+    from pallas_kernels.attention import mosaic_gpu  # pylint: disable=g-import-not-at-top
+    return mosaic_gpu
   from pallas_kernels.attention import tpu  # pylint: disable=g-import-not-at-top
   return tpu
 
@@ -245,13 +287,32 @@ def _check(q, k, v, causal, sliding_window, logit_softcap, segment_ids):
   del causal
 
 
-def default_implementation(interpret: Any = False) -> str:
-  """gpu / tpu kernels on their platforms; elsewhere the reference, or under interpret mode
-  the kernel family the interpret argument asks for (TPU params select the TPU kernel)."""
-  impl = tiling.default_implementation(interpret)
-  if impl == "mosaic_gpu":
-    raise NotImplementedError("flash attention has no Mosaic GPU kernel; interpret with True "
-                              "(the Triton-style kernel) or TPU interpret params")
+def _check_mosaic_gpu(q, interpret):
+  from pallas_kernels.attention import mosaic_gpu  # pylint: disable=g-import-not-at-top
+  if interpret is not False and interpret is not None and (
+      not compat.is_gpu_interpret_params(interpret)):
+    raise ValueError(f"implementation='mosaic_gpu' runs on a CPU only in Mosaic GPU's "
+                     f"interpreter: pass interpret=compat.gpu_interpret_params(...) (jax >= "
+                     f"0.12), got interpret={interpret!r}")
+  if jnp.dtype(q.dtype) not in mosaic_gpu.DTYPES:
+    raise NotImplementedError(
+        f"implementation='mosaic_gpu' takes bfloat16/float16 inputs, got {q.dtype} (wgmma "
+        "computes float32 operands in tf32); use implementation='gpu'")
+  if q.shape[-1] > mosaic_gpu.MAX_HEAD_DIM:
+    raise NotImplementedError(f"implementation='mosaic_gpu' with head_dim={q.shape[-1]} > "
+                              f"{mosaic_gpu.MAX_HEAD_DIM}")
+
+
+def default_implementation(interpret: Any = False, dtype=None) -> str:
+  """The platform's kernels (tiling.default_implementation): mosaic_gpu on Hopper (compute
+  capability 9.x) for bf16/fp16 inputs (dtype None: assumed so), gpu (Triton) for float32
+  there and on other GPUs, tpu on TPUs; elsewhere the reference, or under interpret mode the
+  family the interpret argument asks for (True: the Triton-style kernel; Mosaic GPU params:
+  mosaic_gpu; TPU params: tpu)."""
+  impl = tiling.default_implementation(interpret, mosaic_gpu=True)
+  if impl == "mosaic_gpu" and not compat.is_gpu_interpret_params(interpret) and (
+      dtype is not None and jnp.dtype(dtype) == jnp.float32):
+    return "gpu"  # wgmma on float32 operands would compute in tf32
   return impl or "reference"
 
 
@@ -277,17 +338,22 @@ def flash_attention(q, k, v, *, causal: bool = False, sliding_window: int | None
       8, 16 for 16-bit inputs; with segment_ids block_k a multiple of 128 unless one block
       covers the keys); a bad block is a ValueError naming it and the rule.
     implementation: "reference" (pure jnp, differentiated by JAX), "gpu" (Triton-style
-      Pallas) or "tpu" (Mosaic Pallas); None picks by platform (see default_implementation).
+      Pallas), "mosaic_gpu" (Hopper: TMA pipelines and wgmma; bf16/fp16 only; see
+      mosaic_gpu.py) or "tpu" (Mosaic Pallas); None picks by platform (see
+      default_implementation).
     interpret: run the Pallas kernels in an interpreter (True: the generic one; a
-      `pltpu.InterpretParams`: the TPU simulator).
+      `pltpu.InterpretParams`: the TPU simulator; a `plgpu.InterpretGPUParams`, jax >= 0.12:
+      Mosaic GPU's simulator).
 
   Returns:
     [B, T, N, D] in q's dtype (softmax statistics in float32).
   """
   _check(q, k, v, causal, sliding_window, logit_softcap, segment_ids)
-  impl = implementation or default_implementation(interpret)
+  impl = implementation or default_implementation(interpret, q.dtype)
   if impl not in IMPLEMENTATIONS:
     raise ValueError(f"implementation={impl!r} is not one of {list(IMPLEMENTATIONS)} or None")
+  if impl == "mosaic_gpu":
+    _check_mosaic_gpu(q, interpret)
   if sm_scale is None:
     sm_scale = q.shape[-1] ** -0.5
   if 0 in q.shape or 0 in k.shape:  # nothing to attend to (or with): rows of zeros, no kernel
