@@ -150,3 +150,14 @@ def reset_gpu_interpreter() -> None:
   # pylint: disable-next=g-import-not-at-top
   from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call
   interpret_pallas_call.reset_gpu_interpret_mode_state()
+
+
+def gpu_store_unoptimized(ref, value) -> None:
+  """ref[...] = value in a Mosaic GPU kernel, allowing a store with bank conflicts (e.g. an
+  accumulator into an unswizzled SMEM tile): `plgpu.store(optimized=False)` from 0.12, where
+  a plain store must be conflict-free; 0.10.2's plain store already allows them."""
+  from jax.experimental.pallas import mosaic_gpu as plgpu  # pylint: disable=g-import-not-at-top
+  if hasattr(plgpu, "store"):
+    plgpu.store(ref, value, optimized=False)
+  else:
+    ref[...] = value

@@ -1,8 +1,12 @@
-"""Fused Monarch kernel (pallas_kernels/monarch): the TPU kernel in the TPU interpreter against
-the layer's reference, its routing tables, TPU lowering, errors, and the LM on monarch_impl=pallas.
+"""Fused Monarch kernel (pallas_kernels/monarch): the TPU kernel in the TPU interpreter and the
+Mosaic GPU kernels in Mosaic GPU's interpreter (race detector raising; jax >= 0.12, skipped on
+older JAX: `make test-kernels-latest` runs them) against the layer's reference, the routing
+tables, lowering for TPU and for an abstract H100 (every JAX version), dispatch, errors, and
+the LM on monarch_impl=pallas.
 """
 import dataclasses
 import functools
+import re
 
 import flax.linen as nn
 import jax
@@ -18,11 +22,22 @@ from effjax.layers.monarch import MonarchLinear, monarch_multiply_reference, mon
 from effjax.models.decoder_lm import DecoderLM
 from effjax.train import step as step_lib
 from pallas_kernels import compat
-from pallas_kernels.monarch import Blocks, common, monarch, monarch_reference
+from pallas_kernels.monarch import Blocks, common, default_implementation, monarch
+from pallas_kernels.monarch import monarch_reference
 
 
 def _interpret():
   return compat.tpu_interpret_params(out_of_bounds_reads="raise")
+
+
+def _gpu_interpret():
+  return compat.gpu_interpret_params(detect_races=True, on_race="raise")
+
+
+needs_gpu_interpreter = pytest.mark.skipif(
+    not compat.has_gpu_interpreter(),
+    reason=f"Mosaic GPU interpret mode (plgpu.InterpretGPUParams) needs jax >= 0.12, this is "
+           f"{jax.__version__}; `make test-kernels-latest` runs these")
 
 
 def _rel(a, b):
@@ -79,6 +94,116 @@ def test_tpu_kernel_equals_the_layer_reference_forward_and_gradients(n_in, n_out
     assert float(jnp.linalg.norm(b)) > 0, name
     assert _rel(a, b) < 1e-5, name
     assert _rel(c, b) < 1e-2, name
+
+
+# (in, out, nblocks) for Mosaic GPU (p, q, s multiples of 64; runs of the permutation
+# multiples of 16): square with 4 blocks, padded (127 -> 64 + 64, 255 -> 128 + 128) and
+# expanding with 2, contracting with 2, square with 8 (the smallest width 8 blocks allow);
+# 70 tokens: two 64-token tiles, the second mostly zero padding (the widest case: one tile)
+GPU_CASES = [(256, 256, 4, 70), (127, 255, 2, 70), (256, 128, 2, 70), (1024, 1024, 8, 64)]
+
+
+@needs_gpu_interpreter
+@pytest.mark.slow
+@pytest.mark.parametrize("n_in, n_out, k, tokens", GPU_CASES)
+def test_mosaic_gpu_kernels_equal_the_layer_reference_forward_and_gradients(n_in, n_out, k,
+                                                                             tokens):
+  x, w1, w2, dy = _data(n_in, n_out, k, tokens=tokens)
+  kernel = functools.partial(monarch, out_features=n_out, implementation="mosaic_gpu",
+                             interpret=_gpu_interpret())
+
+  @jax.jit
+  def runs(x, w1, w2, dy):
+    bf16 = [a.astype(jnp.bfloat16) for a in (x, w1, w2)]
+    # float32 reference of the same (bf16-representable) values
+    return (_forward_backward(kernel, *bf16, dy),
+            _forward_backward(_layer_reference(n_out), x, w1, w2, dy))
+
+  got, want = runs(x, w1, w2, dy)
+  for name, a, b in zip(("y", "dx", "dw1", "dw2"), got, want):
+    assert a.shape == b.shape and a.dtype == jnp.bfloat16 and b.dtype == jnp.float32, name
+    assert float(jnp.linalg.norm(b)) > 0, name
+    assert _rel(a, b) < 1e-2, name
+
+
+def _lower_for_h100(n_in, n_out, k, tokens):
+  w1_shape, w2_shape = monarch_shapes(n_in, n_out, k)
+  args = (jnp.ones((tokens, n_in), jnp.bfloat16), jnp.ones(w1_shape, jnp.bfloat16),
+          jnp.ones(w2_shape, jnp.bfloat16))
+
+  def loss(x, w1, w2):
+    return jnp.sum(monarch(x, w1, w2, n_out, implementation="mosaic_gpu").astype(jnp.float32))
+  with compat.abstract_gpu():
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))).trace(*args).lower(
+        lowering_platforms=("cuda",)).as_text()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("n_in, n_out", [(768, 3072), (3072, 768)])
+def test_mosaic_gpu_kernels_lower_for_an_abstract_h100(n_in, n_out):
+  # GPT-2 small's MLP projections, bf16, tokens not a multiple of the 64-token tile
+  text = _lower_for_h100(n_in, n_out, 4, tokens=1000)
+  # forward, the token-tile backward (dx), and one weight-gradient kernel per factor
+  assert len(re.findall(r"custom_call @mosaic_gpu", text)) == 4
+  assert text.count("effjax_monarch_fwd_mosaic_gpu") >= 1
+  assert text.count("effjax_monarch_bwd_mosaic_gpu") >= 1
+  assert text.count("effjax_monarch_dw_mosaic_gpu") >= 2
+  assert "triton" not in text.lower() and "tpu_custom_call" not in text
+
+
+@pytest.mark.parametrize("capability, dtype, want", [
+    ((9, 0), jnp.bfloat16, "mosaic_gpu"), ((9, 0), jnp.float16, "mosaic_gpu"),
+    ((9, 0), None, "mosaic_gpu"), ((9, 0), jnp.float32, "got float32"),
+    ((8, 0), jnp.bfloat16, "compute capability 8.0"), ((10, 0), jnp.bfloat16,
+                                                       "compute capability 10.0"),
+    (None, jnp.bfloat16, "compute capability unknown")],
+    ids=["sm90-bf16", "sm90-fp16", "sm90-any", "sm90-f32", "sm80", "sm100", "unknown"])
+def test_default_on_a_gpu_is_mosaic_gpu_on_hopper_for_16_bit_only(capability, dtype, want,
+                                                                  monkeypatch):
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(compat, "cuda_compute_capability", lambda: capability)
+  if want == "mosaic_gpu":
+    assert default_implementation(dtype=dtype) == "mosaic_gpu"
+    return
+  with pytest.raises(NotImplementedError, match=re.escape(want)) as error:
+    default_implementation(dtype=dtype)
+  assert "monarch_impl='xla'" in str(error.value)  # says what to use instead
+
+
+def test_interpreter_params_pick_their_kernel_family():
+  assert default_implementation(interpret=_interpret()) == "tpu"
+  if compat.has_gpu_interpreter():
+    assert default_implementation(interpret=_gpu_interpret()) == "mosaic_gpu"
+  with pytest.raises(NotImplementedError, match=r"with interpret=True"):
+    default_implementation(interpret=True)  # no kernel runs in the generic interpreter
+
+
+def test_mosaic_gpu_refuses_what_it_cannot_run_before_tracing():
+  def call(n_in, n_out, k, dtype=jnp.bfloat16, **kwargs):
+    w1_shape, w2_shape = monarch_shapes(n_in, n_out, k)
+    return monarch(jnp.ones((8, n_in), dtype), jnp.ones(w1_shape, dtype),
+                   jnp.ones(w2_shape, dtype), n_out, implementation="mosaic_gpu", **kwargs)
+  with pytest.raises(NotImplementedError, match=r"bfloat16/float16, got float32 .*tf32"):
+    call(256, 256, 4, jnp.float32)
+  with pytest.raises(ValueError, match=r"input block width p=9 must be a multiple of 64"):
+    call(70, 50, 8)
+  with pytest.raises(ValueError, match=r"output block width s=96 must be a multiple of 64"):
+    call(128, 192, 2)
+  with pytest.raises(ValueError, match=r"q=512 must be at most 256"):
+    call(2048, 2048, 4)
+  with pytest.raises(ValueError, match=r"k=8 blocks of q=64 moves runs of \[8\] channels"):
+    call(512, 512, 8)
+  with pytest.raises(ValueError, match=r"k q = 2048 channels\) and the staging tiles need "
+                                       r"\d+ bytes of SMEM, over the 232448"):
+    call(2048, 2048, 8)  # the intermediate of 64 tokens alone is 256 KiB
+  with pytest.raises(ValueError, match=r"tiles of 64 tokens .* got Blocks.tokens=128"):
+    call(256, 256, 4, blocks=Blocks(tokens=128))
+  with pytest.raises(ValueError, match=r"only in Mosaic GPU's interpreter.*interpret=True"):
+    call(256, 256, 4, interpret=True)
+  with pytest.raises(ValueError, match=r"implementation='tpu' takes float32 or bfloat16, got "
+                                       r"float16"):
+    monarch(jnp.ones((8, 64), jnp.float16), jnp.ones((4, 16, 16), jnp.float16),
+            jnp.ones((4, 16, 16), jnp.float16), 64, implementation="tpu", interpret=_interpret())
 
 
 @pytest.mark.parametrize("n_in, n_out, k", KERNEL_CASES)

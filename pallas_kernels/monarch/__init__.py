@@ -1,4 +1,5 @@
-"""Fused Monarch layer (Pallas: Mosaic TPU) with a pure-jnp reference; see api.monarch."""
+"""Fused Monarch layer (Pallas: Mosaic TPU and Mosaic GPU) with a pure-jnp reference; see
+api.monarch."""
 from pallas_kernels.monarch.api import default_implementation
 from pallas_kernels.monarch.api import IMPLEMENTATIONS
 from pallas_kernels.monarch.api import monarch

@@ -17,8 +17,12 @@ import numpy as np
 
 @dataclasses.dataclass(frozen=True)
 class Blocks:
-  """Kernel block sizes: `tokens` rows of x per grid step (a multiple of 8)."""
-  tokens: int = 256
+  """Kernel block sizes: `tokens` rows of x per grid step. None: the implementation's own
+  (TPU: 256, a multiple of 8 when given; Mosaic GPU: 64, one wgmma's rows, the only size
+  its kernels take)."""
+  tokens: int | None = None
+
+  TPU_TOKENS = 256  # the TPU kernel's default (a class constant, not a field)
 
 
 @dataclasses.dataclass(frozen=True)
