@@ -292,32 +292,32 @@ def test_every_monarch_impl_name_is_registered():
   assert LinearConfig().monarch_impl == "xla"
 
 
-def _use_interpreted_kernel(monkeypatch):
+def _use_interpreted_kernel(monkeypatch, family="tpu"):
   """monarch_impl=pallas runs the TPU kernel in the TPU interpreter (8-token blocks, so the
-  test batch spans several). Returns the (in, out) shapes it was traced with."""
+  test batch spans several) or, family="mosaic_gpu", the Mosaic GPU kernels in their
+  interpreter with the race detector raising. Returns the (in, out, dtype) it traced."""
   traced = []
 
   def pallas(x, w1, w2, out_features):
-    traced.append((x.shape[-1], out_features))
+    traced.append((x.shape[-1], out_features, str(x.dtype)))
+    if family == "mosaic_gpu":
+      return monarch(x, w1, w2, out_features, implementation="mosaic_gpu",
+                     interpret=_gpu_interpret())
     return monarch(x, w1, w2, out_features, implementation="tpu", blocks=Blocks(tokens=8),
                    interpret=_interpret())
   monkeypatch.setitem(monarch_lib.MONARCH_MULTIPLIES, "pallas", pallas)
   return traced
 
 
-@pytest.mark.drill  # minutes in the interpreter: `make test-drills` (CI runs it)
-def test_lm_trains_on_the_kernel_with_the_losses_of_xla(monkeypatch):
-  traced = _use_interpreted_kernel(monkeypatch)
-  base = ModelConfig(vocab_size=300, d_model=32, num_layers=1, num_heads=4, num_kv_heads=2,
-                     d_ff=48)
+def _two_step_losses(base: ModelConfig) -> dict[str, list[float]]:
+  """Training losses of two Adam steps of `base` with monarch_impl xla and pallas."""
   tokens = jax.random.randint(jax.random.key(2), (2, 9), 0, 256)
   batch = {"tokens": tokens, "segment_ids": jnp.ones_like(tokens),
            "positions": jnp.broadcast_to(jnp.arange(9), tokens.shape)}
   tx = optax.adam(1e-2)
   losses = {}
   for impl in ("xla", "pallas"):
-    cfg = dataclasses.replace(base, linear=LinearConfig(mlp="monarch", nblocks=4,
-                                                        monarch_impl=impl))
+    cfg = dataclasses.replace(base, linear=dataclasses.replace(base.linear, monarch_impl=impl))
     model = DecoderLM(cfg)
 
     @jax.jit
@@ -335,6 +335,28 @@ def test_lm_trains_on_the_kernel_with_the_losses_of_xla(monkeypatch):
       state, metrics = jax.block_until_ready(train_step(state, batch))
       losses[impl].append(float(metrics["train_loss"]))
   assert losses["xla"][-1] < losses["xla"][0]
+  return losses
+
+
+@pytest.mark.drill  # minutes in the interpreter: `make test-drills` (CI runs it)
+def test_lm_trains_on_the_kernel_with_the_losses_of_xla(monkeypatch):
+  traced = _use_interpreted_kernel(monkeypatch)
+  losses = _two_step_losses(ModelConfig(
+      vocab_size=300, d_model=32, num_layers=1, num_heads=4, num_kv_heads=2, d_ff=48,
+      linear=LinearConfig(mlp="monarch", nblocks=4)))
   np.testing.assert_allclose(losses["pallas"], losses["xla"], rtol=1e-5)
   # the three SwiGLU projections (32 -> 48 twice, 48 -> 32) ran on the kernel
-  assert set(traced) == {(32, 48), (48, 32)}
+  assert {t[:2] for t in traced} == {(32, 48), (48, 32)}
+
+
+@needs_gpu_interpreter
+@pytest.mark.drill  # minutes in the interpreter: `make test-drills` on jax >= 0.12
+def test_lm_trains_on_the_mosaic_gpu_kernels_with_the_losses_of_xla(monkeypatch):
+  traced = _use_interpreted_kernel(monkeypatch, "mosaic_gpu")
+  # bf16 activations (the kernels take 16-bit operands only); widths that fit their tiles
+  losses = _two_step_losses(ModelConfig(
+      vocab_size=300, d_model=128, num_layers=1, num_heads=4, num_kv_heads=2, d_ff=256,
+      dtype="bfloat16", linear=LinearConfig(mlp="monarch", nblocks=2)))
+  np.testing.assert_allclose(losses["pallas"], losses["xla"], rtol=1e-2)
+  # the three SwiGLU projections (128 -> 256 twice, 256 -> 128) ran on the kernels, in bf16
+  assert set(traced) == {(128, 256, "bfloat16"), (256, 128, "bfloat16")}
