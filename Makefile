@@ -34,7 +34,7 @@ VENV312 := .venv312
 PYTHON312 ?= $(shell python3.12 -c 'import sys; print(sys.executable)' 2>/dev/null || \
   (command -v pyenv >/dev/null && v=$$(pyenv versions --bare 2>/dev/null | grep -E '^3\.12\.[0-9]+$$' | sort -V | tail -n1) && \
    [ -n "$$v" ] && echo "$$(pyenv root)/versions/$$v/bin/python3.12"))
-KERNEL_TESTS := tests/test_flash_attention.py tests/test_grouped_matmul.py tests/test_mosaic_gpu_gmm.py tests/test_monarch_kernel.py
+KERNEL_TESTS := tests/test_flash_attention.py tests/test_grouped_matmul.py tests/test_mosaic_gpu_gmm.py tests/test_mosaic_gpu_attention.py tests/test_monarch_kernel.py
 
 $(VENV312)/.installed: setup.cfg pyproject.toml
 	$(PYTHON312) -m venv $(VENV312)

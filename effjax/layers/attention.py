@@ -5,8 +5,8 @@ restricted to tokens of the same segment (packed documents never attend to each 
   xla    explicit einsums, the reference; runs everywhere.
   cudnn  jax.nn.dot_product_attention(implementation="cudnn"): cuDNN flash attention
          (CUDA GPUs, bfloat16).
-  pallas effjax's Pallas flash attention kernels (GPU Triton-style, TPU Mosaic; interpret
-         mode on CPU).
+  pallas effjax's Pallas flash attention kernels (GPU: Mosaic GPU on Hopper, Triton-style
+         elsewhere; TPU Mosaic; interpret mode on CPU).
 `sliding_window` w > 0 restricts query i to keys i - w < j <= i (0 = the whole prefix).
 
 Decoding (`Attention.decode`, used by effjax/models/decode.py) keeps a KV cache in the
@@ -109,13 +109,19 @@ def _pallas_shard_specs(mesh, q_shape, k_shape):
   return P(batch, None, heads, None), P(batch, None, heads, None), P(batch, None)
 
 
+# flash_attention's `interpret` off GPUs and TPUs: True runs the Triton-style kernel in
+# Pallas's interpreter; tests set Mosaic GPU interpreter params here to run the Mosaic GPU
+# kernels instead (as they patch effjax.moe.gmm.GMM_IMPLS).
+PALLAS_CPU_INTERPRET: Any = True
+
+
 def attention_pallas(q_BLNH, k_BSKH, v_BSKH, segment_ids_BL, scale: float,
                      sliding_window: int = 0):
-  """effjax's Pallas flash attention (pallas_kernels.attention): the Triton-style kernel on
-  GPUs, the Mosaic kernel on TPUs; on a CPU the same GPU kernel runs in interpret mode (slow,
-  for tests: it checks the kernel, not speed)."""
+  """effjax's Pallas flash attention (pallas_kernels.attention): its platform default on
+  GPUs (Mosaic GPU on Hopper, Triton-style elsewhere) and TPUs; on a CPU a GPU kernel in
+  interpret mode (PALLAS_CPU_INTERPRET; slow, for tests: it checks the kernel, not speed)."""
   from pallas_kernels.attention import flash_attention  # pylint: disable=g-import-not-at-top
-  interpret = jax.default_backend() not in ("gpu", "tpu")
+  interpret = PALLAS_CPU_INTERPRET if jax.default_backend() not in ("gpu", "tpu") else False
 
   def attend(q, k, v, segment_ids):
     return flash_attention(q, k, v, causal=True, segment_ids=segment_ids, sm_scale=scale,
