@@ -5,10 +5,12 @@
   python -m experiments.bench_attention --seq_lens=1024,4096 --head_dims=128 --iters=50
   python -m experiments.bench_attention --work_only      # only the counted work (any machine)
 
-Implementations: effjax (pallas_kernels.attention, the Triton-style kernel on GPU), xla and
-cudnn (`jax.nn.dot_product_attention`), and JAX's shipped Pallas Triton `mha` where it applies
-(no grouped-query attention). On a machine without a GPU only the correctness side runs: each
-implementation that can run here (Pallas kernels in their interpreters) against the float32
+Implementations: effjax's pallas_kernels.attention as mosaic_gpu (the Hopper kernels: TMA
+pipelines and wgmma; bf16/fp16 only) and triton (the Triton-style kernel), xla and cudnn
+(`jax.nn.dot_product_attention`), and JAX's shipped Pallas Triton `mha` where it applies (no
+grouped-query attention). On a machine without a GPU only the correctness side runs: each
+implementation that can run here (Pallas kernels in their interpreters; the Mosaic GPU kernel
+in Mosaic GPU's interpreter on jax >= 0.12, on bfloat16 inputs) against the float32
 reference on small shapes, forward and gradients, as relative errors ||x - ref|| / ||ref||.
 
 Work: first, the work each kernel schedules (pallas_kernels.attention.work, counted from the
@@ -45,7 +47,7 @@ _TOKENS = flags.DEFINE_integer("tokens", 16384, "Tokens per call (batch = tokens
 _WIDTH = flags.DEFINE_integer("width", 2048, "Query heads x head_dim.")
 _GQA_RATIO = flags.DEFINE_integer("gqa_ratio", 4, "Query heads per kv head in the GQA rows.")
 _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float16"], "Timed dtype.")
-_IMPLS = flags.DEFINE_list("impls", ["effjax", "xla", "cudnn", "jax_mha"],
+_IMPLS = flags.DEFINE_list("impls", ["mosaic_gpu", "triton", "cudnn", "xla", "jax_mha"],
                            "Implementations to time.")
 _WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed calls after compilation.")
 _ITERS = flags.DEFINE_integer("iters", 30, "Timed calls; the median is reported.")
@@ -113,6 +115,11 @@ def _effjax(q, k, v, causal, interpret=False, block_sizes=None):
                          interpret=interpret, block_sizes=block_sizes)
 
 
+def _mosaic_gpu(q, k, v, causal, interpret=False):
+  return flash_attention(q, k, v, causal=causal, implementation="mosaic_gpu",
+                         interpret=interpret)
+
+
 def _dpa(q, k, v, causal, implementation):
   return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation=implementation)
 
@@ -127,7 +134,8 @@ def _jax_mha(q, k, v, causal, interpret=False):
 
 
 def gpu_impls():
-  return {"effjax": _effjax, "xla": functools.partial(_dpa, implementation="xla"),
+  return {"mosaic_gpu": _mosaic_gpu, "triton": _effjax,
+          "xla": functools.partial(_dpa, implementation="xla"),
           "cudnn": functools.partial(_dpa, implementation="cudnn"), "jax_mha": _jax_mha}
 
 
@@ -143,6 +151,16 @@ def interpreted_impls():
       "jax.nn.dot_product_attention (xla)": functools.partial(_dpa, implementation="xla"),
       "jax mha (Pallas Triton, interpreted)": functools.partial(_jax_mha, interpret=True),
   }
+
+
+def interpreted_16bit_impls():
+  """The Mosaic GPU kernel in Mosaic GPU's interpreter (jax >= 0.12; it takes no float32),
+  race detector on; XLA beside it at the same dtype."""
+  impls = {"jax.nn.dot_product_attention (xla)": functools.partial(_dpa, implementation="xla")}
+  if compat.has_gpu_interpreter():
+    impls["effjax (Mosaic GPU, GPU interpreter)"] = functools.partial(
+        _mosaic_gpu, interpret=compat.gpu_interpret_params(detect_races=True, on_race="raise"))
+  return impls
 
 
 # ----------------------------------------------------------------------------------- helpers
@@ -281,6 +299,11 @@ def main(argv):
     impls, dtype = interpreted_impls(), jnp.float32
     shapes = [((1, 128, 4, 4, 64), True), ((1, 100, 4, 1, 64), False)]
   rows = correctness_rows(impls, shapes, dtype)
+  if not on_gpu:
+    if not compat.has_gpu_interpreter():
+      print(f"\nMosaic GPU kernel not run: its interpreter needs jax >= 0.12 (this is "
+            f"{jax.__version__}).")
+    rows += correctness_rows(interpreted_16bit_impls(), shapes, jnp.bfloat16)
   results["correctness"] = rows
   print("\nRelative error vs the float32 reference (forward output and gradients):")
   print("| implementation | B x T x Nq/Nkv x D | causal | dtype | out | dq | dk | dv |")

@@ -22,10 +22,15 @@ stage). G = N // K query heads share a kv head.
 
 What it is not (yet): no warp specialisation (one warpgroup both issues the TMA loads and
 computes; the pipeline overlaps loads with compute but not softmax with wgmma, so no
-FlashAttention-3 producer/consumer split or ping-pong), no intra-warpgroup overlap of the two
+FlashAttention-3 producer/consumer split or ping-pong), no intra-warpgroup overlap of the
 matmuls of a step, and no dK/dV split over query blocks when B * K * key blocks is below the
-SM count (the Triton kernels split there). float32 inputs are refused: wgmma would compute
-them in tf32.
+SM count (the Triton kernels split there). Two choices made for Mosaic GPU's interpreter,
+which takes wgmma operands from SMEM only and does not run pl.run_state: probabilities and
+dS pass through an SMEM tile (written, commit_smem, then read by wgmma) instead of feeding
+wgmma from registers, and the forward's P @ V goes into a fresh accumulator that is added to
+the rescaled one in registers (one more [rows, head_dim] float32 tile live). Both cost
+registers or SMEM bandwidth on a real H100; they are the first things to revisit once the
+kernels can be timed there. float32 inputs are refused: wgmma would compute them in tf32.
 
 Status: checked against the float64 reference in Mosaic GPU's interpreter (simulated SMEM,
 TMA, barriers and wgmma, with its race detector raising) on JAX >= 0.12 and lowered for an
