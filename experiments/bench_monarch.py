@@ -12,15 +12,20 @@ the dense layer and, with each `--nblocks`, for each Monarch implementation in `
 
   xla        monarch_multiply, the copy-free layout the layer uses;
   reference  monarch_multiply_reference, the first formulation, differentiated by JAX;
-  pallas     the fused kernel (pallas_kernels.monarch; a TPU only: elsewhere it is refused
-             before anything is timed, as the CPU could only interpret it).
+  pallas     the fused kernels (pallas_kernels.monarch, the platform's own: Mosaic TPU on a
+             TPU; Mosaic GPU on a Hopper GPU, bfloat16/float16 only, and only shapes its
+             rules allow, mosaic_gpu.plan: other cases print and record why they are
+             skipped). Elsewhere, or for float32 on a GPU, --impls=pallas is refused before
+             anything is timed (a CPU could only interpret the kernels).
 
 The implementations of one case are timed in turns (dense, xla, reference, dense, ...), so
 a change in the machine's load hits them alike; the median of `--reps` turns is reported.
 Weights and activations are both in the dtype. Beside each time ratio: the analytic FLOP
 ratio (Monarch / dense = params / (in x out)), `XLA flops` (the compiled program's own count,
 a check that nothing hidden changes the work), `bytes_ratio` (the compiled program's bytes
-accessed over dense's: memory traffic per the backend's or the kernel's own work count),
+accessed over dense's: memory traffic per the backend's or the kernel's own work count;
+for Mosaic GPU, whose custom calls XLA cannot count, the kernels' work count,
+pallas_kernels.monarch.common.work(kernel="mosaic_gpu"), forward + backward),
 and `copies`: the passes in the optimised
 program that only move a full activation (effjax.layers.monarch.activation_copies; the
 dense layer has none). `ratio of ratios` = time ratio / FLOP ratio: 1 means Monarch runs at
@@ -53,7 +58,7 @@ _PAIRS = flags.DEFINE_list("pairs", ["768x3072", "3072x768"], "Extra layer shape
 _NBLOCKS = flags.DEFINE_list("nblocks", ["2", "4", "8"], "Monarch block counts.")
 _DTYPES = flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "Compute dtypes.")
 _IMPLS = flags.DEFINE_list("impls", ["xla", "reference"], "Monarch implementations: xla, "
-                           "reference, pallas (TPU only).")
+                           "reference, pallas (a TPU, or a Hopper GPU in bf16/fp16).")
 _TOKENS = flags.DEFINE_integer("tokens", 8192, "Tokens per batch (rows of x).")
 _REPS = flags.DEFINE_integer("reps", 10, "Timed turns per case (after one warm-up turn).")
 _MAX_GFLOP = flags.DEFINE_float("max_gflop", 0.0, "Skip cases whose dense forward+backward "
@@ -118,6 +123,28 @@ def compile_case(multiply, x, weights, dy):
   return compiled, flops, moved, len(copies)
 
 
+def mosaic_gpu_refusal(n_in: int, n_out: int, k: int, dtype) -> str | None:
+  """Why the Mosaic GPU kernels cannot run this layer (their shape rules), or None."""
+  from pallas_kernels.monarch import mosaic_gpu  # pylint: disable=g-import-not-at-top
+  w1_shape, w2_shape = monarch_shapes(n_in, n_out, k)
+  try:
+    mosaic_gpu.plan(n_in, n_out, w1_shape, w2_shape, dtype)
+  except (ValueError, NotImplementedError) as e:
+    return str(e)
+  return None
+
+
+def mosaic_gpu_bytes(tokens: int, n_in: int, n_out: int, k: int, dtype) -> int:
+  """Bytes the Mosaic GPU kernels move for one forward + backward (their work count), on the
+  padded widths they see (k p in, k s out)."""
+  from pallas_kernels.monarch import common  # pylint: disable=g-import-not-at-top
+  w1_shape, w2_shape = monarch_shapes(n_in, n_out, k)
+  width_in, width_out = k * w1_shape[2], k * w2_shape[1]
+  return sum(common.work(tokens, width_in, width_out, w1_shape, w2_shape,
+                         jnp.dtype(dtype).itemsize, direction, kernel="mosaic_gpu")[1]
+             for direction in ("forward", "backward"))
+
+
 def time_in_turns(calls: dict, reps: int) -> dict:
   """Median seconds of each zero-argument call, the calls run in turns."""
   for call in calls.values():
@@ -136,12 +163,14 @@ def main(argv):
   for impl in _IMPLS.value:
     if impl not in MONARCH_IMPLS:
       raise app.UsageError(f"--impls: unknown {impl!r}; choose from {list(MONARCH_IMPLS)}")
+  kernels = {}  # dtype -> the fused kernel family --impls=pallas runs
   if "pallas" in _IMPLS.value:
     from pallas_kernels.monarch import default_implementation  # pylint: disable=g-import-not-at-top
-    try:
-      default_implementation()
-    except NotImplementedError as e:
-      raise app.UsageError(f"--impls=pallas: {e}") from None
+    for dtype_name in _DTYPES.value:
+      try:
+        kernels[dtype_name] = default_implementation(dtype=jnp.dtype(dtype_name))
+      except NotImplementedError as e:
+        raise app.UsageError(f"--impls=pallas with --dtypes={dtype_name}: {e}") from None
   cases = layer_shapes(_SHAPES.value, [int(w) for w in _WIDTHS.value], _PAIRS.value)
   nblocks = [int(k) for k in _NBLOCKS.value]
   for n_in, n_out, k in ((i, o, k) for _, i, o in cases for k in nblocks):
@@ -170,10 +199,19 @@ def main(argv):
         k1, k2 = jax.random.split(jax.random.fold_in(kw, k))
         factors = (jax.random.normal(k1, w1_shape, dtype), jax.random.normal(k2, w2_shape, dtype))
         calls = {"dense": functools.partial(dense, dy, x, w)}
-        stats = {}
+        stats, skipped = {}, {}
         for impl in _IMPLS.value:
+          if impl == "pallas" and kernels[dtype_name] == "mosaic_gpu":
+            reason = mosaic_gpu_refusal(n_in, n_out, k, dtype)
+            if reason:
+              print(f"skip pallas {dtype_name} {n_in}x{n_out} nblocks {k}: {reason}",
+                    flush=True)
+              skipped[impl] = reason
+              continue
           multiply = functools.partial(MONARCH_IMPLS[impl], out_features=n_out)
           compiled, xla_flops, moved, copies = compile_case(multiply, x, factors, dy)
+          if impl == "pallas" and kernels[dtype_name] == "mosaic_gpu":
+            moved = mosaic_gpu_bytes(tokens, n_in, n_out, k, dtype)
           calls[impl] = functools.partial(compiled, dy, x, *factors)
           stats[impl] = (xla_flops, moved, copies)
         seconds = time_in_turns(calls, _REPS.value)
@@ -182,6 +220,8 @@ def main(argv):
                    tokens=tokens, flop_ratio=flop_ratio, dense_ms=seconds["dense"] * 1e3,
                    dense_copies=dense_copies,
                    dense_tflops_per_s=dense_flops / seconds["dense"] / 1e12)
+        for impl, reason in skipped.items():
+          row[impl] = dict(skipped=reason)
         for impl, (xla_flops, moved, copies) in stats.items():
           time_ratio = seconds[impl] / seconds["dense"]
           row[impl] = dict(ms=seconds[impl] * 1e3, time_ratio=time_ratio, copies=copies,
@@ -202,7 +242,8 @@ def main(argv):
   print(f"| dtype | in x out | nblocks | FLOP ratio | dense ms |{head}")
   print("|---|---|---:|---:|---:|" + "---:|---:|---:|---:|---:|" * len(impls))
   for r in rows:
-    cells = "".join(f" {r[i]['ms']:.1f} | {r[i]['time_ratio']:.3f} | "
+    cells = "".join(" skipped | - | - | - | - |" if "skipped" in r[i] else
+                    f" {r[i]['ms']:.1f} | {r[i]['time_ratio']:.3f} | "
                     f"{r[i]['ratio_of_ratios']:.2f} | {r[i]['copies']} | "
                     + (f"{r[i]['bytes_ratio']:.2f}" if r[i]["bytes_ratio"] else "-") + " |"
                     for i in impls)

@@ -251,6 +251,27 @@ def test_work_count_is_the_layer_flops_and_one_pass_over_each_operand(n_in, n_ou
     common.work(1, n_in, n_out, w1_shape, w2_shape, 2, "up")
 
 
+def test_mosaic_gpu_work_count_by_hand():
+  # 256 -> 128, 2 blocks: w1 [2, 64, 128], w2 [2, 64, 64]; 128 tokens = two 64-token tiles
+  w1_shape, w2_shape = monarch_shapes(256, 128, 2)
+  assert (w1_shape, w2_shape) == ((2, 64, 128), (2, 64, 64))
+  macs1, macs2 = 2 * 64 * 128, 2 * 64 * 64
+  flops, moved = common.work(128, 256, 128, w1_shape, w2_shape, 2, "forward",
+                             kernel="mosaic_gpu")
+  assert flops == 2 * 128 * (macs1 + macs2)
+  assert moved == 2 * 128 * (256 + 128) + 2 * 2 * (macs1 + macs2)  # factors once per tile
+  flops, moved = common.work(128, 256, 128, w1_shape, w2_shape, 2, "backward",
+                             kernel="mosaic_gpu")
+  assert flops == common.work(128, 256, 128, w1_shape, w2_shape, 2, "backward")[0]
+  deinterleave = 2 * 2 * 128 * 128  # XLA reads dy and writes it block-major
+  data = 2 * 128 * (256 + 128 + 256 + 2 * 2 * 64) + 2 * 2 * (2 * macs1 + macs2)
+  dw2 = 2 * (1 * 1) * 2 * 2 * 128 * 64 + 4 * macs2  # 1 x 1 tiles per block, [128, 64] x 2
+  dw1 = 2 * (1 * 2) * 2 * 2 * 128 * 64 + 4 * macs1  # 1 x 2 tiles per block
+  assert moved == deinterleave + data + dw2 + dw1
+  with pytest.raises(ValueError, match="kernel must be 'tpu' or 'mosaic_gpu', got 'gpu'"):
+    common.work(1, 256, 128, w1_shape, w2_shape, 2, "forward", kernel="gpu")
+
+
 def test_kernels_lower_for_tpu():
   # GPT-2 small's MLP down projection, bf16, tokens not a multiple of the token block
   n_in, n_out, k = 3072, 768, 4

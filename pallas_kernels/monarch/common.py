@@ -63,20 +63,43 @@ def input_span(j: int, p: int, n_in: int) -> tuple[int, int]:
 
 
 def work(tokens: int, n_in: int, n_out: int, w1_shape, w2_shape, itemsize: int,
-         direction: str) -> tuple[int, int]:
-  """(flops, bytes moved) of one kernel call: the kernel's own count, for CostEstimate.
+         direction: str, *, kernel: str = "tpu", tile_rows: int = 64,
+         grad_tile: int = 64) -> tuple[int, int]:
+  """(flops, bytes moved) of one direction: the kernels' own count (TPU: for CostEstimate).
 
-  forward   2 factors; reads x and both factors once, writes y once.
-  backward  5 factor-sized products (the intermediate recomputed, dh, dx, dw1, dw2); reads
-            x, dy and the factors once, writes dx once and both gradients in float32.
+  kernel="tpu" (one pallas_call per direction, the factors resident in VMEM):
+    forward   2 factors; reads x and both factors once, writes y once.
+    backward  5 factor-sized products (the intermediate recomputed, dh, dx, dw1, dw2); reads
+              x, dy and the factors once, writes dx once and both gradients in float32.
+  kernel="mosaic_gpu" (mosaic_gpu.py; n_in, n_out as the kernels see them: k p and k s):
+    forward   the same flops; x read and y written once, but every 64-token CTA loads both
+              factors (from L2 mostly): tokens / tile_rows passes over them.
+    backward  the same flops; XLA's block-major copy of dy (read + write), the token-tile
+              kernel (reads x, dy, w1 twice and w2 once per tile; writes dx, H and dh), and
+              the weight-gradient kernels, whose grid_tile^2 output tiles each read their
+              two [tokens, grid_tile] operand columns (dy and H for dw2, dh and x for dw1)
+              and write float32 gradients.
   """
   k, q, p = w1_shape
   _, s, r = w2_shape
   macs1, macs2 = k * q * p, k * s * r
   weights = (macs1 + macs2) * itemsize
+  if direction not in ("forward", "backward"):
+    raise ValueError(f"work: direction must be 'forward' or 'backward', got {direction!r}")
+  if kernel not in ("tpu", "mosaic_gpu"):
+    raise ValueError(f"work: kernel must be 'tpu' or 'mosaic_gpu', got {kernel!r}")
   if direction == "forward":
-    return 2 * tokens * (macs1 + macs2), tokens * (n_in + n_out) * itemsize + weights
-  if direction == "backward":
-    return (2 * tokens * (3 * macs1 + 2 * macs2),
-            tokens * (2 * n_in + n_out) * itemsize + weights + (macs1 + macs2) * 4)
-  raise ValueError(f"work: direction must be 'forward' or 'backward', got {direction!r}")
+    flops = 2 * tokens * (macs1 + macs2)
+    weight_passes = 1 if kernel == "tpu" else -(-tokens // tile_rows)
+    return flops, tokens * (n_in + n_out) * itemsize + weight_passes * weights
+  flops = 2 * tokens * (3 * macs1 + 2 * macs2)
+  if kernel == "tpu":
+    return flops, tokens * (2 * n_in + n_out) * itemsize + weights + (macs1 + macs2) * 4
+  tiles = -(-tokens // tile_rows)
+  deinterleave = 2 * tokens * n_out * itemsize
+  data = (tokens * (2 * n_in + n_out + 2 * k * q) * itemsize
+          + tiles * (2 * macs1 + macs2) * itemsize)
+  # per block, (rows / g) x (cols / g) output tiles, each reading [tokens, g] of both operands
+  grads = sum(k * (a // grad_tile) * (b // grad_tile) * 2 * tokens * grad_tile * itemsize
+              + k * a * b * 4 for a, b in ((s, r), (q, p)))
+  return flops, deinterleave + data + grads

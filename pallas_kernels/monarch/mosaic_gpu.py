@@ -44,9 +44,9 @@ k p and cuts y to out_features): bfloat16/float16 only (wgmma computes float32 o
 tf32); p, q and s multiples of 64 (64-column swizzled tiles); q <= 256 (one TMA box, one
 accumulator); every run of the stride permutation starting and ending on a multiple of 16
 channels (for k dividing q: q / k a multiple of 16; routing fixes q, so it cannot be padded);
-and SMEM within 227 KiB: the intermediate of 64 tokens (k q 2 bytes per token) plus staging
-tiles, so k q <= about 1400 (GPT-2 small's MLP, k q = 768, fits; 2048 -> 2048 with 4 or 8
-blocks does not and is refused).
+and SMEM within 227 KiB: the intermediate of 64 tokens (2 k q bytes per token) plus one
+phase's staging tiles, so k q + q <= 1720 in 16-bit (GPT-2 small's MLP, k q = 768, and
+1024 -> 1024 with 4 blocks fit; 2048 -> 2048 with 4 or 8 blocks does not and is refused).
 
 Status: checked against the reference in Mosaic GPU's interpreter with its race detector
 (jax >= 0.12) and lowered for an abstract H100 on 0.10.2 and 0.12.
@@ -72,6 +72,7 @@ SMEM_BYTES = 227 * 1024  # Hopper's largest shared memory per block
 _MAX_BOX = 256  # TMA box extent and wgmma N
 _WG_THREADS = 128
 _CHUNK = 64  # columns per TMA tile and wgmma step (128-byte swizzle rows)
+_SMEM_ALIGNMENT_SLACK = 4096  # swizzled tiles start on 1024-byte boundaries
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,7 +85,7 @@ class Plan:
   x_chunk: int  # columns of x (and w1) per TMA load and wgmma
   h_swizzle: int  # elements per swizzle row of H and w2 (factor 2's contraction)
   out_chunk: int  # C: output channels per block per step
-  smem_bytes: int  # the larger of the forward's and the data backward's
+  smem_bytes: int  # what the forward and the token-tile backward allocate, at most
 
 
 def _widest_swizzle(n: int) -> int | None:
@@ -122,15 +123,11 @@ def plan(n_in: int, n_out: int, w1_shape, w2_shape, dtype) -> Plan:
                      f"moves runs of {sorted({r.count for r in routes})} channels; every run "
                      "must start and end on a multiple of 16 channels (q / k a multiple of "
                      "16), the narrowest swizzle a wgmma reads")
-  out_chunk = math.gcd(s, _CHUNK)  # output channels per block per step
-  item = jnp.dtype(dtype).itemsize
-  forward_smem = item * (k * TILE_ROWS * q  # H
-                         + TILE_ROWS * _CHUNK + q * _CHUNK  # x and w1 chunks
-                         + out_chunk * q + TILE_ROWS * out_chunk)  # w2 chunk, one product
-  backward_smem = item * (k * TILE_ROWS * q + TILE_ROWS * _CHUNK + q * _CHUNK  # as forward
-                          + TILE_ROWS * _CHUNK + _CHUNK * q  # dy and w2 chunks
-                          + q * _CHUNK + TILE_ROWS * _CHUNK)  # w1 chunk, dx tile
-  smem = max(forward_smem, backward_smem)
+  out_chunk = _CHUNK  # output channels per block per step (s is a multiple)
+  # H for 64 tokens, plus one phase's staging tiles at a time (sibling scopes share SMEM):
+  # an [64, 64] activation tile and a [q, 64] or [64, q] factor tile in every phase
+  smem = (jnp.dtype(dtype).itemsize * TILE_ROWS * (k * q + _CHUNK + q)
+          + _SMEM_ALIGNMENT_SLACK)
   if smem > SMEM_BYTES:
     raise ValueError(f"monarch (mosaic_gpu): the intermediate of {TILE_ROWS} tokens (k q = "
                      f"{k * q} channels) and the staging tiles need {smem} bytes of SMEM, over "
@@ -155,54 +152,57 @@ def _forward_kernel(x_gmem, w1_gmem, w2_gmem, y_gmem, *, plan: Plan, dtype):
   _, routes = common.routing(k, q)
   piece_rows = _WG_THREADS // c_out  # one element per thread per interleave step
 
-  def scope(x_smem, w1_smem, h_smem, w2_smem, one_block, barriers):
+  def scope(h_smem, barriers):
     def load(src, dst, which):
       plgpu.copy_gmem_to_smem(src, dst, barriers.at[which])
       plgpu.barrier_wait(barriers.at[which])
 
-    # factor 1: H_l's runs from each input block j
-    for j in range(k):
-      def block_product(acc_ref, j=j):
-        for t in range(p // kx):
-          load(x_gmem.at[rows, pl.ds(j * p + t * kx, kx)], x_smem, 0)
-          load(w1_gmem.at[j, :, pl.ds(t * kx, kx)], w1_smem, 1)
-          plgpu.wgmma(acc_ref, x_smem, compat.transposed_ref(w1_smem))
-          plgpu.wgmma_wait(0)  # x_smem and w1_smem are reloaded next step
-        return acc_ref[...]
-      acc = pl.run_scoped(block_product, plgpu.ACC((bm, q), jnp.float32))
-      for r in (r for r in routes if r.j == j):
-        h_smem.at[r.l, :, pl.ds(r.a_start, r.count)][...] = (
-            acc[:, r.offset:r.offset + r.count].astype(dtype))
-    plgpu.commit_smem()  # H was written by threads; wgmma reads it through the async proxy
-
-    # factor 2 and the output interleave, C output channels of every block at a time
-    for ci in range(s // c_out):
-      for l in range(k):
-        load(w2_gmem.at[pl.ds(l * s + ci * c_out, c_out), :], w2_smem, 2)
-
-        def product2(acc_ref, l=l):
-          plgpu.wgmma(acc_ref, h_smem.at[l], compat.transposed_ref(w2_smem))
-          plgpu.wgmma_wait(0)  # w2_smem is reloaded next step
+    def factor1(x_smem, w1_smem):
+      """H_l's runs from each input block j."""
+      for j in range(k):
+        def block_product(acc_ref, j=j):
+          for t in range(p // kx):
+            load(x_gmem.at[rows, pl.ds(j * p + t * kx, kx)], x_smem, 0)
+            load(w1_gmem.at[j, :, pl.ds(t * kx, kx)], w1_smem, 1)
+            plgpu.wgmma(acc_ref, x_smem, compat.transposed_ref(w1_smem))
+            plgpu.wgmma_wait(0)  # x_smem and w1_smem are reloaded next step
           return acc_ref[...]
-        y_l = pl.run_scoped(product2, plgpu.ACC((bm, c_out), jnp.float32))
-        compat.gpu_store_unoptimized(one_block, y_l.astype(dtype))
+        acc = pl.run_scoped(block_product, plgpu.ACC((bm, q), jnp.float32))
+        for r in (r for r in routes if r.j == j):
+          h_smem.at[r.l, :, pl.ds(r.a_start, r.count)][...] = (
+              acc[:, r.offset:r.offset + r.count].astype(dtype))
+      plgpu.commit_smem()  # H was written by threads; wgmma reads it through the async proxy
 
-        def interleave(i, carry, l=l, ci=ci):
-          piece = pl.ds(i * piece_rows, piece_rows)
-          values = plgpu.layout_cast(one_block.at[piece, :][...], plgpu.Layout.WG_STRIDED(
-              (piece_rows, c_out), vec_size=1))
-          y_gmem.at[pl.ds(row0 + i * piece_rows, piece_rows), pl.ds(ci * c_out, c_out),
-                    l][...] = values
-          return carry
-        lax.fori_loop(0, bm // piece_rows, interleave, 0)
+    def factor2(w2_smem, one_block):
+      """Factor 2 and the output interleave, C output channels of every block at a time."""
+      for ci in range(s // c_out):
+        for l in range(k):
+          load(w2_gmem.at[pl.ds(l * s + ci * c_out, c_out), :], w2_smem, 2)
+
+          def product(acc_ref, l=l):
+            plgpu.wgmma(acc_ref, h_smem.at[l], compat.transposed_ref(w2_smem))
+            plgpu.wgmma_wait(0)  # w2_smem is reloaded next step
+            return acc_ref[...]
+          y_l = pl.run_scoped(product, plgpu.ACC((bm, c_out), jnp.float32))
+          compat.gpu_store_unoptimized(one_block, y_l.astype(dtype))
+
+          def interleave(i, carry, l=l, ci=ci):
+            piece = pl.ds(i * piece_rows, piece_rows)
+            values = plgpu.layout_cast(one_block.at[piece, :][...], plgpu.Layout.WG_STRIDED(
+                (piece_rows, c_out), vec_size=1))
+            y_gmem.at[pl.ds(row0 + i * piece_rows, piece_rows), pl.ds(ci * c_out, c_out),
+                      l][...] = values
+            return carry
+          lax.fori_loop(0, bm // piece_rows, interleave, 0)
+
+    # sibling scopes: the two phases' staging tiles share SMEM
+    pl.run_scoped(factor1, _smem((bm, kx), dtype, kx), _smem((q, kx), dtype, kx))
+    pl.run_scoped(factor2, _smem((c_out, q), dtype, plan.h_swizzle),
+                  plgpu.SMEM((bm, c_out), dtype))
 
   pl.run_scoped(
       scope,
-      _smem((bm, kx), dtype, kx),
-      _smem((q, kx), dtype, kx),
       _smem((k, bm, q), dtype, plan.h_swizzle),
-      _smem((c_out, q), dtype, plan.h_swizzle),
-      plgpu.SMEM((bm, c_out), dtype),
       plgpu.Barrier(num_barriers=3),  # x, w1, w2 loads; each awaited before the next
   )
 
@@ -239,7 +239,7 @@ def _backward_data_kernel(x_gmem, w1_gmem, w2_gmem, dy_gmem, dx_gmem, h_gmem, dh
   rows = pl.ds(lax.axis_index("m") * bm, bm)
   _, routes = common.routing(k, q)
 
-  def scope(x_smem, w1_smem, h_smem, dy_smem, w2_smem, w1n_smem, out_smem, barriers):
+  def scope(h_smem, barriers):
     def load(src, dst, which):
       plgpu.copy_gmem_to_smem(src, dst, barriers.at[which])
       plgpu.barrier_wait(barriers.at[which])
@@ -249,62 +249,64 @@ def _backward_data_kernel(x_gmem, w1_gmem, w2_gmem, dy_gmem, dx_gmem, h_gmem, dh
       plgpu.copy_smem_to_gmem(src_smem, dst_gmem)
       plgpu.wait_smem_to_gmem(0)  # src_smem is rewritten later
 
-    # H, as in the forward
-    for j in range(k):
-      def block_product(acc_ref, j=j):
-        for t in range(p // kx):
-          load(x_gmem.at[rows, pl.ds(j * p + t * kx, kx)], x_smem, 0)
-          load(w1_gmem.at[j, :, pl.ds(t * kx, kx)], w1_smem, 1)
-          plgpu.wgmma(acc_ref, x_smem, compat.transposed_ref(w1_smem))
-          plgpu.wgmma_wait(0)
-        return acc_ref[...]
-      acc = pl.run_scoped(block_product, plgpu.ACC((bm, q), jnp.float32))
-      for r in (r for r in routes if r.j == j):
-        h_smem.at[r.l, :, pl.ds(r.a_start, r.count)][...] = (
-            acc[:, r.offset:r.offset + r.count].astype(dtype))
-    for l in range(k):
-      store(h_smem.at[l], h_gmem.at[rows, pl.ds(l * q, q)])
-
-    # dH_l = dy_l w2_l, its runs written back where they came from: dh_j (reusing H's SMEM)
-    dh_runs = {}
-    for l in range(k):
-      def grad_product(acc_ref, l=l):
-        for t in range(s // chunk):
-          load(dy_gmem.at[rows, pl.ds(l * s + t * chunk, chunk)], dy_smem, 0)
-          load(w2_gmem.at[pl.ds(l * s + t * chunk, chunk), :], w2_smem, 2)
-          plgpu.wgmma(acc_ref, dy_smem, w2_smem)
-          plgpu.wgmma_wait(0)
-        return acc_ref[...]
-      dh_l = pl.run_scoped(grad_product, plgpu.ACC((bm, q), jnp.float32))
-      for r in (r for r in routes if r.l == l):
-        dh_runs[r] = dh_l[:, r.a_start:r.a_start + r.count].astype(dtype)
-    for r, run in dh_runs.items():
-      h_smem.at[r.j, :, pl.ds(r.offset, r.count)][...] = run
-    for j in range(k):
-      store(h_smem.at[j], dh_gmem.at[rows, pl.ds(j * q, q)])
-
-    # dx_j = dh_j w1'_j, p in chunks of 64
-    for j in range(k):
-      for t in range(p // chunk):
-        load(w1_gmem.at[j, :, pl.ds(t * chunk, chunk)], w1n_smem, 1)
-
-        def data_product(acc_ref, j=j):
-          plgpu.wgmma(acc_ref, h_smem.at[j], w1n_smem)
-          plgpu.wgmma_wait(0)
+    def factor1(x_smem, w1_smem):
+      """H, as in the forward, also written to memory."""
+      for j in range(k):
+        def block_product(acc_ref, j=j):
+          for t in range(p // kx):
+            load(x_gmem.at[rows, pl.ds(j * p + t * kx, kx)], x_smem, 0)
+            load(w1_gmem.at[j, :, pl.ds(t * kx, kx)], w1_smem, 1)
+            plgpu.wgmma(acc_ref, x_smem, compat.transposed_ref(w1_smem))
+            plgpu.wgmma_wait(0)
           return acc_ref[...]
-        dx = pl.run_scoped(data_product, plgpu.ACC((bm, chunk), jnp.float32))
-        out_smem[...] = dx.astype(dtype)
-        store(out_smem, dx_gmem.at[rows, pl.ds(j * p + t * chunk, chunk)])
+        acc = pl.run_scoped(block_product, plgpu.ACC((bm, q), jnp.float32))
+        for r in (r for r in routes if r.j == j):
+          h_smem.at[r.l, :, pl.ds(r.a_start, r.count)][...] = (
+              acc[:, r.offset:r.offset + r.count].astype(dtype))
+      for l in range(k):
+        store(h_smem.at[l], h_gmem.at[rows, pl.ds(l * q, q)])
+
+    def grad_h(dy_smem, w2_smem):
+      """dH_l = dy_l w2_l, its runs written back where they came from: dh_j, in H's SMEM."""
+      dh_runs = {}
+      for l in range(k):
+        def grad_product(acc_ref, l=l):
+          for t in range(s // chunk):
+            load(dy_gmem.at[rows, pl.ds(l * s + t * chunk, chunk)], dy_smem, 0)
+            load(w2_gmem.at[pl.ds(l * s + t * chunk, chunk), :], w2_smem, 2)
+            plgpu.wgmma(acc_ref, dy_smem, w2_smem)
+            plgpu.wgmma_wait(0)
+          return acc_ref[...]
+        dh_l = pl.run_scoped(grad_product, plgpu.ACC((bm, q), jnp.float32))
+        for r in (r for r in routes if r.l == l):
+          dh_runs[r] = dh_l[:, r.a_start:r.a_start + r.count].astype(dtype)
+      for r, run in dh_runs.items():
+        h_smem.at[r.j, :, pl.ds(r.offset, r.count)][...] = run
+      for j in range(k):
+        store(h_smem.at[j], dh_gmem.at[rows, pl.ds(j * q, q)])
+
+    def grad_x(w1_smem, out_smem):
+      """dx_j = dh_j w1'_j, p in chunks of 64."""
+      for j in range(k):
+        for t in range(p // chunk):
+          load(w1_gmem.at[j, :, pl.ds(t * chunk, chunk)], w1_smem, 1)
+
+          def data_product(acc_ref, j=j):
+            plgpu.wgmma(acc_ref, h_smem.at[j], w1_smem)
+            plgpu.wgmma_wait(0)
+            return acc_ref[...]
+          dx = pl.run_scoped(data_product, plgpu.ACC((bm, chunk), jnp.float32))
+          out_smem[...] = dx.astype(dtype)
+          store(out_smem, dx_gmem.at[rows, pl.ds(j * p + t * chunk, chunk)])
+
+    # sibling scopes: the three phases' staging tiles share SMEM
+    pl.run_scoped(factor1, _smem((bm, kx), dtype, kx), _smem((q, kx), dtype, kx))
+    pl.run_scoped(grad_h, _smem((bm, chunk), dtype, 64), _smem((chunk, q), dtype, 64))
+    pl.run_scoped(grad_x, _smem((q, chunk), dtype, sw), _smem((bm, chunk), dtype, 64))
 
   pl.run_scoped(
       scope,
-      _smem((bm, kx), dtype, kx),
-      _smem((q, kx), dtype, kx),
       _smem((k, bm, q), dtype, sw),
-      _smem((bm, chunk), dtype, 64),
-      _smem((chunk, q), dtype, 64),
-      _smem((q, chunk), dtype, sw),
-      _smem((bm, chunk), dtype, 64),
       plgpu.Barrier(num_barriers=3),
   )
 
