@@ -2,7 +2,7 @@
 custom_vjp.
 
 monarch(x, w1, w2, out_features) computes effjax's MonarchLinear product (factors in the
-layer's own parameter layout) in one kernel per direction:
+layer's own parameter layout) in fused kernels:
 
   forward   x -> y, the intermediate kept on chip (tpu.forward, mosaic_gpu.forward);
   backward  (x, dy) -> (dx, dw1, dw2): on a TPU one kernel that recomputes the intermediate
