@@ -176,12 +176,20 @@ def test_gpu_interpret_params_pick_mosaic_gpu_off_gpu():
   assert default_implementation(interpret=True) == "gpu"
 
 
-def test_default_blocks_stack_all_heads_of_a_group_into_wgmma_rows():
+def test_default_blocks_stack_all_heads_of_a_group_into_wgmma_rows_and_fit_in_smem():
   for groups in (1, 2, 4, 8, 16):
     blocks = api.mosaic_gpu_default_block_sizes(groups, 128)
-    assert groups * blocks.block_q == 128, groups
+    assert groups * blocks.block_q == 128 and blocks.block_k == 128, groups
   assert api.mosaic_gpu_default_block_sizes(2, 256).block_q * 2 == 64  # registers at d 256
   assert api.mosaic_gpu_default_block_sizes(3, 64).block_q == 64  # 3 * 64 rows: 64 | 192
+  # 192 stacked rows at head_dim 128: with 128-key stages Mosaic GPU's lowering asked for
+  # 234520 bytes of shared memory, past the H100's 232448
+  assert api.mosaic_gpu_default_block_sizes(3, 128).block_k == 64
+  for groups in (1, 2, 3, 4, 6, 8, 16):
+    for d in (64, 128):
+      b = api.mosaic_gpu_default_block_sizes(groups, d)
+      assert mosaic_gpu.smem_bytes(groups, d, b.block_q, b.block_k, *b.bwd) < (
+          mosaic_gpu.SMEM_BYTES), (groups, d)
 
 
 def test_bad_inputs_are_clear_errors_before_any_tracing():
@@ -201,6 +209,9 @@ def test_bad_inputs_are_clear_errors_before_any_tracing():
     mosaic(x, kv, kv, block_sizes=BlockSizes(block_q=64, block_k=96, block_q_bwd=64))
   with pytest.raises(ValueError, match=r"BlockSizes.block_q_bwd=32: .*multiple of 64"):
     mosaic(x, kv, kv, block_sizes=BlockSizes(block_q=32, block_k=64))
+  odd = jnp.ones((1, 64, 3, 256), jnp.bfloat16)  # G = 3: 192 stacked rows at head_dim 256
+  with pytest.raises(NotImplementedError, match="3 query heads per kv head at head_dim 256"):
+    mosaic(odd, odd[:, :, :1], odd[:, :, :1])
   assert "mosaic_gpu" in api.IMPLEMENTATIONS
 
 

@@ -138,11 +138,11 @@ def kernel_dims(c: _Call, q_len: int, kv_len: int, head_dim: int, fwd: bool):
 
 def mosaic_gpu_default_block_sizes(groups: int, head_dim: int) -> common.BlockSizes:
   """Forward query blocks of G * block_q = 128 stacked rows (64 past head_dim 128), key
-  blocks of 128 (64 past head_dim 128: K/V stages must fit in SMEM); backward blocks 64."""
+  blocks of 128 where shared memory allows (else 64), backward blocks of 64; see
+  mosaic_gpu.default_block_sizes."""
   from pallas_kernels.attention import mosaic_gpu  # pylint: disable=g-import-not-at-top
-  d = tiling.round_up(head_dim, 64)
-  return common.BlockSizes(block_q=mosaic_gpu.default_block_q(groups, d),
-                           block_k=128 if d <= 128 else 64, block_q_bwd=64, block_k_bwd=64)
+  return common.BlockSizes(*mosaic_gpu.default_block_sizes(groups, tiling.round_up(head_dim,
+                                                                                  64)))
 
 
 def make_call(q_shape, kv_shape, *, causal, sliding_window, logit_softcap, has_segments,

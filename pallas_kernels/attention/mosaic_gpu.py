@@ -61,6 +61,10 @@ MAX_HEAD_DIM = 256  # wgmma's largest N (the [rows, head_dim] output accumulator
 # warpgroup's registers up to head_dim 128; 64 beyond.
 TARGET_ROWS = 128
 _STAGES = 2
+SMEM_BYTES = 232448  # shared memory one H100/H200 block may hold
+# What the kernels' SMEM holds beyond their tiles (barriers, alignment): about 4.4 KB was
+# measured at G = 3, head_dim 128; the defaults keep twice that free.
+_SMEM_SLACK = 8192
 
 
 def _params():
@@ -99,6 +103,39 @@ def default_block_q(groups: int, head_dim: int) -> int:
   rows = TARGET_ROWS if head_dim <= 128 else ROW_MULTIPLE
   step = block_q_step(groups)
   return max(step, (rows // groups) // step * step)
+
+
+def smem_bytes(groups: int, head_dim: int, block_q: int, block_k: int, block_q_bwd: int,
+               block_k_bwd: int) -> int:
+  """The largest SMEM tile footprint of the three kernels (16-bit inputs, segment ids
+  included), from the scratch and pipeline stages they allocate."""
+  d = head_dim
+  rows = groups * block_q
+  fwd = rows * d * 2 + rows * block_k * 2 + 2 * rows * 4 + _STAGES * (
+      2 * block_k * d * 2 + block_k * 4)
+  rows = groups * dq_block_q(groups, d, block_q_bwd)
+  dq = 2 * rows * d * 2 + rows * block_k_bwd * 2 + 3 * rows * 4 + _STAGES * (
+      2 * block_k_bwd * d * 2 + block_k_bwd * 4)
+  dkv = 2 * block_k_bwd * d * 2 + block_k_bwd * block_q_bwd * 2 + block_k_bwd * 4 + _STAGES * (
+      2 * block_q_bwd * d * 2 + 3 * block_q_bwd * 4)
+  return max(fwd, dq, dkv)
+
+
+def default_block_sizes(groups: int, head_dim: int) -> tuple[int, int, int, int]:
+  """(block_q, block_k, block_q_bwd, block_k_bwd): G * block_q = TARGET_ROWS stacked query
+  rows (64 past head_dim 128) or the smallest block that tiles, key blocks of 128 where the
+  shared memory allows (else 64), backward blocks of 64. Refuses a group size and head_dim
+  whose smallest blocks do not fit (e.g. G = 3 at head_dim 256: 192 stacked rows)."""
+  block_q = default_block_q(groups, head_dim)
+  for block_k in (128, 64):
+    blocks = (block_q, block_k, ROW_MULTIPLE, ROW_MULTIPLE)
+    if smem_bytes(groups, head_dim, *blocks) + _SMEM_SLACK <= SMEM_BYTES:
+      return blocks
+  raise NotImplementedError(
+      f"implementation='mosaic_gpu' with {groups} query heads per kv head at head_dim "
+      f"{head_dim}: the smallest blocks (G * block_q = {groups * block_q} stacked rows) need "
+      f"{smem_bytes(groups, head_dim, *blocks)} bytes of shared memory, more than "
+      f"{SMEM_BYTES - _SMEM_SLACK}; use implementation='gpu'")
 
 
 def padded_head_dim(head_dim: int) -> int:
