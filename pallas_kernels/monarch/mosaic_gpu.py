@@ -35,8 +35,9 @@ Backward (backward()): dy is first put block-major by XLA (one copy of dy, read 
             the factors in float32 at 8192 tokens); a grid over weight tiles that loops over
             tokens reads H, dh, dy and x (T / 64 tiles each) instead, far fewer bytes.
 
-Copies are issued and awaited one at a time in the token-tile kernels (not overlapped yet);
-the weight-gradient kernels use a two-stage plgpu.emit_pipeline. Nothing here has been
+In the token-tile kernels a step's loads (an activation chunk and a factor chunk) are issued
+together and awaited before its wgmma: no overlap of loads with wgmma across steps yet. The
+weight-gradient kernels use a two-stage plgpu.emit_pipeline. Nothing here has been
 compiled by ptxas, run or timed on a GPU.
 
 Shape rules (plan() checks them before tracing; api.py pads tokens to 64, x's columns to
@@ -153,17 +154,20 @@ def _forward_kernel(x_gmem, w1_gmem, w2_gmem, y_gmem, *, plan: Plan, dtype):
   piece_rows = _WG_THREADS // c_out  # one element per thread per interleave step
 
   def scope(h_smem, barriers):
-    def load(src, dst, which):
-      plgpu.copy_gmem_to_smem(src, dst, barriers.at[which])
-      plgpu.barrier_wait(barriers.at[which])
+    def load(*copies):
+      """(src, dst, barrier index) copies, issued together, then awaited."""
+      for src, dst, which in copies:
+        plgpu.copy_gmem_to_smem(src, dst, barriers.at[which])
+      for _, _, which in copies:
+        plgpu.barrier_wait(barriers.at[which])
 
     def factor1(x_smem, w1_smem):
       """H_l's runs from each input block j."""
       for j in range(k):
         def block_product(acc_ref, j=j):
           for t in range(p // kx):
-            load(x_gmem.at[rows, pl.ds(j * p + t * kx, kx)], x_smem, 0)
-            load(w1_gmem.at[j, :, pl.ds(t * kx, kx)], w1_smem, 1)
+            load((x_gmem.at[rows, pl.ds(j * p + t * kx, kx)], x_smem, 0),
+                 (w1_gmem.at[j, :, pl.ds(t * kx, kx)], w1_smem, 1))
             plgpu.wgmma(acc_ref, x_smem, compat.transposed_ref(w1_smem))
             plgpu.wgmma_wait(0)  # x_smem and w1_smem are reloaded next step
           return acc_ref[...]
@@ -177,7 +181,7 @@ def _forward_kernel(x_gmem, w1_gmem, w2_gmem, y_gmem, *, plan: Plan, dtype):
       """Factor 2 and the output interleave, C output channels of every block at a time."""
       for ci in range(s // c_out):
         for l in range(k):
-          load(w2_gmem.at[pl.ds(l * s + ci * c_out, c_out), :], w2_smem, 2)
+          load((w2_gmem.at[pl.ds(l * s + ci * c_out, c_out), :], w2_smem, 2))
 
           def product(acc_ref, l=l):
             plgpu.wgmma(acc_ref, h_smem.at[l], compat.transposed_ref(w2_smem))
@@ -240,9 +244,12 @@ def _backward_data_kernel(x_gmem, w1_gmem, w2_gmem, dy_gmem, dx_gmem, h_gmem, dh
   _, routes = common.routing(k, q)
 
   def scope(h_smem, barriers):
-    def load(src, dst, which):
-      plgpu.copy_gmem_to_smem(src, dst, barriers.at[which])
-      plgpu.barrier_wait(barriers.at[which])
+    def load(*copies):
+      """(src, dst, barrier index) copies, issued together, then awaited."""
+      for src, dst, which in copies:
+        plgpu.copy_gmem_to_smem(src, dst, barriers.at[which])
+      for _, _, which in copies:
+        plgpu.barrier_wait(barriers.at[which])
 
     def store(src_smem, dst_gmem):
       plgpu.commit_smem()  # written by threads; the TMA unit reads it
@@ -254,8 +261,8 @@ def _backward_data_kernel(x_gmem, w1_gmem, w2_gmem, dy_gmem, dx_gmem, h_gmem, dh
       for j in range(k):
         def block_product(acc_ref, j=j):
           for t in range(p // kx):
-            load(x_gmem.at[rows, pl.ds(j * p + t * kx, kx)], x_smem, 0)
-            load(w1_gmem.at[j, :, pl.ds(t * kx, kx)], w1_smem, 1)
+            load((x_gmem.at[rows, pl.ds(j * p + t * kx, kx)], x_smem, 0),
+                 (w1_gmem.at[j, :, pl.ds(t * kx, kx)], w1_smem, 1))
             plgpu.wgmma(acc_ref, x_smem, compat.transposed_ref(w1_smem))
             plgpu.wgmma_wait(0)
           return acc_ref[...]
@@ -272,8 +279,8 @@ def _backward_data_kernel(x_gmem, w1_gmem, w2_gmem, dy_gmem, dx_gmem, h_gmem, dh
       for l in range(k):
         def grad_product(acc_ref, l=l):
           for t in range(s // chunk):
-            load(dy_gmem.at[rows, pl.ds(l * s + t * chunk, chunk)], dy_smem, 0)
-            load(w2_gmem.at[pl.ds(l * s + t * chunk, chunk), :], w2_smem, 2)
+            load((dy_gmem.at[rows, pl.ds(l * s + t * chunk, chunk)], dy_smem, 0),
+                 (w2_gmem.at[pl.ds(l * s + t * chunk, chunk), :], w2_smem, 2))
             plgpu.wgmma(acc_ref, dy_smem, w2_smem)
             plgpu.wgmma_wait(0)
           return acc_ref[...]
@@ -289,7 +296,7 @@ def _backward_data_kernel(x_gmem, w1_gmem, w2_gmem, dy_gmem, dx_gmem, h_gmem, dh
       """dx_j = dh_j w1'_j, p in chunks of 64."""
       for j in range(k):
         for t in range(p // chunk):
-          load(w1_gmem.at[j, :, pl.ds(t * chunk, chunk)], w1_smem, 1)
+          load((w1_gmem.at[j, :, pl.ds(t * chunk, chunk)], w1_smem, 1))
 
           def data_product(acc_ref, j=j):
             plgpu.wgmma(acc_ref, h_smem.at[j], w1_smem)
