@@ -3,9 +3,9 @@ one token-tile kernel (dx) and one weight-gradient kernel per factor.
 
 Forward: one CTA (one warpgroup) per tile of TILE_ROWS = 64 tokens, the rows of one wgmma.
 
-  factor 1  for each input block j, h_j = x_j w1'_j^T over p in 64-column chunks (TMA loads
-            of an x chunk and a w1 chunk into swizzled SMEM, wgmma into a float32
-            accumulator). w1's rows are in routing order (common.routing), so h_j is k runs
+  factor 1  for each input block j, h_j = x_j w1'_j^T over p in 64-column chunks (a
+            two-stage pipeline of TMA loads of x and w1 chunks into swizzled SMEM, wgmma
+            into a float32 accumulator). w1's rows are in routing order (common.routing), so h_j is k runs
             of consecutive columns, run (j, l) holding channels [a_start, a_start + count) of
             output block l. Each run is stored, rounded to the dtype as the reference does,
             at those channels of H_l, the permuted intermediate, kept in SMEM for the whole
@@ -35,9 +35,9 @@ Backward (backward()): dy is first put block-major by XLA (one copy of dy, read 
             the factors in float32 at 8192 tokens); a grid over weight tiles that loops over
             tokens reads H, dh, dy and x (T / 64 tiles each) instead, far fewer bytes.
 
-In the token-tile kernels a step's loads (an activation chunk and a factor chunk) are issued
-together and awaited before its wgmma: no overlap of loads with wgmma across steps yet. The
-weight-gradient kernels use a two-stage plgpu.emit_pipeline. Nothing here has been
+Factor 1 (forward and backward) and the weight-gradient kernels overlap the next step's TMA
+loads with the current wgmma (two-stage plgpu.emit_pipeline); the other steps of the
+token-tile kernels issue a step's loads together and await them before its wgmma. Nothing here has been
 compiled by ptxas, run or timed on a GPU.
 
 Shape rules (plan() checks them before tracing; api.py pads tokens to 64, x's columns to
@@ -46,7 +46,7 @@ tf32); p, q and s multiples of 64 (64-column swizzled tiles); q <= 256 (one TMA 
 accumulator); every run of the stride permutation starting and ending on a multiple of 16
 channels (for k dividing q: q / k a multiple of 16; routing fixes q, so it cannot be padded);
 and SMEM within 227 KiB: the intermediate of 64 tokens (2 k q bytes per token) plus one
-phase's staging tiles, so k q + q <= 1720 in 16-bit (GPT-2 small's MLP, k q = 768, and
+phase's staging tiles, so k q + 2 q <= 1656 in 16-bit (GPT-2 small's MLP, k q = 768, and
 1024 -> 1024 with 4 blocks fit; 2048 -> 2048 with 4 or 8 blocks does not and is refused).
 
 Status: checked against the reference in Mosaic GPU's interpreter with its race detector
@@ -126,8 +126,9 @@ def plan(n_in: int, n_out: int, w1_shape, w2_shape, dtype) -> Plan:
                      "16), the narrowest swizzle a wgmma reads")
   out_chunk = _CHUNK  # output channels per block per step (s is a multiple)
   # H for 64 tokens, plus one phase's staging tiles at a time (sibling scopes share SMEM):
-  # an [64, 64] activation tile and a [q, 64] or [64, q] factor tile in every phase
-  smem = (jnp.dtype(dtype).itemsize * TILE_ROWS * (k * q + _CHUNK + q)
+  # a [64, 64] activation tile and a [q, 64] or [64, q] factor tile, two stages of them in
+  # factor 1's pipeline
+  smem = (jnp.dtype(dtype).itemsize * TILE_ROWS * (k * q + 2 * (_CHUNK + q))
           + _SMEM_ALIGNMENT_SLACK)
   if smem > SMEM_BYTES:
     raise ValueError(f"monarch (mosaic_gpu): the intermediate of {TILE_ROWS} tokens (k q = "
@@ -136,21 +137,51 @@ def plan(n_in: int, n_out: int, w1_shape, w2_shape, dtype) -> Plan:
   return Plan(k, p, q, s, _CHUNK, h_swizzle, out_chunk, smem)
 
 
-def _smem(shape, dtype, swizzle_elems):
+def _tiles(dtype, swizzle_elems):
   item = jnp.dtype(dtype).itemsize
-  return plgpu.SMEM(shape, dtype, transforms=(
-      plgpu.TilingTransform((8, swizzle_elems)),
-      plgpu.SwizzleTransform(swizzle_elems * item)))
+  return (plgpu.TilingTransform((8, swizzle_elems)),
+          plgpu.SwizzleTransform(swizzle_elems * item))
+
+
+def _smem(shape, dtype, swizzle_elems):
+  return plgpu.SMEM(shape, dtype, transforms=_tiles(dtype, swizzle_elems))
+
+
+def _intermediate_into(h_smem, x_gmem, w1_gmem, *, plan: Plan, dtype):
+  """Factor 1 for this CTA's 64 tokens: H_l's runs from each input block j into h_smem.
+
+  Per block, a two-stage pipeline over p's 64-column chunks (TMA loads of the next chunk
+  of x and w1 overlap the current wgmma)."""
+  k, p, q, kx = plan.k, plan.p, plan.q, plan.x_chunk
+  row_tile = lax.axis_index("m")
+  _, routes = common.routing(k, q)
+  for j in range(k):
+    def block_product(acc_ref, j=j):
+      def step(_, x_smem, w1_smem):
+        plgpu.wgmma(acc_ref, x_smem, compat.transposed_ref(w1_smem))
+        plgpu.wgmma_wait(1)  # at most one wgmma in flight: the stage before is free again
+
+      plgpu.emit_pipeline(
+          step, grid=(p // kx,),
+          in_specs=[plgpu.BlockSpec((TILE_ROWS, kx), lambda t, j=j: (row_tile, j * (p // kx) + t),
+                                    transforms=_tiles(dtype, kx), delay_release=1),
+                    plgpu.BlockSpec((q, kx), lambda t: (0, t), transforms=_tiles(dtype, kx),
+                                    delay_release=1)],
+          max_concurrent_steps=2)(x_gmem, w1_gmem.at[j])
+      plgpu.wgmma_wait(0)
+      return acc_ref[...]
+    acc = pl.run_scoped(block_product, plgpu.ACC((TILE_ROWS, q), jnp.float32))
+    for r in (r for r in routes if r.j == j):
+      h_smem.at[r.l, :, pl.ds(r.a_start, r.count)][...] = (
+          acc[:, r.offset:r.offset + r.count].astype(dtype))
+  plgpu.commit_smem()  # H was written by threads; wgmma and TMA read it (async proxy)
 
 
 def _forward_kernel(x_gmem, w1_gmem, w2_gmem, y_gmem, *, plan: Plan, dtype):
   """y_gmem is [T, s, k]: [t, c, l] is column c k + l of y (a free reshape outside)."""
-  k, p, q, s = plan.k, plan.p, plan.q, plan.s
-  kx, c_out = plan.x_chunk, plan.out_chunk
+  k, q, s, c_out = plan.k, plan.q, plan.s, plan.out_chunk
   bm = TILE_ROWS
   row0 = lax.axis_index("m") * bm
-  rows = pl.ds(row0, bm)
-  _, routes = common.routing(k, q)
   piece_rows = _WG_THREADS // c_out  # one element per thread per interleave step
 
   def scope(h_smem, barriers):
@@ -161,27 +192,11 @@ def _forward_kernel(x_gmem, w1_gmem, w2_gmem, y_gmem, *, plan: Plan, dtype):
       for _, _, which in copies:
         plgpu.barrier_wait(barriers.at[which])
 
-    def factor1(x_smem, w1_smem):
-      """H_l's runs from each input block j."""
-      for j in range(k):
-        def block_product(acc_ref, j=j):
-          for t in range(p // kx):
-            load((x_gmem.at[rows, pl.ds(j * p + t * kx, kx)], x_smem, 0),
-                 (w1_gmem.at[j, :, pl.ds(t * kx, kx)], w1_smem, 1))
-            plgpu.wgmma(acc_ref, x_smem, compat.transposed_ref(w1_smem))
-            plgpu.wgmma_wait(0)  # x_smem and w1_smem are reloaded next step
-          return acc_ref[...]
-        acc = pl.run_scoped(block_product, plgpu.ACC((bm, q), jnp.float32))
-        for r in (r for r in routes if r.j == j):
-          h_smem.at[r.l, :, pl.ds(r.a_start, r.count)][...] = (
-              acc[:, r.offset:r.offset + r.count].astype(dtype))
-      plgpu.commit_smem()  # H was written by threads; wgmma reads it through the async proxy
-
     def factor2(w2_smem, one_block):
       """Factor 2 and the output interleave, C output channels of every block at a time."""
       for ci in range(s // c_out):
         for l in range(k):
-          load((w2_gmem.at[pl.ds(l * s + ci * c_out, c_out), :], w2_smem, 2))
+          load((w2_gmem.at[pl.ds(l * s + ci * c_out, c_out), :], w2_smem, 0))
 
           def product(acc_ref, l=l):
             plgpu.wgmma(acc_ref, h_smem.at[l], compat.transposed_ref(w2_smem))
@@ -199,15 +214,14 @@ def _forward_kernel(x_gmem, w1_gmem, w2_gmem, y_gmem, *, plan: Plan, dtype):
             return carry
           lax.fori_loop(0, bm // piece_rows, interleave, 0)
 
-    # sibling scopes: the two phases' staging tiles share SMEM
-    pl.run_scoped(factor1, _smem((bm, kx), dtype, kx), _smem((q, kx), dtype, kx))
+    _intermediate_into(h_smem, x_gmem, w1_gmem, plan=plan, dtype=dtype)
     pl.run_scoped(factor2, _smem((c_out, q), dtype, plan.h_swizzle),
                   plgpu.SMEM((bm, c_out), dtype))
 
   pl.run_scoped(
       scope,
       _smem((k, bm, q), dtype, plan.h_swizzle),
-      plgpu.Barrier(num_barriers=3),  # x, w1, w2 loads; each awaited before the next
+      plgpu.Barrier(num_barriers=1),  # the w2 chunk loads (factor 1 pipelines its own)
   )
 
 
@@ -238,7 +252,7 @@ def _backward_data_kernel(x_gmem, w1_gmem, w2_gmem, dy_gmem, dx_gmem, h_gmem, dh
   """One token tile: H again (factor 1, as the forward), dH_l = dy_l w2_l, routed back to
   dh_j, dx_j = dh_j w1'_j; H and dh also go to memory for the weight-gradient kernel."""
   k, p, q, s = plan.k, plan.p, plan.q, plan.s
-  kx, sw = plan.x_chunk, plan.h_swizzle
+  sw = plan.h_swizzle
   bm, chunk = TILE_ROWS, _CHUNK
   rows = pl.ds(lax.axis_index("m") * bm, bm)
   _, routes = common.routing(k, q)
@@ -255,23 +269,6 @@ def _backward_data_kernel(x_gmem, w1_gmem, w2_gmem, dy_gmem, dx_gmem, h_gmem, dh
       plgpu.commit_smem()  # written by threads; the TMA unit reads it
       plgpu.copy_smem_to_gmem(src_smem, dst_gmem)
       plgpu.wait_smem_to_gmem(0)  # src_smem is rewritten later
-
-    def factor1(x_smem, w1_smem):
-      """H, as in the forward, also written to memory."""
-      for j in range(k):
-        def block_product(acc_ref, j=j):
-          for t in range(p // kx):
-            load((x_gmem.at[rows, pl.ds(j * p + t * kx, kx)], x_smem, 0),
-                 (w1_gmem.at[j, :, pl.ds(t * kx, kx)], w1_smem, 1))
-            plgpu.wgmma(acc_ref, x_smem, compat.transposed_ref(w1_smem))
-            plgpu.wgmma_wait(0)
-          return acc_ref[...]
-        acc = pl.run_scoped(block_product, plgpu.ACC((bm, q), jnp.float32))
-        for r in (r for r in routes if r.j == j):
-          h_smem.at[r.l, :, pl.ds(r.a_start, r.count)][...] = (
-              acc[:, r.offset:r.offset + r.count].astype(dtype))
-      for l in range(k):
-        store(h_smem.at[l], h_gmem.at[rows, pl.ds(l * q, q)])
 
     def grad_h(dy_smem, w2_smem):
       """dH_l = dy_l w2_l, its runs written back where they came from: dh_j, in H's SMEM."""
@@ -306,8 +303,10 @@ def _backward_data_kernel(x_gmem, w1_gmem, w2_gmem, dy_gmem, dx_gmem, h_gmem, dh
           out_smem[...] = dx.astype(dtype)
           store(out_smem, dx_gmem.at[rows, pl.ds(j * p + t * chunk, chunk)])
 
-    # sibling scopes: the three phases' staging tiles share SMEM
-    pl.run_scoped(factor1, _smem((bm, kx), dtype, kx), _smem((q, kx), dtype, kx))
+    # each phase's staging tiles in its own scope: they share SMEM
+    _intermediate_into(h_smem, x_gmem, w1_gmem, plan=plan, dtype=dtype)  # H, as the forward
+    for l in range(k):
+      store(h_smem.at[l], h_gmem.at[rows, pl.ds(l * q, q)])  # for dw2
     pl.run_scoped(grad_h, _smem((bm, chunk), dtype, 64), _smem((chunk, q), dtype, 64))
     pl.run_scoped(grad_x, _smem((q, chunk), dtype, sw), _smem((bm, chunk), dtype, 64))
 
