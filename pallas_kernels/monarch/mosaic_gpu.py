@@ -5,12 +5,13 @@ Forward: one CTA (one warpgroup) per tile of TILE_ROWS = 64 tokens, the rows of 
 
   factor 1  for each input block j, h_j = x_j w1'_j^T over p in 64-column chunks (a
             two-stage pipeline of TMA loads of x and w1 chunks into swizzled SMEM, wgmma
-            into a float32 accumulator). w1's rows are in routing order (common.routing), so h_j is k runs
-            of consecutive columns, run (j, l) holding channels [a_start, a_start + count) of
-            output block l. Each run is stored, rounded to the dtype as the reference does,
-            at those channels of H_l, the permuted intermediate, kept in SMEM for the whole
-            tile ([k, 64, q]): the stride permutation is these static run stores.
-  factor 2  for each chunk of C <= 64 output channels and each output block l, H_l times a
+            into a float32 accumulator). w1's rows are in routing order (common.routing),
+            so h_j is k runs of consecutive columns, run (j, l) holding channels
+            [a_start, a_start + count) of output block l. Each run is stored, rounded to
+            the dtype as the reference does, at those channels of H_l, the permuted
+            intermediate, kept in SMEM for the whole tile ([k, 64, q]): the stride
+            permutation is these static run stores.
+  factor 2  for each chunk of C = 64 output channels and each output block l, H_l times a
             TMA-loaded [C, q] chunk of w2_l by wgmma. Column c k + l of y is row c of block
             l: the product goes to an unswizzled SMEM tile in the accumulator's layout, is
             read back one element per thread (128 at a time) and stored to y at stride k.
@@ -35,9 +36,9 @@ Backward (backward()): dy is first put block-major by XLA (one copy of dy, read 
             the factors in float32 at 8192 tokens); a grid over weight tiles that loops over
             tokens reads H, dh, dy and x (T / 64 tiles each) instead, far fewer bytes.
 
-Factor 1 (forward and backward) and the weight-gradient kernels overlap the next step's TMA
-loads with the current wgmma (two-stage plgpu.emit_pipeline); the other steps of the
-token-tile kernels issue a step's loads together and await them before its wgmma. Nothing here has been
+Factor 1 (forward and backward), dH and the weight-gradient kernels overlap the next step's
+TMA loads with the current wgmma (two-stage plgpu.emit_pipeline); factor 2 and dx load a
+chunk and await it before its wgmma. Nothing here has been
 compiled by ptxas, run or timed on a GPU.
 
 Shape rules (plan() checks them before tracing; api.py pads tokens to 64, x's columns to
@@ -254,7 +255,8 @@ def _backward_data_kernel(x_gmem, w1_gmem, w2_gmem, dy_gmem, dx_gmem, h_gmem, dh
   k, p, q, s = plan.k, plan.p, plan.q, plan.s
   sw = plan.h_swizzle
   bm, chunk = TILE_ROWS, _CHUNK
-  rows = pl.ds(lax.axis_index("m") * bm, bm)
+  row_tile = lax.axis_index("m")
+  rows = pl.ds(row_tile * bm, bm)
   _, routes = common.routing(k, q)
 
   def scope(h_smem, barriers):
@@ -270,16 +272,24 @@ def _backward_data_kernel(x_gmem, w1_gmem, w2_gmem, dy_gmem, dx_gmem, h_gmem, dh
       plgpu.copy_smem_to_gmem(src_smem, dst_gmem)
       plgpu.wait_smem_to_gmem(0)  # src_smem is rewritten later
 
-    def grad_h(dy_smem, w2_smem):
-      """dH_l = dy_l w2_l, its runs written back where they came from: dh_j, in H's SMEM."""
+    def grad_h():
+      """dH_l = dy_l w2_l (a two-stage pipeline over s's chunks), its runs written back where
+      they came from: dh_j, in H's SMEM."""
       dh_runs = {}
       for l in range(k):
         def grad_product(acc_ref, l=l):
-          for t in range(s // chunk):
-            load((dy_gmem.at[rows, pl.ds(l * s + t * chunk, chunk)], dy_smem, 0),
-                 (w2_gmem.at[pl.ds(l * s + t * chunk, chunk), :], w2_smem, 2))
+          def step(_, dy_smem, w2_smem):
             plgpu.wgmma(acc_ref, dy_smem, w2_smem)
-            plgpu.wgmma_wait(0)
+            plgpu.wgmma_wait(1)  # at most one wgmma in flight: the stage before is free
+          plgpu.emit_pipeline(
+              step, grid=(s // chunk,),
+              in_specs=[plgpu.BlockSpec((bm, chunk),
+                                        lambda t, l=l: (row_tile, l * (s // chunk) + t),
+                                        transforms=_tiles(dtype, chunk), delay_release=1),
+                        plgpu.BlockSpec((chunk, q), lambda t, l=l: (l * (s // chunk) + t, 0),
+                                        transforms=_tiles(dtype, chunk), delay_release=1)],
+              max_concurrent_steps=2)(dy_gmem, w2_gmem)
+          plgpu.wgmma_wait(0)
           return acc_ref[...]
         dh_l = pl.run_scoped(grad_product, plgpu.ACC((bm, q), jnp.float32))
         for r in (r for r in routes if r.l == l):
@@ -293,7 +303,7 @@ def _backward_data_kernel(x_gmem, w1_gmem, w2_gmem, dy_gmem, dx_gmem, h_gmem, dh
       """dx_j = dh_j w1'_j, p in chunks of 64."""
       for j in range(k):
         for t in range(p // chunk):
-          load((w1_gmem.at[j, :, pl.ds(t * chunk, chunk)], w1_smem, 1))
+          load((w1_gmem.at[j, :, pl.ds(t * chunk, chunk)], w1_smem, 0))
 
           def data_product(acc_ref, j=j):
             plgpu.wgmma(acc_ref, h_smem.at[j], w1_smem)
@@ -307,13 +317,13 @@ def _backward_data_kernel(x_gmem, w1_gmem, w2_gmem, dy_gmem, dx_gmem, h_gmem, dh
     _intermediate_into(h_smem, x_gmem, w1_gmem, plan=plan, dtype=dtype)  # H, as the forward
     for l in range(k):
       store(h_smem.at[l], h_gmem.at[rows, pl.ds(l * q, q)])  # for dw2
-    pl.run_scoped(grad_h, _smem((bm, chunk), dtype, 64), _smem((chunk, q), dtype, 64))
+    grad_h()
     pl.run_scoped(grad_x, _smem((q, chunk), dtype, sw), _smem((bm, chunk), dtype, 64))
 
   pl.run_scoped(
       scope,
       _smem((k, bm, q), dtype, sw),
-      plgpu.Barrier(num_barriers=3),
+      plgpu.Barrier(num_barriers=1),  # grad_x's w1 chunks (the other phases pipeline theirs)
   )
 
 
