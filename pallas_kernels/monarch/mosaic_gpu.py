@@ -38,8 +38,8 @@ Backward (backward()): dy is first put block-major by XLA (one copy of dy, read 
 
 Factor 1 (forward and backward), dH and the weight-gradient kernels overlap the next step's
 TMA loads with the current wgmma (two-stage plgpu.emit_pipeline); factor 2 and dx load a
-chunk and await it before its wgmma. Nothing here has been
-compiled by ptxas, run or timed on a GPU.
+chunk and await it before its wgmma. Nothing here has been compiled by ptxas, run or timed
+on a GPU.
 
 Shape rules (plan() checks them before tracing; api.py pads tokens to 64, x's columns to
 k p and cuts y to out_features): bfloat16/float16 only (wgmma computes float32 operands in
@@ -345,6 +345,7 @@ def _weight_grad_kernel(lhs_gmem, rhs_gmem, out_gmem, *, a: int, b: int):
                   plgpu.BlockSpec((TILE_ROWS, tile), lambda t: (t, blk * b_tiles + j),
                                   delay_release=1)],
         max_concurrent_steps=2)(lhs_gmem, rhs_gmem)
+    plgpu.wgmma_wait(0)
     return acc_ref[...]
 
   acc = pl.run_scoped(acc_scope, plgpu.ACC((tile, tile), jnp.float32))
