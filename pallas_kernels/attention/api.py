@@ -132,7 +132,8 @@ def kernel_dims(c: _Call, q_len: int, kv_len: int, head_dim: int, fwd: bool):
   if c.implementation == "gpu":
     d = max(16, tiling.next_pow2(head_dim))
   elif c.implementation == "mosaic_gpu":
-    d = tiling.round_up(head_dim, 64)  # padded in memory: 128-byte swizzled SMEM rows
+    from pallas_kernels.attention import mosaic_gpu  # pylint: disable=g-import-not-at-top
+    d = mosaic_gpu.padded_head_dim(head_dim)  # padded in memory: 128-byte swizzled SMEM rows
   return bq, tq, bk, tk, d
 
 
@@ -141,8 +142,8 @@ def mosaic_gpu_default_block_sizes(groups: int, head_dim: int) -> common.BlockSi
   blocks of 128 where shared memory allows (else 64), backward blocks of 64; see
   mosaic_gpu.default_block_sizes."""
   from pallas_kernels.attention import mosaic_gpu  # pylint: disable=g-import-not-at-top
-  return common.BlockSizes(*mosaic_gpu.default_block_sizes(groups, tiling.round_up(head_dim,
-                                                                                  64)))
+  return common.BlockSizes(*mosaic_gpu.default_block_sizes(
+      groups, mosaic_gpu.padded_head_dim(head_dim)))
 
 
 def make_call(q_shape, kv_shape, *, causal, sliding_window, logit_softcap, has_segments,
@@ -176,7 +177,8 @@ def _to_kernel_layout(c: _Call, x, length: int):
   past head_dim masked to zero."""
   x = _pad_axis(x, 1, length)
   if c.implementation == "mosaic_gpu":
-    return _pad_axis(x, 3, tiling.round_up(x.shape[3], 64))
+    from pallas_kernels.attention import mosaic_gpu  # pylint: disable=g-import-not-at-top
+    return _pad_axis(x, 3, mosaic_gpu.padded_head_dim(x.shape[3]))
   return jnp.swapaxes(x, 1, 2) if c.implementation == "tpu" else x
 
 

@@ -71,7 +71,7 @@ def _params():
   return plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup)
 
 
-def check(dtype, head_dim: int, groups: int, block_q: int, block_k: int, name: str = ""):
+def check(dtype, head_dim: int, groups: int, block_q: int, block_k: int, suffix: str = ""):
   """Refuses what these kernels cannot run, naming the value: before any tracing."""
   if jnp.dtype(dtype) not in DTYPES:
     raise NotImplementedError(
@@ -80,7 +80,6 @@ def check(dtype, head_dim: int, groups: int, block_q: int, block_k: int, name: s
   if head_dim > MAX_HEAD_DIM:
     raise NotImplementedError(f"implementation='mosaic_gpu' with head_dim={head_dim} > "
                               f"{MAX_HEAD_DIM}")
-  suffix = name
   if block_q % SEQ_MULTIPLE or (groups * block_q) % ROW_MULTIPLE:
     raise ValueError(
         f"BlockSizes.block_q{suffix}={block_q}: Mosaic GPU query blocks must be multiples of "
