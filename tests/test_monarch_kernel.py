@@ -103,7 +103,10 @@ def test_tpu_kernel_equals_the_layer_reference_forward_and_gradients(n_in, n_out
 # padding (the widest case and the float16 one: one tile)
 GPU_CASES = [(256, 256, 4, 70, "bfloat16"), (127, 255, 2, 70, "bfloat16"),
              (256, 128, 2, 70, "bfloat16"), (1024, 1024, 8, 64, "bfloat16"),
-             (128, 128, 2, 64, "float16")]
+             (128, 128, 2, 64, "float16"),
+             # GPT-2 small's MLP up projection: runs of 48 channels, 3 x-chunks per block,
+             # 12 output chunks; most of a minute in the interpreter: a drill
+             pytest.param(768, 3072, 4, 64, "bfloat16", marks=pytest.mark.drill)]
 
 
 @needs_gpu_interpreter
