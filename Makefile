@@ -28,7 +28,8 @@ test-drills: $(VENV)/.installed
 	if [ $$rc -eq 5 ]; then echo "pytest: no drills were selected (exit 5), treated as success"; rc=0; fi; \
 	exit $$rc
 
-# The kernel tests again on the newest JAX, which needs Python >= 3.12 (3.11 tops out at 0.10.2):
+# The kernel tests, drills included, again on the newest JAX (the only place the LMs on the Mosaic
+# GPU kernels run: GPU interpret mode needs jax >= 0.12), which needs Python >= 3.12 (3.11 has 0.10.2):
 # a python3.12 on PATH, else pyenv's newest 3.12.x; skipped, saying so, when there is neither.
 VENV312 := .venv312
 PYTHON312 ?= $(shell python3.12 -c 'import sys; print(sys.executable)' 2>/dev/null || \
@@ -48,7 +49,7 @@ test-kernels-latest:
 	  exit 0; fi; \
 	$(MAKE) --no-print-directory $(VENV312)/.installed || exit $$?; \
 	$(VENV312)/bin/python -c 'import sys, jax; print("test-kernels-latest: Python", sys.version.split()[0], "jax", jax.__version__)'; \
-	$(VENV312)/bin/python -m pytest -q -n 2 $(KERNEL_TESTS) $(ARGS); rc=$$?; \
+	EFFJAX_DRILLS=1 $(VENV312)/bin/python -m pytest -q -n 2 $(KERNEL_TESTS) $(ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest: no kernel tests were selected (exit 5), treated as success"; rc=0; fi; \
 	exit $$rc
 
