@@ -4,6 +4,7 @@
   python -m experiments.bench_attention --out=att.json   # also records the rows as JSON
   python -m experiments.bench_attention --seq_lens=1024,4096 --head_dims=128 --iters=50
   python -m experiments.bench_attention --work_only      # only the counted work (any machine)
+  python -m experiments.bench_attention --work_only --work_impls=mosaic_gpu --work_gpu_cores=1
 
 Implementations: effjax's pallas_kernels.attention as mosaic_gpu (the Hopper kernels: TMA
 pipelines and wgmma; bf16/fp16 only) and triton (the Triton-style kernel), xla and cudnn
@@ -56,6 +57,11 @@ _TIMING = flags.DEFINE_enum("timing", "auto", ["auto", "yes", "no"],
 _OUT = flags.DEFINE_string("out", "", "Optional JSON file for the results.")
 _WORK_ONLY = flags.DEFINE_bool("work_only", False,
                                "Print the counted work only (no kernels run).")
+_WORK_IMPLS = flags.DEFINE_list("work_impls", ["mosaic_gpu", "gpu", "tpu"],
+                                "Kernel families whose work is counted.")
+_WORK_GPU_CORES = flags.DEFINE_integer(
+    "work_gpu_cores", compat.ABSTRACT_H100[1],
+    "SMs the counted GPU dK/dV grids are sized for (1: one program per key block, no split).")
 
 
 # -------------------------------------------------------------------------------- work counts
@@ -86,9 +92,10 @@ WORK_SHAPES = [
 
 def work_rows():
   rows = []
-  for impl in ("gpu", "tpu"):
+  for impl in _WORK_IMPLS.value:
     for label, kwargs in WORK_SHAPES:
-      for name, w in work.count_work(implementation=impl, **kwargs).items():
+      cores = dict(gpu_cores=_WORK_GPU_CORES.value) if impl != "tpu" else {}
+      for name, w in work.count_work(implementation=impl, **kwargs, **cores).items():
         rows.append(dict(impl=impl, shape=label, kernel=name, grid=list(w.grid),
                          **{f.name: getattr(w, f.name) for f in dataclasses.fields(w)
                             if f.name not in ("kernel", "grid")}))
@@ -279,7 +286,8 @@ def main(argv):
   print(f"device: {device.device_kind} ({device.platform}), jax {jax.__version__}")
   results = dict(device=device.device_kind, platform=device.platform, jax=jax.__version__)
 
-  print("\nCounted work per kernel, count / ideal (bfloat16 operands; default blocks):")
+  print(f"\nCounted work per kernel, count / ideal (bfloat16 operands; default blocks; GPU "
+        f"dK/dV grids sized for {_WORK_GPU_CORES.value} SMs):")
   print("| kernels | shape | kernel | grid | programs | blocks visited | blocks masked | MACs | "
         "K/V bytes read | bytes moved |")
   print("|---|---|---|---|---|---|---|---|---|---|")

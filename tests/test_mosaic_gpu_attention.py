@@ -21,6 +21,7 @@ from pallas_kernels.attention import BlockSizes, attention_reference, default_im
 from pallas_kernels.attention import flash_attention
 from pallas_kernels.attention import api
 from pallas_kernels.attention import mosaic_gpu
+from pallas_kernels.attention import work
 
 # ||out - ref|| / ||ref|| of 16-bit inputs with float32 accumulation (fp16 keeps 3 more
 # mantissa bits than bf16)
@@ -53,6 +54,7 @@ class Case:
   # skipping must never read them (a masked NaN still poisons p @ V) and their dK/dV are
   # exactly zero.
   unreachable_from: int | None = None
+  gpu_cores: int | None = None  # SMs the dK/dV grid is sized for (None: the H100's 132)
 
   @property
   def kwargs(self):
@@ -61,7 +63,9 @@ class Case:
 
 # Every feature and GQA 1/2/4/8, head_dim 64/96/128/256, ragged lengths, both 16-bit types,
 # at the default blocks (the forward stacks G heads' rows: G * block_q = 128 or 64; key
-# blocks of 128 forward, 64 backward).
+# blocks of 128 forward, 64 backward). At these sizes B * K * key blocks is below the SM
+# count, so the dK/dV grid splits each key block's items over programs whose float32
+# partials XLA sums (test_interpreter_cases_cover_split_and_unsplit_dkv_grids says which).
 CASES = {
     # queries 0..63 see keys 0..63: forward key block 1 (128..255) is never visited
     "causal_gqa2_q64_kv200": Case(t=64, s=200, n=4, k=2, d=64, causal=True,
@@ -71,10 +75,13 @@ CASES = {
     "window_softcap_fp16_q64_kv150": Case(t=64, s=150, n=2, k=2, d=64, window=40,
                                           softcap=20.0, dtype="float16", unreachable_from=128),
     "segments_causal_window_gqa4_d96_batch2": Case(b=2, t=60, n=4, k=1, d=96, causal=True,
-                                                   window=30, segments=True),
-    "causal_softcap_gqa8_d256": Case(t=64, n=8, k=1, d=256, causal=True, softcap=10.0),
-    "segments_window_gqa1_d128_fp16": Case(t=72, n=2, k=2, d=128, window=50, segments=True,
-                                           dtype="float16"),
+                                                   window=30, segments=True, gpu_cores=4),
+    # 3 SMs: the key block's 8 items split 3 + 3 + 2
+    "causal_softcap_gqa8_d256": Case(t=64, n=8, k=1, d=256, causal=True, softcap=10.0,
+                                     gpu_cores=3),
+    "segments_window_gqa1_d128_fp16_unsplit": Case(t=72, n=2, k=2, d=128, window=50,
+                                                   segments=True, dtype="float16",
+                                                   gpu_cores=1),
 }
 
 
@@ -87,11 +94,22 @@ def _inputs(c: Case, seed: int = 0):
   if c.unreachable_from is not None:
     k, v = (x.at[:, c.unreachable_from:].set(jnp.nan) for x in (k, v))
   cot = jax.random.normal(keys[3], (c.b, c.t, c.n, c.d), jnp.float32)
-  seg = None
-  if c.segments:  # three documents per row, cut at different places per batch row
-    seg = (jnp.arange(c.t)[None] * 3 // c.t + jnp.arange(c.b)[:, None] * (
-        jnp.arange(c.t)[None] % 7 == 0)).astype(jnp.int32)
-  return q, k, v, seg, cot
+  return q, k, v, _segments(c), cot
+
+
+def _segments(c: Case):
+  if not c.segments:
+    return None
+  # three documents per row, cut at different places per batch row
+  return (np.arange(c.t)[None] * 3 // c.t + np.arange(c.b)[:, None] * (
+      np.arange(c.t)[None] % 7 == 0)).astype(np.int32)
+
+
+def _count(c: Case, seg=None, **kw):
+  return work.count_work(implementation="mosaic_gpu", batch=c.b, q_heads=c.n, kv_heads=c.k,
+                         q_len=c.t, kv_len=c.s or c.t, head_dim=c.d, causal=c.causal,
+                         sliding_window=c.window,
+                         segment_ids=None if seg is None else np.asarray(seg), **kw)
 
 
 def _f64(x):
@@ -116,9 +134,11 @@ def _rel(x, ref):
 @needs_interpreter
 @pytest.mark.slow
 @pytest.mark.parametrize("case", list(CASES), ids=str)
-def test_values_and_gradients_in_gpu_interpreter_with_race_detector(case):
+def test_values_and_gradients_in_gpu_interpreter_with_race_detector(case, monkeypatch):
   c = CASES[case]
   q, k, v, seg, cot = _inputs(c)
+  cores = c.gpu_cores or compat.ABSTRACT_H100[1]
+  monkeypatch.setattr(compat, "gpu_core_count", lambda: cores)
 
   def loss(q, k, v):
     out = flash_attention(q, k, v, segment_ids=seg, implementation="mosaic_gpu",
@@ -279,3 +299,137 @@ def test_lm_trains_on_the_mosaic_gpu_kernels_like_xla_and_ragged_dot(monkeypatch
   pallas, xla = np.array(losses["pallas"]), np.array(losses["xla"])
   assert np.isfinite(pallas).all() and pallas[-1] < pallas[0]  # it learns
   np.testing.assert_allclose(pallas, xla, rtol=1e-2)  # bf16 activations
+
+
+def test_interpreter_cases_cover_split_and_unsplit_dkv_grids():
+  splits = {}
+  for name, c in CASES.items():
+    splits[name] = _count(c, seg=_segments(c), gpu_cores=c.gpu_cores or compat.ABSTRACT_H100[1])[
+        "dkv"].grid[-1]
+  assert splits == {"causal_gqa2_q64_kv200": 2,  # 8 programs, 6 of them with no item
+                    "window_softcap_fp16_q64_kv150": 1,  # one item per key block
+                    "segments_causal_window_gqa4_d96_batch2": 2,
+                    "causal_softcap_gqa8_d256": 3,
+                    "segments_window_gqa1_d128_fp16_unsplit": 1}
+
+
+# Work counts (pallas_kernels.attention.work), from the plans the kernels launch.
+def _work(**kw):
+  kw = dict(batch=1, q_heads=8, kv_heads=2, q_len=2048, kv_len=2048, head_dim=128) | kw
+  return work.count_work(implementation="mosaic_gpu", **kw)
+
+
+def _launched_grids(jaxpr):
+  """(grid names, grid) of every Mosaic GPU kernel in a jaxpr and the jaxprs nested in it, in
+  program order."""
+  grids = []
+  for eqn in jaxpr.eqns:
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, (list, tuple)) else [param]:
+        if hasattr(sub, "grid_names") and hasattr(sub, "grid"):  # a kernel's mesh
+          grids.append((tuple(sub.grid_names), tuple(sub.grid)))
+        inner = getattr(sub, "jaxpr", sub)
+        if hasattr(inner, "eqns"):
+          grids += _launched_grids(inner)
+  return grids
+
+
+@pytest.mark.parametrize("cores", [132, 1], ids=["split_dkv", "one_program_per_key_block"])
+def test_counted_grids_are_the_grids_the_call_launches(cores, monkeypatch):
+  b, t, n, kv, d = 2, 200 + cores, 4, 2, 32  # a new shape per core count: no cached trace
+  monkeypatch.setattr(compat, "gpu_core_count", lambda: cores)
+  seg = jnp.repeat(jnp.arange(2, dtype=jnp.int32), t // 2 + 1)[None, :t].repeat(b, 0)
+  q, k = jnp.ones((b, t, n, d), jnp.bfloat16), jnp.ones((b, t, kv, d), jnp.bfloat16)
+
+  def loss(q, k, v):
+    out = flash_attention(q, k, v, causal=True, segment_ids=seg, implementation="mosaic_gpu")
+    return jnp.sum(out.astype(jnp.float32))
+
+  launched = _launched_grids(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(q, k, k).jaxpr)
+  counted = work.count_work(implementation="mosaic_gpu", batch=b, q_heads=n, kv_heads=kv,
+                            q_len=t, kv_len=t, head_dim=d, causal=True,
+                            segment_ids=np.asarray(seg), gpu_cores=cores)
+  assert launched == [(("b", "h", "q"), counted["forward"].grid),
+                      (("b", "h", "q"), counted["dq"].grid),
+                      (("b", "h", "k", "split"), counted["dkv"].grid)]
+  assert (counted["dkv"].grid[-1] > 1) == (cores > 1)
+
+
+def test_work_counted_by_hand_on_a_small_causal_case():
+  # B = 1, two query heads on one kv head (G = 2), 256 positions, head_dim 64, causal, bf16.
+  # Default blocks: forward block_q = 128 / G = 64 and block_k = 128; backward 64 x 64, and
+  # dQ's block stays 64 (the stacked default divides it).
+  w = _work(q_heads=2, kv_heads=1, q_len=256, kv_len=256, head_dim=64, causal=True)
+  kv_block = lambda rows: rows * 64 * 2  # bytes of one [rows, 64] bf16 K or V block
+  # Forward: 4 query blocks see 1, 1, 2, 2 key blocks of 128; each item covers both heads.
+  fwd = w["forward"]
+  assert fwd.grid == (1, 1, 4) and fwd.programs == 4
+  assert fwd.blocks_visited == 2 * 6 and fwd.ideal_blocks_visited == 2 * 6
+  assert fwd.blocks_masked == 2 * 4  # items on the diagonal: (0,0) (1,0) (2,1) (3,1)
+  assert fwd.macs == 2 * 6 * (64 * 128 * 64) * 2  # [64, 128] logits, then P @ V
+  assert fwd.kv_bytes == 6 * 2 * kv_block(128)
+  q_and_out = 2 * 4 * (2 * 64 * 64 * 2)  # per program: G query blocks in, G out
+  assert fwd.bytes_moved == fwd.kv_bytes + q_and_out + 4 * (2 * 64 * 4)  # + lse
+  # dQ: 4 query blocks see 1..4 key blocks of 64 (10 items); masked only on the diagonal.
+  dq = w["dq"]
+  assert dq.grid == (1, 1, 4) and dq.blocks_visited == 2 * 10 and dq.blocks_masked == 2 * 4
+  assert dq.kv_bytes == 10 * 2 * kv_block(64) and dq.macs == 2 * 10 * (64 * 64 * 64) * 3
+  # dK/dV: 4 key blocks, B * K * 4 = 4 programs < 132 SMs: 8 splits each (at most one per
+  # (head, query block) item); key block j has 2 * (4 - j) items, one per split, so 32
+  # programs do 20 items and each loads its K/V block (16 KB) once.
+  dkv = w["dkv"]
+  assert dkv.grid == (1, 1, 4, 8) and dkv.programs == 32
+  assert dkv.blocks_visited == 20 and dkv.blocks_masked == 2 * 4
+  assert dkv.macs == 20 * (64 * 64 * 64) * 4
+  assert dkv.kv_bytes == 32 * 2 * kv_block(64)
+  rows_per_item = 2 * (64 * 64 * 2) + 2 * 64 * 4  # Q and dO rows, lse and delta
+  partials = 32 * 2 * (64 * 64 * 4)  # float32 dK and dV per program
+  assert dkv.bytes_moved == dkv.kv_bytes + 20 * rows_per_item + partials
+  for x in w.values():
+    assert x.ideal_kv_bytes == 2 * kv_block(256)
+
+
+def test_kv_bytes_do_not_grow_with_group_size_at_a_fixed_query_block():
+  # One K/V block per kv group and query block, whatever G: GQA 1/2/4/8 at 2 kv heads. (The
+  # default blocks keep G * block_q = 128 rows, one warpgroup's registers, so there block_q
+  # shrinks as 128 / G and the query blocks, each walking the keys, grow with G; dQ always
+  # runs with that stacked block where it divides block_q_bwd, so it is fixed only up to
+  # G = 2 at block_q_bwd = 64.)
+  blocks = BlockSizes(block_q=64, block_k=128, block_q_bwd=64, block_k_bwd=64)
+  for kernel, groups in (("forward", (1, 2, 4, 8)), ("dq", (1, 2))):
+    counts = {g: _work(q_heads=2 * g, causal=True, block_sizes=blocks)[kernel] for g in groups}
+    assert len({w.kv_bytes for w in counts.values()}) == 1, (
+        kernel, {g: w.kv_bytes for g, w in counts.items()})
+    for g, w in counts.items():  # while the query side grows with G as it must
+      assert w.macs == g * counts[1].macs and w.ideal_kv_bytes == counts[1].ideal_kv_bytes
+
+
+def test_causal_block_skipping_halves_the_macs_as_the_ideal_does():
+  for g in (1, 4):
+    full, causal = _work(q_heads=2 * g), _work(q_heads=2 * g, causal=True)
+    for kernel in work.KERNELS:
+      f, c = full[kernel], causal[kernel]
+      assert f.macs == f.ideal_macs  # block multiples, head_dim 128: nothing wasted
+      counted, ideal = c.macs / f.macs, c.ideal_macs / f.ideal_macs
+      # only the blocks the diagonal crosses are extra: at most block_k / (2 T) more
+      block_k = 128 if kernel == "forward" else 64
+      assert ideal < counted <= 0.5 + block_k / (2 * 2048), (g, kernel, counted, ideal)
+
+
+def test_dkv_grid_fills_the_sms_at_batch_one():
+  kw = dict(q_heads=8, kv_heads=1, causal=True)
+  split = _work(**kw)["dkv"]
+  alone = _work(**kw, gpu_cores=16)["dkv"]  # 32 key blocks of 64 already cover 16 SMs
+  assert split.programs >= 132 and alone.programs == 32 and alone.grid[-1] == 1
+  # Splitting changes who does the work, not how much; each split reloads its K/V block.
+  assert split.macs == alone.macs and split.blocks_visited == alone.blocks_visited
+  assert split.kv_bytes == split.grid[-1] * alone.kv_bytes
+
+
+def test_padded_head_dim_is_counted_at_its_padded_width():
+  # head_dim 96 is padded to 128 in memory (128-byte swizzled rows): bytes and MACs of 128.
+  w96, w128 = _work(head_dim=96), _work(head_dim=128)
+  for kernel in work.KERNELS:
+    assert w96[kernel].kv_bytes == w128[kernel].kv_bytes
+    assert w96[kernel].macs == w128[kernel].macs
+    assert w96[kernel].ideal_kv_bytes * 4 == w128[kernel].ideal_kv_bytes * 3

@@ -84,7 +84,9 @@ class Operand:
   output: bool = False
   kv: bool = False  # a K or V input (its traffic is what GQA multiplies)
   streamed: tuple[int, ...] | None = None
-  decides_skip: bool = False  # streamed, and read for every item in range, skipped or not
+  # streamed, and read for every item in range, computed or skipped: ids that decide the
+  # skip, or blocks a pipeline fetches ahead of the step that tests it.
+  read_when_skipped: bool = False
   # Elements read along the last (head) dim when the block pads it and loads are masked.
   read_last: int | None = None
 
@@ -211,6 +213,28 @@ class Problem:
     for h in hidden:
       out = ior(out, h)
     return out
+
+
+def dkv_share(p: Problem, k_block, split, groups: int, splits: int, block_q: int,
+              block_k: int, num_q_blocks: int):
+  """(first, end, lo, n_q): program (key block, split)'s items [first, end) of the key
+  block's G * n_q (head, query block) items, head-major, query blocks from lo. Ints or
+  traced alike (the GPU dK/dV kernels and the work counter)."""
+  lo, hi = p.q_block_range(k_block, block_q, block_k, num_q_blocks)
+  n_q = hi - lo
+  per_split = idiv(groups * n_q + (splits - 1), splits)
+  first = split * per_split
+  return first, imin(first + per_split, groups * n_q), lo, n_q
+
+
+def dkv_splits(batch: int, kv_heads: int, num_k_blocks: int, groups: int, num_q_blocks: int,
+               cores: int) -> int:
+  """Programs per key block of a GPU dK/dV grid: enough for B * K * key blocks * splits to
+  cover `cores` SMs, at most one per (head, query block) item."""
+  programs = batch * kv_heads * num_k_blocks
+  if programs >= cores:
+    return 1
+  return max(1, min(groups * num_q_blocks, -(-cores // programs)))
 
 
 def column(x):

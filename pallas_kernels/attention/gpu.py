@@ -161,7 +161,7 @@ def forward_plan(p: common.Problem, q_shape, kv_shape, itemsize: int, *, block_q
   if p.has_segments:
     operands = [common.Operand("q_seg", (_S, block_q), lambda bi, h, qi: (bi, qi), 4),
                 common.Operand("k_seg", (_S, s), lambda bi, h, qi: (bi, 0), 4,
-                               streamed=(block_k,), decides_skip=True)] + operands
+                               streamed=(block_k,), read_when_skipped=True)] + operands
 
   def items(bi, h, qi):
     del bi, h
@@ -204,8 +204,8 @@ def _dkv_kernel(*refs, p: common.Problem, groups: int, splits: int, head_dim: in
   hm = _head_mask(head_dim, k_ref.shape[-1])
   k, v = _load(k_ref, hm), _load(v_ref, hm)
   k_seg = k_seg_ref[...] if p.has_segments else None
-  first, end, lo, n_q = _dkv_share(p, k_block, split, groups, splits, block_q, block_k,
-                                   num_q_blocks)
+  first, end, lo, n_q = common.dkv_share(p, k_block, split, groups, splits, block_q,
+                                         block_k, num_q_blocks)
 
   def item(j, carry):
     n = jnp.asarray(n_q, jnp.int32)
@@ -226,25 +226,6 @@ def _dkv_kernel(*refs, p: common.Problem, groups: int, splits: int, head_dim: in
   dk, dv = lax.fori_loop(first, end, item, (zeros, zeros))
   _store(dk_ref, dk.astype(dk_ref.dtype), hm)
   _store(dv_ref, dv.astype(dv_ref.dtype), hm)
-
-
-def _dkv_share(p, k_block, split, groups, splits, block_q, block_k, num_q_blocks):
-  """Program (key block, split)'s items [first, end) of the key block's G * n_q (head, query
-  block) items, head-major, query blocks from lo. Ints or traced alike."""
-  lo, hi = p.q_block_range(k_block, block_q, block_k, num_q_blocks)
-  n_q = hi - lo
-  per_split = common.idiv(groups * n_q + (splits - 1), splits)
-  first = split * per_split
-  return first, common.imin(first + per_split, groups * n_q), lo, n_q
-
-
-def dkv_splits(batch: int, kv_heads: int, num_k_blocks: int, groups: int, num_q_blocks: int,
-               cores: int) -> int:
-  """Programs per key block: enough for the grid to cover `cores` SMs, at most one per item."""
-  programs = batch * kv_heads * num_k_blocks
-  if programs >= cores:
-    return 1
-  return max(1, min(groups * num_q_blocks, -(-cores // programs)))
 
 
 def _dq_kernel(*refs, p: common.Problem, groups: int, head_dim: int, block_q: int,
@@ -291,7 +272,7 @@ def backward_plans(p: common.Problem, q_shape, kv_shape, itemsize: int, *, block
   g = n // kv
   nq, nk = t // block_q, s // block_k
   d, rd = _padded(head_dim), dict(read_last=head_dim)
-  splits = dkv_splits(b, kv, nk, g, nq, cores)
+  splits = common.dkv_splits(b, kv, nk, g, nq, cores)
   group_map = lambda bi, h, ki, si: (bi, 0, h, 0)
   row_map = lambda bi, h, ki, si: (bi, h, 0)
   kv_map = lambda bi, h, ki, si: (bi, ki, h, 0)
@@ -312,13 +293,13 @@ def backward_plans(p: common.Problem, q_shape, kv_shape, itemsize: int, *, block
   if p.has_segments:
     dkv_operands = [
         common.Operand("q_seg", (_S, t), lambda bi, h, ki, si: (bi, 0), 4,
-                       streamed=(block_q,), decides_skip=True),
+                       streamed=(block_q,), read_when_skipped=True),
         common.Operand("k_seg", (_S, block_k), lambda bi, h, ki, si: (bi, ki), 4),
     ] + dkv_operands
 
   def dkv_items(bi, h, ki, si):
     del bi, h
-    first, end, lo, n_q = _dkv_share(p, ki, si, g, splits, block_q, block_k, nq)
+    first, end, lo, n_q = common.dkv_share(p, ki, si, g, splits, block_q, block_k, nq)
     return [(lo + j % n_q, ki) for j in range(first, end)]
 
   dkv = common.Plan("dkv", (b, kv, nk, splits), ("parallel",) * 4, tuple(dkv_operands),
@@ -342,7 +323,7 @@ def backward_plans(p: common.Problem, q_shape, kv_shape, itemsize: int, *, block
   if p.has_segments:
     dq_operands = [common.Operand("q_seg", (_S, block_q), lambda bi, h, qi: (bi, qi), 4),
                    common.Operand("k_seg", (_S, s), lambda bi, h, qi: (bi, 0), 4,
-                                  streamed=(block_k,), decides_skip=True)] + dq_operands
+                                  streamed=(block_k,), read_when_skipped=True)] + dq_operands
 
   def dq_items(bi, h, qi):
     del bi, h

@@ -16,16 +16,26 @@ stage). G = N // K query heads share a kv head.
            share nothing (per-block min/max ids computed by XLA). Saves the base-2
            log-sum-exp per row for the backward.
   dQ       grid (B, K, query blocks), the same stacked rows and key walk as the forward.
-  dK/dV    grid (B, K, key blocks). A block loads its K/V tile once and walks the (head,
-           query block) items that can see it: all G heads of the group accumulate into one
-           float32 dK/dV in registers, written once (no partial sums in memory).
+  dK/dV    grid (B, K, key blocks, splits). A program loads its K/V tile once and walks
+           its share of the (head, query block) items that can see it: the G heads of the
+           group accumulate into one float32 dK/dV in registers. When B * K * key blocks is
+           below the SM count, splits > 1 spreads a key block's items over programs that
+           write float32 partials, summed by XLA (race-free, deterministic; see backward);
+           otherwise splits = 1 and dK/dV are written once in the input dtype.
+
+The grids and the traffic they cause are counted from forward_plan / backward_plans (the
+plans these kernels launch with) by work.count_work(implementation="mosaic_gpu"). What the
+count shows: the forward and dQ load each K/V block once per kv group and query block, but
+at the default blocks a query block holds 128 / G positions (G * block_q = 128 stacked rows,
+what one warpgroup's registers hold), so their K/V bytes still grow with G, as a per-head
+kernel's would; a K/V tile shared by more rows needs more consumer warpgroups or a cluster
+multicasting K/V.
 
 What it is not (yet): no warp specialisation (one warpgroup both issues the TMA loads and
 computes; the pipeline overlaps loads with compute but not softmax with wgmma, so no
-FlashAttention-3 producer/consumer split or ping-pong), no intra-warpgroup overlap of the
-matmuls of a step, and no dK/dV split over query blocks when B * K * key blocks is below the
-SM count (the Triton kernels split there). Two choices made for Mosaic GPU's interpreter,
-which takes wgmma operands from SMEM only and does not run pl.run_state: probabilities and
+FlashAttention-3 producer/consumer split or ping-pong), and no intra-warpgroup overlap of
+the matmuls of a step. Two choices made for Mosaic GPU's interpreter, which takes wgmma
+operands from SMEM only and does not run pl.run_state: probabilities and
 dS pass through an SMEM tile (written, commit_smem, then read by wgmma) instead of feeding
 wgmma from registers, and the forward's P @ V goes into a fresh accumulator that is added to
 the rescaled one in registers (one more [rows, head_dim] float32 tile live). Both cost
@@ -48,10 +58,12 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 import jax.numpy as jnp
 
+from pallas_kernels import compat
 from pallas_kernels import tiling
 from pallas_kernels.attention import common
 from pallas_kernels.attention import reference
 
+_S = compat.SQUEEZED
 DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 ROW_MULTIPLE = 64  # a warpgroup's wgmma rows: G * block_q and block_k must be multiples
 SEQ_MULTIPLE = 8  # a query block's rows per head (TMA boxes of whole 8-row tiles)
@@ -115,8 +127,9 @@ def smem_bytes(groups: int, head_dim: int, block_q: int, block_k: int, block_q_b
   rows = groups * dq_block_q(groups, d, block_q_bwd)
   dq = 2 * rows * d * 2 + rows * block_k_bwd * 2 + 3 * rows * 4 + _STAGES * (
       2 * block_k_bwd * d * 2 + block_k_bwd * 4)
-  dkv = 2 * block_k_bwd * d * 2 + block_k_bwd * block_q_bwd * 2 + block_k_bwd * 4 + _STAGES * (
-      2 * block_q_bwd * d * 2 + 3 * block_q_bwd * 4)
+  # dK/dV: the pipeline's stages, then (split grids) a float32 staging tile in their place
+  dkv = 2 * block_k_bwd * d * 2 + block_k_bwd * block_q_bwd * 2 + block_k_bwd * 4 + max(
+      _STAGES * (2 * block_q_bwd * d * 2 + 3 * block_q_bwd * 4), block_k_bwd * d * 4)
   return max(fwd, dq, dkv)
 
 
@@ -308,6 +321,52 @@ def _fwd_kernel(*refs, p: common.Problem, groups: int, block_q: int, block_k: in
                 plgpu.Barrier(num_arrivals=copies, num_barriers=1))
 
 
+def _seg_operands(p: common.Problem, groups: int, own: str, own_block: int, own_map,
+                  walked: str, walked_len: int, walked_block: int, walk_map):
+  """Segment-id operands of a kernel whose programs own one block of the `own` ids (loaded
+  once per stacked head when groups > 1) and pipeline the `walked` ids per item; plus the
+  per-item min/max scalars of both blocks that decide the skip (segment_bounds)."""
+  if not p.has_segments:
+    return []
+  return [common.Operand(own, (groups, own_block), own_map, 4),
+          common.Operand(walked, (_S, walked_len), walk_map, 4, streamed=(walked_block,),
+                         read_when_skipped=True),
+          common.Operand("segment_bounds", (_S, 4), walk_map, 4, streamed=(4,),
+                         read_when_skipped=True)]
+
+
+def forward_plan(p: common.Problem, q_shape, kv_shape, itemsize: int, *, block_q: int,
+                 block_k: int) -> common.Plan:
+  """The forward's grid and traffic for padded [B, T, N, D] / [B, S, K, D] shapes: per
+  program G TMA loads of a query block (and G stores of out and lse); per key block in
+  kv_block_range, K and V (and key ids) through the pipeline, which fetches a step's blocks
+  before the step tests its segment ids (so skipped blocks are read too)."""
+  b, t, n, d = q_shape
+  s, kv = kv_shape[1], kv_shape[2]
+  g = n // kv
+  nq, nk = t // block_q, s // block_k
+  group_map = lambda bi, h, qi: (bi, qi, h, 0)  # the N-axis block of kv head h's G heads
+  kv_map = lambda bi, h, qi: (bi, 0, h, 0)
+  walk = dict(kv=True, streamed=(block_k, d), read_when_skipped=True)
+  operands = _seg_operands(p, g, "q_seg", block_q, lambda bi, h, qi: (bi, qi), "k_seg", s,
+                           block_k, lambda bi, h, qi: (bi, 0)) + [
+      common.Operand("q", (_S, block_q, g, d), group_map, itemsize),
+      common.Operand("k", (_S, s, _S, d), kv_map, itemsize, **walk),
+      common.Operand("v", (_S, s, _S, d), kv_map, itemsize, **walk),
+      common.Operand("out", (_S, block_q, g, d), group_map, itemsize, output=True),
+      common.Operand("lse", (_S, g, block_q), lambda bi, h, qi: (bi, h, qi), 4, output=True),
+  ]
+
+  def items(bi, h, qi):
+    del bi, h
+    lo, hi = p.kv_block_range(qi, block_q, block_k, nk)
+    return [(qi, kb) for kb in range(lo, hi)]
+
+  return common.Plan("forward", (b, kv, nq), ("parallel",) * 3, tuple(operands), items,
+                     block_q=block_q, heads_per_item=g, block_k=block_k, head_dim=d,
+                     matmuls=2)
+
+
 def forward(p: common.Problem, q, k, v, q_seg, k_seg, *, block_q: int, block_k: int,
             interpret=False):
   """(out [B, T, N, D], base-2 lse [B, N, T] float32) for padded inputs."""
@@ -315,6 +374,7 @@ def forward(p: common.Problem, q, k, v, q_seg, k_seg, *, block_q: int, block_k: 
   kv = k.shape[2]
   groups = n // kv
   check(q.dtype, d, groups, block_q, block_k)
+  plan = forward_plan(p, q.shape, k.shape, q.dtype.itemsize, block_q=block_q, block_k=block_k)
   kernel = functools.partial(_fwd_kernel, p=p, groups=groups, block_q=block_q,
                              block_k=block_k, num_k_blocks=k.shape[1] // block_k)
   seg_args = []
@@ -323,7 +383,7 @@ def forward(p: common.Problem, q, k, v, q_seg, k_seg, *, block_q: int, block_k: 
   return plgpu.kernel(
       kernel, out_type=[jax.ShapeDtypeStruct(q.shape, q.dtype),
                         jax.ShapeDtypeStruct((b, n, t), jnp.float32)],
-      grid=(b, kv, t // block_q), grid_names=("b", "h", "q"), compiler_params=_params(),
+      grid=plan.grid, grid_names=("b", "h", "q"), compiler_params=_params(),
       interpret=interpret or None,
   )(*seg_args, q, k, v)
 
@@ -425,13 +485,15 @@ def _dq_kernel(*refs, p: common.Problem, groups: int, block_q: int, block_k: int
                 plgpu.Barrier(num_arrivals=copies, num_barriers=1))
 
 
-def _dkv_kernel(*refs, p: common.Problem, groups: int, block_q: int, block_k: int,
-                num_q_blocks: int):
+def _dkv_kernel(*refs, p: common.Problem, groups: int, splits: int, block_q: int,
+                block_k: int, num_q_blocks: int):
   if p.has_segments:
     q_lo, q_hi, k_lo, k_hi, q_seg_gmem, k_seg_gmem, *refs = refs
-  # q, dout: [B, T, N * D]; lse, delta: [B, N * T] (see backward)
+  # q, dout: [B, T, N * D]; lse, delta: [B, N * T] (see backward); dk, dv: [B, S, K, D], or
+  # float32 partials [splits * B, S, K, D] when splits > 1
   q_gmem, k_gmem, v_gmem, do_gmem, lse_gmem, delta_gmem, dk_gmem, dv_gmem = refs
   b, h, kb = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("k")
+  split = lax.axis_index("split")
   d = k_gmem.shape[-1]
   k0 = kb * block_k
   dtype = k_gmem.dtype
@@ -450,12 +512,14 @@ def _dkv_kernel(*refs, p: common.Problem, groups: int, block_q: int, block_k: in
                               barrier.at[0])
     plgpu.barrier_wait(barrier.at[0])
     k_seg = _row_vector(seg_smem[0][...], shape) if p.has_segments else None
-    lo, hi = p.q_block_range(kb, block_q, block_k, num_q_blocks)
-    n_q = hi - lo
-    # Items (head g, query block lo + j), head-major, over 2-D views of the [B, T, N, D]
-    # arrays ([T, N * D]: head g's rows of a block are one TMA box) and of [B, N, T] stats.
-    item_head = lambda i: h * groups + lax.div(i, n_q)
-    item_block = lambda i: lo + lax.rem(i, n_q)
+    # This program's share [first, end) of the key block's (head g, query block lo + j)
+    # items, head-major, over 2-D views of the [B, T, N, D] arrays ([T, N * D]: head g's rows
+    # of a block are one TMA box) and of [B, N, T] stats.
+    first, end, lo, n_q = common.dkv_share(p, kb, split, groups, splits, block_q, block_k,
+                                           num_q_blocks)
+    n_q = jnp.asarray(n_q, jnp.int32)
+    item_head = lambda i: h * groups + lax.div(first + i, n_q)
+    item_block = lambda i: lo + lax.rem(first + i, n_q)
 
     def acc_scope(dk_acc, dv_acc):
       def step(indices, q_smem, do_smem, lse_smem, delta_smem, *q_seg_smem):
@@ -495,34 +559,131 @@ def _dkv_kernel(*refs, p: common.Problem, groups: int, block_q: int, block_k: in
       if p.has_segments:
         specs.append(plgpu.BlockSpec((block_q,), lambda i: (item_block(i),)))
         operands.append(q_seg_gmem.at[b])
-      plgpu.emit_pipeline(step, grid=(groups * n_q,), in_specs=specs,
+      # A split past the key block's items has none (end < first): it writes zeros.
+      plgpu.emit_pipeline(step, grid=(jnp.maximum(end - first, 0),), in_specs=specs,
                           max_concurrent_steps=_STAGES)(*operands)
       return dk_acc[...], dv_acc[...]
 
     dk, dv = pl.run_scoped(acc_scope, plgpu.ACC((block_k, d), jnp.float32),
                            plgpu.ACC((block_k, d), jnp.float32))
-    k_smem[...] = dk.astype(dtype)  # K/V are no longer read: their SMEM stages the results
-    v_smem[...] = dv.astype(dtype)
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(k_smem, dk_gmem.at[kv_rows])
-    plgpu.copy_smem_to_gmem(v_smem, dv_gmem.at[kv_rows])
-    plgpu.wait_smem_to_gmem(0)
+    if splits == 1:
+      k_smem[...] = dk.astype(dtype)  # K/V are no longer read: their SMEM stages the results
+      v_smem[...] = dv.astype(dtype)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(k_smem, dk_gmem.at[kv_rows])
+      plgpu.copy_smem_to_gmem(v_smem, dv_gmem.at[kv_rows])
+      plgpu.wait_smem_to_gmem(0)
+      return
+    # Float32 partials, staged one at a time in a scope that reuses the pipeline's SMEM.
+    partial_rows = (split * (dk_gmem.shape[0] // splits) + b, pl.ds(k0, block_k), h)
+
+    def store_partials(stage):
+      for value, dst in ((dk, dk_gmem), (dv, dv_gmem)):
+        stage[...] = value
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(stage, dst.at[partial_rows])
+        plgpu.wait_smem_to_gmem(0)  # the TMA has read stage before it is rewritten
+
+    pl.run_scoped(store_partials, plgpu.SMEM((block_k, d), jnp.float32))
 
   copies = 3 if p.has_segments else 2
   pl.run_scoped(lambda *r: scope(*r[:-1], barrier=r[-1]), *scratch,
                 plgpu.Barrier(num_arrivals=copies, num_barriers=1))
 
 
+def backward_plans(p: common.Problem, q_shape, kv_shape, itemsize: int, *, block_q: int,
+                   block_k: int, cores: int = compat.ABSTRACT_H100[1]
+                   ) -> tuple[common.Plan, common.Plan]:
+  """(dK/dV plan, dQ plan) for padded shapes; block_q: the backward's query block (dQ runs
+  with dq_block_q of it); `cores`: the SM count the dK/dV grid should cover.
+
+  dK/dV grid (B, K, key blocks, splits): a program loads its K/V block once and walks its
+  share of the key block's (head, query block) items (common.dkv_share), Q/dO rows and their
+  statistics through the pipeline. splits > 1 (common.dkv_splits: B * K * key blocks below
+  `cores`) writes float32 partials [splits * B, S, K, D] that XLA sums.
+  """
+  b, t, n, d = q_shape
+  s, kv = kv_shape[1], kv_shape[2]
+  g = n // kv
+  nq, nk = t // block_q, s // block_k
+  splits = common.dkv_splits(b, kv, nk, g, nq, cores)
+  kv_map = lambda bi, h, ki, si: (bi, ki, h, 0)
+  out_block, out_map, out_size = (_S, block_k, _S, d), kv_map, itemsize
+  if splits > 1:
+    out_map = lambda bi, h, ki, si: (si * b + bi, ki, h, 0)
+    out_size = 4
+  rows_map = lambda bi, h, ki, si: (bi, 0, 0)
+  item = dict(read_when_skipped=True)
+  dkv_operands = _seg_operands(p, 1, "k_seg", block_k, lambda bi, h, ki, si: (bi, ki), "q_seg",
+                               t, block_q, lambda bi, h, ki, si: (bi, 0)) + [
+      common.Operand("q", (_S, t, n * d), rows_map, itemsize, streamed=(block_q, d), **item),
+      common.Operand("k", (_S, block_k, _S, d), kv_map, itemsize, kv=True),
+      common.Operand("v", (_S, block_k, _S, d), kv_map, itemsize, kv=True),
+      common.Operand("dout", (_S, t, n * d), rows_map, itemsize, streamed=(block_q, d), **item),
+      common.Operand("lse", (_S, n * t), lambda bi, h, ki, si: (bi, 0), 4, streamed=(block_q,),
+                     **item),
+      common.Operand("delta", (_S, n * t), lambda bi, h, ki, si: (bi, 0), 4,
+                     streamed=(block_q,), **item),
+      common.Operand("dk", out_block, out_map, out_size, output=True),
+      common.Operand("dv", out_block, out_map, out_size, output=True),
+  ]
+
+  def dkv_items(bi, h, ki, si):
+    del bi, h
+    first, end, lo, n_q = common.dkv_share(p, ki, si, g, splits, block_q, block_k, nq)
+    return [(lo + j % n_q, ki) for j in range(first, end)]
+
+  dkv = common.Plan("dkv", (b, kv, nk, splits), ("parallel",) * 4, tuple(dkv_operands),
+                    dkv_items, block_q=block_q, heads_per_item=1, block_k=block_k, head_dim=d,
+                    matmuls=4)
+
+  bq = dq_block_q(g, d, block_q)
+  ndq = t // bq
+  group_map = lambda bi, h, qi: (bi, qi, h, 0)
+  stats_map = lambda bi, h, qi: (bi, h, qi)
+  kv_map = lambda bi, h, qi: (bi, 0, h, 0)
+  walk = dict(kv=True, streamed=(block_k, d), read_when_skipped=True)
+  dq_operands = _seg_operands(p, g, "q_seg", bq, lambda bi, h, qi: (bi, qi), "k_seg", s,
+                              block_k, lambda bi, h, qi: (bi, 0)) + [
+      common.Operand("q", (_S, bq, g, d), group_map, itemsize),
+      common.Operand("k", (_S, s, _S, d), kv_map, itemsize, **walk),
+      common.Operand("v", (_S, s, _S, d), kv_map, itemsize, **walk),
+      common.Operand("dout", (_S, bq, g, d), group_map, itemsize),
+      common.Operand("lse", (_S, g, bq), stats_map, 4),
+      common.Operand("delta", (_S, g, bq), stats_map, 4),
+      common.Operand("dq", (_S, bq, g, d), group_map, itemsize, output=True),
+  ]
+
+  def dq_items(bi, h, qi):
+    del bi, h
+    lo, hi = p.kv_block_range(qi, bq, block_k, nk)
+    return [(qi, kb) for kb in range(lo, hi)]
+
+  dq = common.Plan("dq", (b, kv, ndq), ("parallel",) * 3, tuple(dq_operands), dq_items,
+                   block_q=bq, heads_per_item=g, block_k=block_k, head_dim=d, matmuls=3)
+  return dkv, dq
+
+
 def backward(p: common.Problem, q, k, v, q_seg, k_seg, out, lse, do, *, block_q: int,
              block_k: int, interpret=False):
-  """(dq, dk, dv) for padded inputs; lse [B, N, T] (base 2) from forward()."""
+  """(dq, dk, dv) for padded inputs; lse [B, N, T] (base 2) from forward().
+
+  When B * K * key blocks is below the GPU's SM count, the dK/dV grid splits each key
+  block's query walk over several programs (see backward_plans). Their float32 partials go
+  to separate slices of one array and XLA sums them afterwards: race-free and deterministic,
+  where float32 atomic adds into one dK/dV would land in no fixed order (results that change
+  run to run) and would need a zeroed output first; the cost is splits x the dK/dV writes,
+  a few MB at the small batches where it applies.
+  """
   b, t, n, d = q.shape
   kv = k.shape[2]
   groups = n // kv
   check_bwd(q.dtype, d, groups, block_q, block_k)
   # delta_i = sum_d out_id * dout_id, the softmax-backward row term; one fused XLA pass.
   delta = jnp.einsum("btnd,btnd->bnt", out.astype(jnp.float32), do.astype(jnp.float32))
-  dq_block = dq_block_q(groups, d, block_q)
+  dkv_plan, dq_plan = backward_plans(p, q.shape, k.shape, q.dtype.itemsize, block_q=block_q,
+                                     block_k=block_k, cores=compat.gpu_core_count())
+  dq_block = dq_plan.block_q
   nq, nk = t // block_q, k.shape[1] // block_k
 
   def seg_args(q_block):
@@ -533,16 +694,22 @@ def backward(p: common.Problem, q, k, v, q_seg, k_seg, out, lse, do, *, block_q:
   dq = plgpu.kernel(
       functools.partial(_dq_kernel, p=p, groups=groups, block_q=dq_block, block_k=block_k,
                         num_k_blocks=nk),
-      out_type=jax.ShapeDtypeStruct(q.shape, q.dtype), grid=(b, kv, t // dq_block),
+      out_type=jax.ShapeDtypeStruct(q.shape, q.dtype), grid=dq_plan.grid,
       grid_names=("b", "h", "q"), compiler_params=_params(), interpret=interpret or None,
   )(*seg_args(dq_block), q, k, v, do, lse, delta)
+  splits = dkv_plan.grid[3]
+  out_type = jax.ShapeDtypeStruct(k.shape, k.dtype)
+  if splits > 1:
+    out_type = jax.ShapeDtypeStruct((splits * b, *k.shape[1:]), jnp.float32)
   # Free row-major views: head g's rows of a query block are one [block_q, D] box of
   # [T, N * D], and its statistics one run of [N * T].
   dk, dv = plgpu.kernel(
-      functools.partial(_dkv_kernel, p=p, groups=groups, block_q=block_q, block_k=block_k,
-                        num_q_blocks=nq),
-      out_type=[jax.ShapeDtypeStruct(k.shape, k.dtype)] * 2, grid=(b, kv, nk),
-      grid_names=("b", "h", "k"), compiler_params=_params(), interpret=interpret or None,
+      functools.partial(_dkv_kernel, p=p, groups=groups, splits=splits, block_q=block_q,
+                        block_k=block_k, num_q_blocks=nq),
+      out_type=[out_type] * 2, grid=dkv_plan.grid, grid_names=("b", "h", "k", "split"),
+      compiler_params=_params(), interpret=interpret or None,
   )(*seg_args(block_q), q.reshape(b, t, n * d), k, v, do.reshape(b, t, n * d),
     lse.reshape(b, n * t), delta.reshape(b, n * t))
+  if splits > 1:
+    dk, dv = (x.reshape(splits, *k.shape).sum(0).astype(k.dtype) for x in (dk, dv))
   return dq, dk, dv

@@ -9,6 +9,13 @@ padded shapes and blocks a call would use, and walks them:
       in dK/dV; segment ids for every item in range, since they decide the skip); outputs are
       written once per program. Loads read head_dim columns (masked), tiles compute the
       power-of-two width.
+  Mosaic GPU: the same walk over the plans in mosaic_gpu.py: per program its TMA loads
+      (a query block of all G heads, or a K/V block) and stores; per item in range the blocks
+      its pipeline fetches (K/V, or Q/dO rows and statistics), skipped items included (the
+      pipeline fetches before the step tests segment ids). head_dim is padded in memory to a
+      multiple of 64, so bytes and MACs are those of the padded width; the dQ kernel runs
+      with its own query block (mosaic_gpu.dq_block_q), and a split dK/dV grid writes float32
+      partials (their sum by XLA is not counted).
   TPU (Mosaic): the grid runs in row-major order and the pipeline copies an operand's block
       only when its block index differs from the previous step's (outputs: written back when
       it changes).
@@ -33,6 +40,7 @@ from pallas_kernels.attention import common
 from pallas_kernels.attention import reference
 
 KERNELS = ("forward", "dq", "dkv")  # count_work's keys
+IMPLEMENTATIONS = ("gpu", "mosaic_gpu", "tpu")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,7 +115,7 @@ def _walk(plan: common.Plan, batch: int, gpu: bool, classify):
       masked += sum(1 for c, m in kinds if c and m)
       for o in plan.inputs if gpu else ():
         if o.streamed is not None:
-          nbytes = (len(items) if o.decides_skip else computed) * o.streamed_elements \
+          nbytes = (len(items) if o.read_when_skipped else computed) * o.streamed_elements \
               * o.itemsize
           moved_streamed += nbytes
           kv_streamed += nbytes if o.kv else 0
@@ -119,19 +127,50 @@ def _walk(plan: common.Plan, batch: int, gpu: bool, classify):
           moved_row * batch + moved_streamed)
 
 
+def _classifier(p: common.Problem, seg, batch: int, q_len: int, kv_len: int, bq: int, tq: int,
+                bk: int, tk: int):
+  """(tiles holding a visible pair, of those the tiles on a boundary: per batch row, and
+  classify(batch row, q_block, k_block) -> (computed, masked), the kernels' runtime tests)."""
+  vis_tiles, boundary, seg_skip, seg_uniform = [], [], [], []
+  straddles = np.array([[p.block_straddles_position_boundary(qb, kb, bq, bk)
+                         for kb in range(tk // bk)] for qb in range(tq // bq)], bool)
+  for bi in range(batch):
+    row = None
+    skip = np.zeros(straddles.shape, bool)
+    uniform = np.ones(straddles.shape, bool)
+    if seg is not None:
+      row = np.zeros(max(tq, tk), np.int32)  # api pads segment ids with zeros
+      row[:q_len] = seg[bi]
+      qs, ks = row[:tq].reshape(-1, bq), row[:tk].reshape(-1, bk)
+      skip, uniform = common.segment_block_test(
+          qs.min(1)[:, None], qs.max(1)[:, None], ks.min(1)[None, :], ks.max(1)[None, :])
+    any_visible = _block_view(_visible_np(p, q_len, kv_len, row), bq, tq, bk, tk).any((2, 3))
+    vis_tiles.append(any_visible)
+    boundary.append(any_visible & (straddles | ~uniform))
+    seg_skip.append(skip)
+    seg_uniform.append(uniform)
+
+  def classify(bi, qb, kb):
+    return (not seg_skip[bi][qb, kb], bool(straddles[qb, kb]) or not seg_uniform[bi][qb, kb])
+
+  return vis_tiles, boundary, classify
+
+
 def count_work(*, implementation: str, batch: int, q_heads: int, kv_heads: int, q_len: int,
                kv_len: int, head_dim: int, itemsize: int = 2, causal: bool = False,
                sliding_window: int | None = None, segment_ids=None,
                block_sizes: common.BlockSizes | None = None,
                gpu_cores: int = compat.ABSTRACT_H100[1]) -> dict[str, Work]:
-  """Work of the forward, dQ and dK/dV kernels ("gpu" or "tpu") for one flash_attention call.
+  """Work of the forward, dQ and dK/dV kernels ("gpu", "mosaic_gpu" or "tpu") for one
+  flash_attention call (block_sizes None: the implementation's defaults, as the call uses).
 
   segment_ids: optional [batch, q_len] integers (needs kv_len == q_len), as the call gets them;
   they decide which blocks straddle a segment boundary and which are skipped.
-  gpu_cores: the SM count the GPU dK/dV grid is sized for (the kernels read the device's).
+  gpu_cores: the SM count the GPU dK/dV grids are sized for (the kernels read the device's).
   """
-  if implementation not in ("gpu", "tpu"):
-    raise ValueError(f"implementation must be 'gpu' or 'tpu', got {implementation!r}")
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"implementation must be one of {list(IMPLEMENTATIONS)}, got "
+                     f"{implementation!r}")
   if q_heads % kv_heads:
     raise ValueError(f"q_heads={q_heads} is not a multiple of kv_heads={kv_heads}")
   seg = None
@@ -145,13 +184,15 @@ def count_work(*, implementation: str, batch: int, q_heads: int, kv_heads: int, 
                     has_segments=seg is not None, sm_scale=1.0, implementation=implementation,
                     block_sizes=block_sizes, interpret=False, itemsize=itemsize)
   kernels = api._kernels(implementation)  # pylint: disable=protected-access
-  gpu = implementation == "gpu"
+  gpu = implementation in ("gpu", "mosaic_gpu")
   out = {}
   for fwd in (True, False):
     bq, tq, bk, tk, d = api.kernel_dims(c, q_len, kv_len, head_dim, fwd)
     p = api.problem_for(c, tk)
-    if gpu:  # head_dim unpadded in memory: the kernels pad it in registers
+    if implementation == "gpu":  # head_dim unpadded in memory: the kernels pad it in registers
       q_shape, kv_shape = (batch, tq, q_heads, head_dim), (batch, tk, kv_heads, head_dim)
+    elif implementation == "mosaic_gpu":  # head_dim padded in memory by api
+      q_shape, kv_shape = (batch, tq, q_heads, d), (batch, tk, kv_heads, d)
     else:
       q_shape, kv_shape = (batch, q_heads, tq, d), (batch, kv_heads, tk, d)
     if fwd:
@@ -160,33 +201,12 @@ def count_work(*, implementation: str, batch: int, q_heads: int, kv_heads: int, 
       extra = dict(cores=gpu_cores) if gpu else {}
       plans = list(kernels.backward_plans(p, q_shape, kv_shape, itemsize, block_q=bq,
                                           block_k=bk, **extra))
-    # Per batch row: tiles holding a visible pair, and per tile the kernels' runtime tests.
-    vis_tiles, boundary, seg_skip, seg_uniform = [], [], [], []
-    straddles = np.array([[p.block_straddles_position_boundary(qb, kb, bq, bk)
-                           for kb in range(tk // bk)] for qb in range(tq // bq)], bool)
-    for bi in range(batch):
-      row = None
-      skip = np.zeros(straddles.shape, bool)
-      uniform = np.ones(straddles.shape, bool)
-      if seg is not None:
-        row = np.zeros(max(tq, tk), np.int32)  # api pads segment ids with zeros
-        row[:q_len] = seg[bi]
-        qs, ks = row[:tq].reshape(-1, bq), row[:tk].reshape(-1, bk)
-        skip, uniform = common.segment_block_test(
-            qs.min(1)[:, None], qs.max(1)[:, None], ks.min(1)[None, :], ks.max(1)[None, :])
-      any_visible = _block_view(_visible_np(p, q_len, kv_len, row), bq, tq, bk, tk).any((2, 3))
-      vis_tiles.append(any_visible)
-      boundary.append(any_visible & (straddles | ~uniform))
-      seg_skip.append(skip)
-      seg_uniform.append(uniform)
     pairs = sum(int(_visible_np(p, q_len, kv_len, None if seg is None else seg[bi]).sum())
                 for bi in range(batch))
-
-    def classify(bi, qb, kb):
-      return (not seg_skip[bi][qb, kb],
-              bool(straddles[qb, kb]) or not seg_uniform[bi][qb, kb])
-
     for plan in plans:
+      # Blocks as this kernel tiles them (Mosaic GPU's dQ has its own query block).
+      vis_tiles, boundary, classify = _classifier(p, seg, batch, q_len, kv_len, plan.block_q,
+                                                  tq, plan.block_k, tk)
       programs, steps, visited, masked, kv_bytes, moved = _walk(plan, batch, gpu, classify)
       qkv = batch * (q_len * q_heads + 2 * kv_len * kv_heads) * head_dim * itemsize
       q_sized = batch * q_len * q_heads * head_dim * itemsize
@@ -202,7 +222,7 @@ def count_work(*, implementation: str, batch: int, q_heads: int, kv_heads: int, 
       out[plan.name] = Work(
           kernel=plan.name, grid=plan.grid, programs=programs, grid_steps=steps,
           blocks_visited=visited, blocks_masked=masked,
-          macs=visited * bq * bk * d * plan.matmuls,
+          macs=visited * plan.block_q * plan.block_k * plan.head_dim * plan.matmuls,
           kv_bytes=kv_bytes, bytes_moved=moved,
           ideal_blocks_visited=q_heads * sum(int(v.sum()) for v in vis_tiles),
           ideal_blocks_masked=q_heads * sum(int(m.sum()) for m in boundary),
