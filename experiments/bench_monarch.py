@@ -12,6 +12,10 @@ the dense layer and, with each `--nblocks`, for each Monarch implementation in `
 
   xla        monarch_multiply, the copy-free layout the layer uses;
   reference  monarch_multiply_reference, the first formulation, differentiated by JAX;
+  dots       not a layer: the six batched matmuls of `xla` alone, on operands already
+             block-major, without the stride permutation or any layout pass. Any layout built
+             from XLA's batched dots costs at least this, so its ratio of ratios is the floor
+             of `xla`'s on the device (the blocks' smaller matmuls may run below dense's rate);
   pallas     the fused kernels (pallas_kernels.monarch, the platform's own: Mosaic TPU on a
              TPU; Mosaic GPU on a Hopper GPU, bfloat16/float16 only, and only shapes its
              rules allow, mosaic_gpu.plan: other cases print and record why they are
@@ -57,8 +61,9 @@ _SHAPES = flags.DEFINE_list("shapes", ["square", "up4"], "square (d->d), up4 (d-
 _PAIRS = flags.DEFINE_list("pairs", ["768x3072", "3072x768"], "Extra layer shapes INxOUT.")
 _NBLOCKS = flags.DEFINE_list("nblocks", ["2", "4", "8"], "Monarch block counts.")
 _DTYPES = flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "Compute dtypes.")
-_IMPLS = flags.DEFINE_list("impls", ["xla", "reference"], "Monarch implementations: xla, "
-                           "reference, pallas (a TPU, or a Hopper GPU in bf16/fp16).")
+_IMPLS = flags.DEFINE_list("impls", ["xla", "dots", "reference"], "Monarch implementations: "
+                           "xla, dots (the floor of xla: its matmuls alone), reference, pallas "
+                           "(a TPU, or a Hopper GPU in bf16/fp16).")
 _TOKENS = flags.DEFINE_integer("tokens", 8192, "Tokens per batch (rows of x).")
 _REPS = flags.DEFINE_integer("reps", 10, "Timed turns per case (after one warm-up turn).")
 _MAX_GFLOP = flags.DEFINE_float("max_gflop", 0.0, "Skip cases whose dense forward+backward "
@@ -81,6 +86,33 @@ def _pallas_multiply(x, w1, w2, out_features):
 
 MONARCH_IMPLS = {"xla": monarch_multiply, "reference": _reference_multiply,
                  "pallas": _pallas_multiply}
+IMPLS = (*MONARCH_IMPLS, "dots")
+
+
+def block_dots(x_KTP, dy_KTS, w1_KQP, w2_KSR):
+  """y, dx, dw1, dw2 blocks: monarch_multiply's six batched matmuls and nothing else (the
+  intermediate is fed to the second factor unpermuted: same shapes, same work)."""
+  def matmul(a, b, contract):
+    dims = (contract, ((0,), (0,)))
+    return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32).astype(a.dtype)
+  h_KTQ = matmul(x_KTP, w1_KQP, ((2,), (2,)))
+  y_KTS = matmul(h_KTQ, w2_KSR, ((2,), (2,)))
+  dh_KTQ = matmul(dy_KTS, w2_KSR, ((2,), (1,)))
+  dw2 = matmul(dy_KTS, h_KTQ, ((1,), (1,)))
+  dw1 = matmul(dh_KTQ, x_KTP, ((1,), (1,)))
+  dx_KTP = matmul(dh_KTQ, w1_KQP, ((2,), (1,)))
+  return y_KTS, dx_KTP, dw1, dw2
+
+
+def compile_block_dots(tokens, factors):
+  """(a zero-argument call of the compiled block_dots, XLA's flops, bytes, copies)."""
+  (k, _, p), (_, s, _) = (f.shape for f in factors)
+  dtype = factors[0].dtype
+  x_KTP, dy_KTS = (jnp.ones((k, tokens, n), dtype) for n in (p, s))
+  compiled = jax.jit(block_dots).lower(x_KTP, dy_KTS, *factors).compile()
+  flops, moved = _cost(compiled)
+  copies = activation_copies(compiled.as_text(), tokens * min(k * p, k * s))
+  return functools.partial(compiled, x_KTP, dy_KTS, *factors), flops, moved, len(copies)
 
 
 def _forward_backward(multiply, dy, x, *weights):
@@ -105,12 +137,8 @@ def layer_shapes(shapes, widths, pairs) -> list[tuple[str, int, int]]:
   return out
 
 
-def compile_case(multiply, x, weights, dy):
-  """(compiled forward+backward, XLA's flop count, XLA's bytes accessed (None where the
-  backend does not say), activation copies). A Pallas kernel's counts are its own
-  CostEstimate (pallas_kernels.monarch.common.work)."""
-  compiled = jax.jit(functools.partial(_forward_backward, multiply)).lower(
-      dy, x, *weights).compile()
+def _cost(compiled):
+  """(XLA's flop count, its bytes accessed), None where the backend does not say."""
   try:
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -118,6 +146,16 @@ def compile_case(multiply, x, weights, dy):
     moved = float(cost["bytes accessed"]) if cost and "bytes accessed" in cost else None
   except Exception:  # pylint: disable=broad-except  (not every backend reports it)
     flops = moved = None
+  return flops, moved
+
+
+def compile_case(multiply, x, weights, dy):
+  """(compiled forward+backward, XLA's flop count, XLA's bytes accessed (None where the
+  backend does not say), activation copies). A Pallas kernel's counts are its own
+  CostEstimate (pallas_kernels.monarch.common.work)."""
+  compiled = jax.jit(functools.partial(_forward_backward, multiply)).lower(
+      dy, x, *weights).compile()
+  flops, moved = _cost(compiled)
   n_in, n_out = x.shape[-1], dy.shape[-1]
   copies = activation_copies(compiled.as_text(), x.shape[0] * min(n_in, n_out))
   return compiled, flops, moved, len(copies)
@@ -161,8 +199,8 @@ def time_in_turns(calls: dict, reps: int) -> dict:
 def main(argv):
   del argv
   for impl in _IMPLS.value:
-    if impl not in MONARCH_IMPLS:
-      raise app.UsageError(f"--impls: unknown {impl!r}; choose from {list(MONARCH_IMPLS)}")
+    if impl not in IMPLS:
+      raise app.UsageError(f"--impls: unknown {impl!r}; choose from {list(IMPLS)}")
   kernels = {}  # dtype -> the fused kernel family --impls=pallas runs
   if "pallas" in _IMPLS.value:
     from pallas_kernels.monarch import default_implementation  # pylint: disable=g-import-not-at-top
@@ -208,6 +246,10 @@ def main(argv):
                     flush=True)
               skipped[impl] = reason
               continue
+          if impl == "dots":
+            call, xla_flops, moved, copies = compile_block_dots(tokens, factors)
+            calls[impl], stats[impl] = call, (xla_flops, moved, copies)
+            continue
           multiply = functools.partial(MONARCH_IMPLS[impl], out_features=n_out)
           compiled, xla_flops, moved, copies = compile_case(multiply, x, factors, dy)
           if impl == "pallas" and kernels[dtype_name] == "mosaic_gpu":

@@ -13,7 +13,6 @@ Kernels import Pallas through here for the version-sensitive pieces only:
 """
 from __future__ import annotations
 
-import contextlib
 import warnings
 
 import jax

@@ -449,3 +449,23 @@ def test_init_from_dense_checkpoint_projects_and_fine_tunes(reverse_runs, tfds_d
   with pytest.raises(FileNotFoundError, match="init_from="):
     train_and_evaluate(_test_config(tfds_dir, init_from=str(tmp_path / "missing")),
                        str(tmp_path / "bad"))
+
+
+def test_bench_floor_runs_the_layers_matmuls_and_nothing_else():
+  """bench_monarch's `dots` floor: XLA counts the same flops as the copy-free layer's
+  forward + backward, with no activation copies, and its matmuls are the layer's own."""
+  from experiments import bench_monarch  # pylint: disable=g-import-not-at-top
+  n_in = n_out = 64
+  k, tokens = 4, 256
+  w1, w2, x, g = _factors_and_data(n_in, n_out, k, tokens)
+  _, layer_flops, _, layer_copies = bench_monarch.compile_case(
+      functools.partial(monarch_multiply, out_features=n_out), x, (w1, w2), g)
+  _, floor_flops, _, floor_copies = bench_monarch.compile_block_dots(tokens, (w1, w2))
+  assert (layer_copies, floor_copies) == (6, 0)
+  assert floor_flops == pytest.approx(layer_flops, rel=0.01)
+  # Unpermuted, the floor's y blocks are the product with an identity permutation: block l
+  # of y is x's block l through w1_l then w2_l.
+  x_KTP = x.reshape(tokens, k, n_in // k).transpose(1, 0, 2)
+  y_KTS, *_ = bench_monarch.block_dots(x_KTP, jnp.zeros((k, tokens, n_out // k)), w1, w2)
+  want = jnp.einsum("ktp,kqp,ksq->kts", x_KTP, w1, w2)
+  np.testing.assert_allclose(y_KTS, want, rtol=1e-4, atol=1e-4)

@@ -217,8 +217,8 @@ def _pallas_multiply(x, w1_KQP, w2_KSR, out_features: int):
 
 
 # model.linear.monarch_impl -> multiply(x, w1, w2, out_features); names match
-# effjax.config.MONARCH_IMPLS. Tests run the TPU kernel on a CPU by patching "pallas" with
-# one that passes interpret=pltpu.InterpretParams().
+# effjax.config.MONARCH_IMPLS. Tests run the TPU or Mosaic GPU kernel on a CPU by patching
+# "pallas" with one that passes the interpreter's params.
 MONARCH_MULTIPLIES = {"xla": monarch_multiply, "pallas": _pallas_multiply}
 
 
