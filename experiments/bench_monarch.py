@@ -13,9 +13,11 @@ the dense layer and, with each `--nblocks`, for each Monarch implementation in `
   xla        monarch_multiply, the copy-free layout the layer uses;
   reference  monarch_multiply_reference, the first formulation, differentiated by JAX;
   dots       not a layer: the six batched matmuls of `xla` alone, on operands already
-             block-major, without the stride permutation or any layout pass. Any layout built
-             from XLA's batched dots costs at least this, so its ratio of ratios is the floor
-             of `xla`'s on the device (the blocks' smaller matmuls may run below dense's rate);
+             block-major, without the stride permutation or any layout pass: what the
+             blocks' smaller matmuls cost next to dense's. In float32 any layout built from
+             XLA's batched dots costs at least this. (Not a floor for bfloat16 on a CPU, which
+             multiplies it in float32: the layer converts in its layout passes, these
+             matmuls convert on their own, and ran slower than the layer there.);
   pallas     the fused kernels (pallas_kernels.monarch, the platform's own: Mosaic TPU on a
              TPU; Mosaic GPU on a Hopper GPU, bfloat16/float16 only, and only shapes its
              rules allow, mosaic_gpu.plan: other cases print and record why they are
@@ -62,7 +64,7 @@ _PAIRS = flags.DEFINE_list("pairs", ["768x3072", "3072x768"], "Extra layer shape
 _NBLOCKS = flags.DEFINE_list("nblocks", ["2", "4", "8"], "Monarch block counts.")
 _DTYPES = flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "Compute dtypes.")
 _IMPLS = flags.DEFINE_list("impls", ["xla", "dots", "reference"], "Monarch implementations: "
-                           "xla, dots (the floor of xla: its matmuls alone), reference, pallas "
+                           "xla, dots (xla's batched matmuls alone), reference, pallas "
                            "(a TPU, or a Hopper GPU in bf16/fp16).")
 _TOKENS = flags.DEFINE_integer("tokens", 8192, "Tokens per batch (rows of x).")
 _REPS = flags.DEFINE_integer("reps", 10, "Timed turns per case (after one warm-up turn).")
