@@ -238,6 +238,18 @@ def _stacked_positions(q_start, rows: int, cols: int, block_q: int):
   return q_start + lax.rem(_iota((rows, cols), 0), jnp.int32(block_q))
 
 
+def _stacked_mask(p: common.Problem, q_start, k_block, block_q: int, shape, q_seg,
+                  k_seg_smem):
+  """The mask of a stacked [G * bq, bk] logits tile (forward and dQ) against key block
+  k_block; q_seg: the rows' ids (None without segments), k_seg_smem: the key ids' SMEM."""
+  rows, block_k = shape
+  q_pos = _stacked_positions(q_start, rows, block_k, block_q)
+  k_pos = k_block * block_k + _iota(shape, 1)
+  segs = ((None, None) if not p.has_segments else
+          (_row_vector(q_seg, shape), _col_vector(k_seg_smem[0][...], shape)))
+  return p.mask(q_pos, k_pos, *segs)
+
+
 # --------------------------------------------------------------------------------- forward
 
 def _fwd_kernel(*refs, p: common.Problem, groups: int, block_q: int, block_k: int,
@@ -271,12 +283,7 @@ def _fwd_kernel(*refs, p: common.Problem, groups: int, block_q: int, block_k: in
       *k_seg_smem, carry = rest
       kb = lo + indices[0]
 
-      def make_mask():
-        q_pos = _stacked_positions(q0, rows, block_k, block_q)
-        k_pos = kb * block_k + _iota(shape, 1)
-        segs = ((None, None) if not p.has_segments else
-                (_row_vector(q_seg, shape), _col_vector(k_seg_smem[0][...], shape)))
-        return p.mask(q_pos, k_pos, *segs)
+      make_mask = lambda: _stacked_mask(p, q0, kb, block_q, shape, q_seg, k_seg_smem)
 
       def compute(mask, carry):
         acc, m, l = carry
@@ -357,14 +364,8 @@ def forward_plan(p: common.Problem, q_shape, kv_shape, itemsize: int, *, block_q
       common.Operand("lse", (_S, g, block_q), lambda bi, h, qi: (bi, h, qi), 4, output=True),
   ]
 
-  def items(bi, h, qi):
-    del bi, h
-    lo, hi = p.kv_block_range(qi, block_q, block_k, nk)
-    return [(qi, kb) for kb in range(lo, hi)]
-
-  return common.Plan("forward", (b, kv, nq), ("parallel",) * 3, tuple(operands), items,
-                     block_q=block_q, heads_per_item=g, block_k=block_k, head_dim=d,
-                     matmuls=2)
+  return common.forward_plan(p, (b, kv, nq), operands, block_q=block_q, block_k=block_k,
+                             num_k_blocks=nk, groups=g, head_dim=d)
 
 
 def forward(p: common.Problem, q, k, v, q_seg, k_seg, *, block_q: int, block_k: int,
@@ -445,12 +446,7 @@ def _dq_kernel(*refs, p: common.Problem, groups: int, block_q: int, block_k: int
       def step(indices, k_smem, v_smem, *k_seg_smem):
         kb = lo + indices[0]
 
-        def make_mask():
-          q_pos = _stacked_positions(q0, rows, block_k, block_q)
-          k_pos = kb * block_k + _iota(shape, 1)
-          segs = ((None, None) if not p.has_segments else
-                  (_row_vector(q_seg, shape), _col_vector(k_seg_smem[0][...], shape)))
-          return p.mask(q_pos, k_pos, *segs)
+        make_mask = lambda: _stacked_mask(p, q0, kb, block_q, shape, q_seg, k_seg_smem)
 
         def compute(mask, carry):
           s = p.logits2(_matmul(shape, q_smem, _t(k_smem)))
