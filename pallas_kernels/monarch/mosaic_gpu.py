@@ -178,6 +178,14 @@ def _intermediate_into(h_smem, x_gmem, w1_gmem, *, plan: Plan, dtype):
   plgpu.commit_smem()  # H was written by threads; wgmma and TMA read it (async proxy)
 
 
+def _load_and_wait(barriers, *copies):
+  """(src GMEM, dst SMEM, barrier index) TMA copies, issued together, then awaited."""
+  for src, dst, which in copies:
+    plgpu.copy_gmem_to_smem(src, dst, barriers.at[which])
+  for _, _, which in copies:
+    plgpu.barrier_wait(barriers.at[which])
+
+
 def _forward_kernel(x_gmem, w1_gmem, w2_gmem, y_gmem, *, plan: Plan, dtype):
   """y_gmem is [T, s, k]: [t, c, l] is column c k + l of y (a free reshape outside)."""
   k, q, s, c_out = plan.k, plan.q, plan.s, plan.out_chunk
@@ -186,12 +194,7 @@ def _forward_kernel(x_gmem, w1_gmem, w2_gmem, y_gmem, *, plan: Plan, dtype):
   piece_rows = _WG_THREADS // c_out  # one element per thread per interleave step
 
   def scope(h_smem, barriers):
-    def load(*copies):
-      """(src, dst, barrier index) copies, issued together, then awaited."""
-      for src, dst, which in copies:
-        plgpu.copy_gmem_to_smem(src, dst, barriers.at[which])
-      for _, _, which in copies:
-        plgpu.barrier_wait(barriers.at[which])
+    load = functools.partial(_load_and_wait, barriers)
 
     def factor2(w2_smem, one_block):
       """Factor 2 and the output interleave, C output channels of every block at a time."""
@@ -260,12 +263,7 @@ def _backward_data_kernel(x_gmem, w1_gmem, w2_gmem, dy_gmem, dx_gmem, h_gmem, dh
   _, routes = common.routing(k, q)
 
   def scope(h_smem, barriers):
-    def load(*copies):
-      """(src, dst, barrier index) copies, issued together, then awaited."""
-      for src, dst, which in copies:
-        plgpu.copy_gmem_to_smem(src, dst, barriers.at[which])
-      for _, _, which in copies:
-        plgpu.barrier_wait(barriers.at[which])
+    load = functools.partial(_load_and_wait, barriers)
 
     def store(src_smem, dst_gmem):
       plgpu.commit_smem()  # written by threads; the TMA unit reads it
