@@ -132,19 +132,19 @@ class Plan:
     return [o for o in self.operands if o.output]
 
 
-def forward_plan(p: "Problem", grid, operands, *, block_q: int, block_k: int,
-                 num_k_blocks: int, groups: int, head_dim: int) -> Plan:
-  """The forward's Plan on a (batch, kv head, query block) grid whose programs each walk the
-  key blocks their rows can see (kv_block_range), for all G heads of the group at once."""
+def query_walk_plan(name: str, p: "Problem", grid, operands, *, block_q: int, block_k: int,
+                    num_k_blocks: int, groups: int, head_dim: int, matmuls: int) -> Plan:
+  """A Plan (forward, dQ) on a (batch, kv head, query block) grid whose programs each walk
+  the key blocks their rows can see (kv_block_range), for all G heads of the group at once."""
 
   def items(bi, h, qi):
     del bi, h
     lo, hi = p.kv_block_range(qi, block_q, block_k, num_k_blocks)
     return [(qi, kb) for kb in range(lo, hi)]
 
-  return Plan("forward", tuple(grid), ("parallel",) * len(grid), tuple(operands), items,
+  return Plan(name, tuple(grid), ("parallel",) * len(grid), tuple(operands), items,
               block_q=block_q, heads_per_item=groups, block_k=block_k, head_dim=head_dim,
-              matmuls=2)
+              matmuls=matmuls)
 
 
 @dataclasses.dataclass(frozen=True)

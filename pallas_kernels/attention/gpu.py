@@ -163,8 +163,9 @@ def forward_plan(p: common.Problem, q_shape, kv_shape, itemsize: int, *, block_q
                 common.Operand("k_seg", (_S, s), lambda bi, h, qi: (bi, 0), 4,
                                streamed=(block_k,), read_when_skipped=True)] + operands
 
-  return common.forward_plan(p, (b, kv, nq), operands, block_q=block_q, block_k=block_k,
-                             num_k_blocks=nk, groups=g, head_dim=d)
+  return common.query_walk_plan("forward", p, (b, kv, nq), operands, block_q=block_q,
+                                block_k=block_k, num_k_blocks=nk, groups=g, head_dim=d,
+                                matmuls=2)
 
 
 def forward(p: common.Problem, q, k, v, q_seg, k_seg, *, block_q: int, block_k: int,
@@ -319,13 +320,9 @@ def backward_plans(p: common.Problem, q_shape, kv_shape, itemsize: int, *, block
                    common.Operand("k_seg", (_S, s), lambda bi, h, qi: (bi, 0), 4,
                                   streamed=(block_k,), read_when_skipped=True)] + dq_operands
 
-  def dq_items(bi, h, qi):
-    del bi, h
-    lo, hi = p.kv_block_range(qi, block_q, block_k, nk)
-    return [(qi, kb) for kb in range(lo, hi)]
-
-  dq = common.Plan("dq", (b, kv, nq), ("parallel",) * 3, tuple(dq_operands), dq_items,
-                   block_q=block_q, heads_per_item=g, block_k=block_k, head_dim=d, matmuls=3)
+  dq = common.query_walk_plan("dq", p, (b, kv, nq), dq_operands, block_q=block_q,
+                              block_k=block_k, num_k_blocks=nk, groups=g, head_dim=d,
+                              matmuls=3)
   return dkv, dq
 
 

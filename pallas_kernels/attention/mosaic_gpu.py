@@ -364,8 +364,9 @@ def forward_plan(p: common.Problem, q_shape, kv_shape, itemsize: int, *, block_q
       common.Operand("lse", (_S, g, block_q), lambda bi, h, qi: (bi, h, qi), 4, output=True),
   ]
 
-  return common.forward_plan(p, (b, kv, nq), operands, block_q=block_q, block_k=block_k,
-                             num_k_blocks=nk, groups=g, head_dim=d)
+  return common.query_walk_plan("forward", p, (b, kv, nq), operands, block_q=block_q,
+                                block_k=block_k, num_k_blocks=nk, groups=g, head_dim=d,
+                                matmuls=2)
 
 
 def forward(p: common.Problem, q, k, v, q_seg, k_seg, *, block_q: int, block_k: int,
@@ -650,13 +651,9 @@ def backward_plans(p: common.Problem, q_shape, kv_shape, itemsize: int, *, block
       common.Operand("dq", (_S, bq, g, d), group_map, itemsize, output=True),
   ]
 
-  def dq_items(bi, h, qi):
-    del bi, h
-    lo, hi = p.kv_block_range(qi, bq, block_k, nk)
-    return [(qi, kb) for kb in range(lo, hi)]
-
-  dq = common.Plan("dq", (b, kv, ndq), ("parallel",) * 3, tuple(dq_operands), dq_items,
-                   block_q=bq, heads_per_item=g, block_k=block_k, head_dim=d, matmuls=3)
+  dq = common.query_walk_plan("dq", p, (b, kv, ndq), dq_operands, block_q=bq,
+                              block_k=block_k, num_k_blocks=nk, groups=g, head_dim=d,
+                              matmuls=3)
   return dkv, dq
 
 
