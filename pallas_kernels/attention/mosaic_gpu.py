@@ -342,6 +342,24 @@ def _seg_operands(p: common.Problem, groups: int, own: str, own_block: int, own_
                          read_when_skipped=True)]
 
 
+_GROUP_MAP = lambda bi, h, qi: (bi, qi, h, 0)  # the N-axis block of kv head h's G heads
+
+
+def _query_walk_operands(p: common.Problem, g: int, block_q: int, s: int, block_k: int, d: int,
+                         itemsize: int):
+  """The ids, stacked query block and walked K/V of a (batch, kv head, query block) program
+  (forward and dQ): the pipeline fetches a step's blocks before the step tests its segment
+  ids, so skipped blocks are read too."""
+  kv_map = lambda bi, h, qi: (bi, 0, h, 0)
+  walk = dict(kv=True, streamed=(block_k, d), read_when_skipped=True)
+  return _seg_operands(p, g, "q_seg", block_q, lambda bi, h, qi: (bi, qi), "k_seg", s,
+                       block_k, lambda bi, h, qi: (bi, 0)) + [
+      common.Operand("q", (_S, block_q, g, d), _GROUP_MAP, itemsize),
+      common.Operand("k", (_S, s, _S, d), kv_map, itemsize, **walk),
+      common.Operand("v", (_S, s, _S, d), kv_map, itemsize, **walk),
+  ]
+
+
 def forward_plan(p: common.Problem, q_shape, kv_shape, itemsize: int, *, block_q: int,
                  block_k: int) -> common.Plan:
   """The forward's grid and traffic for padded [B, T, N, D] / [B, S, K, D] shapes: per
@@ -352,15 +370,8 @@ def forward_plan(p: common.Problem, q_shape, kv_shape, itemsize: int, *, block_q
   s, kv = kv_shape[1], kv_shape[2]
   g = n // kv
   nq, nk = t // block_q, s // block_k
-  group_map = lambda bi, h, qi: (bi, qi, h, 0)  # the N-axis block of kv head h's G heads
-  kv_map = lambda bi, h, qi: (bi, 0, h, 0)
-  walk = dict(kv=True, streamed=(block_k, d), read_when_skipped=True)
-  operands = _seg_operands(p, g, "q_seg", block_q, lambda bi, h, qi: (bi, qi), "k_seg", s,
-                           block_k, lambda bi, h, qi: (bi, 0)) + [
-      common.Operand("q", (_S, block_q, g, d), group_map, itemsize),
-      common.Operand("k", (_S, s, _S, d), kv_map, itemsize, **walk),
-      common.Operand("v", (_S, s, _S, d), kv_map, itemsize, **walk),
-      common.Operand("out", (_S, block_q, g, d), group_map, itemsize, output=True),
+  operands = _query_walk_operands(p, g, block_q, s, block_k, d, itemsize) + [
+      common.Operand("out", (_S, block_q, g, d), _GROUP_MAP, itemsize, output=True),
       common.Operand("lse", (_S, g, block_q), lambda bi, h, qi: (bi, h, qi), 4, output=True),
   ]
 
@@ -636,19 +647,12 @@ def backward_plans(p: common.Problem, q_shape, kv_shape, itemsize: int, *, block
 
   bq = dq_block_q(g, d, block_q)
   ndq = t // bq
-  group_map = lambda bi, h, qi: (bi, qi, h, 0)
   stats_map = lambda bi, h, qi: (bi, h, qi)
-  kv_map = lambda bi, h, qi: (bi, 0, h, 0)
-  walk = dict(kv=True, streamed=(block_k, d), read_when_skipped=True)
-  dq_operands = _seg_operands(p, g, "q_seg", bq, lambda bi, h, qi: (bi, qi), "k_seg", s,
-                              block_k, lambda bi, h, qi: (bi, 0)) + [
-      common.Operand("q", (_S, bq, g, d), group_map, itemsize),
-      common.Operand("k", (_S, s, _S, d), kv_map, itemsize, **walk),
-      common.Operand("v", (_S, s, _S, d), kv_map, itemsize, **walk),
-      common.Operand("dout", (_S, bq, g, d), group_map, itemsize),
+  dq_operands = _query_walk_operands(p, g, bq, s, block_k, d, itemsize) + [
+      common.Operand("dout", (_S, bq, g, d), _GROUP_MAP, itemsize),
       common.Operand("lse", (_S, g, bq), stats_map, 4),
       common.Operand("delta", (_S, g, bq), stats_map, 4),
-      common.Operand("dq", (_S, bq, g, d), group_map, itemsize, output=True),
+      common.Operand("dq", (_S, bq, g, d), _GROUP_MAP, itemsize, output=True),
   ]
 
   dq = common.query_walk_plan("dq", p, (b, kv, ndq), dq_operands, block_q=bq,
