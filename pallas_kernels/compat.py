@@ -73,6 +73,11 @@ def abstract_gpu(device_kind: str = ABSTRACT_H100[0], num_cores: int = ABSTRACT_
   return jax.sharding.use_abstract_mesh(mesh)
 
 
+def jax_version() -> tuple[int, ...]:
+  """This JAX's release as ints, e.g. (0, 12, 0)."""
+  return tuple(int(part) for part in jax.__version__.split(".")[:3] if part.isdigit())
+
+
 def has_gpu_interpreter() -> bool:
   """Whether Mosaic GPU kernels can run on the CPU here (plgpu.InterpretGPUParams, jax 0.12+)."""
   from jax.experimental.pallas import mosaic_gpu as plgpu  # pylint: disable=g-import-not-at-top

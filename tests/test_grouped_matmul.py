@@ -19,6 +19,7 @@ from pallas_kernels.grouped_matmul import Tiles, Tiling, default_implementation,
 from pallas_kernels.grouped_matmul import api
 from pallas_kernels.grouped_matmul import common
 from pallas_kernels.grouped_matmul import GPU_TILING, MOSAIC_GPU_TILING, TPU_TILING
+from pallas_kernels.grouped_matmul import mosaic_gpu
 from pallas_kernels.grouped_matmul import work
 
 F32_TOL, BF16_TOL = 1e-5, 1e-2
@@ -387,6 +388,38 @@ def test_row_chunks_own_every_row_once_and_issue_under_min_rows_extra_per_segmen
       assert ((issued - (ends - starts)) < min_rows).all(), cuts
 
 
+def test_aligned_segment_chunks_start_at_multiples_and_own_every_row_once():
+  # Mosaic GPU gmm's items: chunks start at multiples of 8 rows (its TMA loads of swizzled
+  # tiles need that), every row of [0, num_rows) is owned once (rows outside the groups by
+  # the zero segments 0 and G + 1), and a group issues its rows rounded out to multiples of 8.
+  rng = np.random.default_rng(1)
+  num_rows, block_m, align = 256, 64, 8
+  chunks = jax.jit(lambda s, e: common.segment_row_chunks(
+      s, e, num_rows=num_rows, block_m=block_m, min_rows=align, align=align))
+  for _ in range(15):
+    cuts = np.sort(rng.integers(0, num_rows - 20, size=6))  # 5 groups, some empty; rows after
+    starts, ends = cuts[:-1], cuts[1:]
+    c = jax.tree.map(np.asarray, chunks(jnp.asarray(starts, jnp.int32),
+                                        jnp.asarray(ends, jnp.int32)))
+    seg_starts = np.concatenate([[0], starts, ends[-1:]])
+    seg_ends = np.concatenate([starts[:1], ends, [num_rows]])
+    owned, issued = np.zeros(num_rows, int), np.zeros(len(seg_starts), int)
+    for i in range(int(c.num_items[0])):
+      seg, row0, lo, hi = (int(a[i]) for a in (c.segment, c.row0, c.lo, c.hi))
+      rows = c.sizes[int(c.size_class[i])]
+      assert row0 % align == 0 and 0 <= row0 <= lo <= hi <= row0 + rows <= num_rows
+      assert seg_starts[seg] <= lo and hi <= seg_ends[seg]
+      owned[lo:hi] += 1
+      issued[seg] += rows
+    assert (owned == 1).all(), cuts
+    want = [(-(-e // align) - s // align) * align if e > s else 0
+            for s, e in zip(seg_starts, seg_ends)]
+    np.testing.assert_array_equal(issued, want, err_msg=str(cuts))
+  with pytest.raises(ValueError, match="align must be a power of two dividing min_rows=8, got 3"):
+    common.segment_row_chunks(jnp.zeros(2, jnp.int32), jnp.ones(2, jnp.int32), num_rows=64,
+                              block_m=64, min_rows=8, align=3)
+
+
 def _rows_chunked_gpu(sizes, block_m, min_rows=16):
   """Rows the Triton kernels issue: full chunks, then the tail rounded up to min_rows."""
   sizes = [int(s) for s in sizes]
@@ -413,7 +446,7 @@ def _routed_sizes(num_groups, seed=0):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("num_groups", [8, 64, 256])
-def test_work_counts_are_the_designed_rows_and_near_ideal_at_m8192(num_groups):
+def test_work_counts_are_the_designed_rows_and_near_ideal_at_m8192(num_groups, monkeypatch):
   m, k, n = ROUTED["m"], ROUTED["k"], ROUTED["n"]
   sizes = _routed_sizes(num_groups)
   for direction, bm in (("fwd", GPU_TILING.fwd.block_m), ("drhs", GPU_TILING.drhs_tiles.block_m)):
@@ -425,9 +458,20 @@ def test_work_counts_are_the_designed_rows_and_near_ideal_at_m8192(num_groups):
     assert triton.mac_ratio < {8: 1.02, 64: 1.10, 256: 1.25}[num_groups], direction
   tpu_work = work.direction_work("fwd", m, k, n, sizes, implementation="tpu")
   assert tpu_work.macs == _rows_rounded_out(sizes, 16) * k * n  # bf16: 16-row sublane tiles
-  # Mosaic GPU still loops over the groups of each row tile: a whole tile per group.
-  mosaic = work.direction_work("fwd", m, k, n, sizes, implementation="mosaic_gpu")
-  assert mosaic.macs == _rows_rounded_out(sizes, MOSAIC_GPU_TILING.fwd.block_m) * k * n
+  # Mosaic GPU gmm (jax >= 0.11.2): 8-row chunks from 8-aligned starts, each group rounded out
+  # to 8 rows; on older JAX, the whole 128-row tile per group. Its tgmm still visits whole
+  # 64-row tiles per group.
+  for chunked, unit in ((True, 8), (False, MOSAIC_GPU_TILING.fwd.block_m)):
+    monkeypatch.setattr(mosaic_gpu, "chunked_gmm", lambda chunked=chunked: chunked)
+    for direction in ("fwd", "dlhs"):
+      mosaic = work.direction_work(direction, m, k, n, sizes, implementation="mosaic_gpu")
+      assert mosaic.macs == _rows_rounded_out(sizes, unit) * k * n, (direction, chunked)
+  assert mosaic.mac_ratio > 1.09  # the tile loop: 1.09x / 1.92x / 4.92x
+  monkeypatch.setattr(mosaic_gpu, "chunked_gmm", lambda: True)
+  assert work.direction_work("fwd", m, k, n, sizes, implementation="mosaic_gpu").mac_ratio < {
+      8: 1.01, 64: 1.06, 256: 1.23}[num_groups]
+  mosaic = work.direction_work("drhs", m, k, n, sizes, implementation="mosaic_gpu")
+  assert mosaic.macs == _rows_rounded_out(sizes, MOSAIC_GPU_TILING.drhs_tiles.block_m) * k * n
 
 
 def test_work_counts_by_hand_on_a_small_ragged_case():

@@ -17,9 +17,22 @@ import pytest
 from pallas_kernels import compat
 from pallas_kernels.grouped_matmul import Tiles, Tiling, default_implementation, gmm
 from pallas_kernels.grouped_matmul import api
+from pallas_kernels.grouped_matmul import mosaic_gpu
 
 BF16_TOL = 1e-2
 TILES64 = Tiling(fwd=Tiles(64, 64, 64), dlhs=Tiles(64, 64, 64), drhs=Tiles(64, 64, 64))
+
+# gmm's two schedules: group-aligned row chunks (jax >= 0.11.2) and the per-tile loop over groups
+# (older JAX, whose layout inference rejects the chunks' transposed store); both are run here.
+SCHEDULES = pytest.mark.parametrize("chunked", [True, False], ids=["chunks", "tile_loop"])
+
+
+@pytest.fixture
+def schedule(chunked, monkeypatch):
+  if chunked and not mosaic_gpu.chunked_gmm():
+    pytest.skip(f"the chunked gmm needs jax >= 0.11.2; this is {jax.__version__}")
+  monkeypatch.setattr(mosaic_gpu, "chunked_gmm", lambda: chunked)
+
 
 needs_interpreter = pytest.mark.skipif(
     not compat.has_gpu_interpreter(),
@@ -37,6 +50,7 @@ class Case:
   transpose_rhs: bool = False
   group_offset: int | None = None  # the shard's first group; its weights: the next G_local
   num_local: int | None = None
+  tiling: Tiling | None = TILES64  # None: the default Mosaic GPU tiling
 
 
 CASES = {
@@ -47,6 +61,11 @@ CASES = {
     "shard_transposed_fp16": Case(m=160, k=64, n=72, sizes=(20, 70, 0, 40, 30),
                                   dtype="float16", transpose_rhs=True, group_offset=1,
                                   num_local=3),
+    # default tiles (gmm chunks of 128 down to 8 rows): 13 small groups starting off the 8-row
+    # grid, so neighbouring chunks share rows and each stores only its own
+    "small_groups_default_tiles": Case(m=300, k=64, n=128, sizes=(3, 17, 0, 40, 9, 1, 64, 25,
+                                                                  7, 0, 33, 12, 21),
+                                       tiling=None),
 }
 
 
@@ -84,8 +103,9 @@ def _rel(x, ref):
 
 
 @needs_interpreter
+@SCHEDULES
 @pytest.mark.parametrize("case", list(CASES), ids=str)
-def test_values_and_gradients_in_gpu_interpreter_with_race_detector(case):
+def test_values_and_gradients_in_gpu_interpreter_with_race_detector(case, schedule):
   c = CASES[case]
   lhs, rhs, sizes, cot = _inputs(c)
   offset = None if c.group_offset is None else jnp.int32(c.group_offset)
@@ -93,7 +113,7 @@ def test_values_and_gradients_in_gpu_interpreter_with_race_detector(case):
 
   def loss(lhs, rhs):
     out = gmm(lhs, rhs, sizes, transpose_rhs=c.transpose_rhs, group_offset=offset,
-              tiling=TILES64, implementation="mosaic_gpu", interpret=interpret)
+              tiling=c.tiling, implementation="mosaic_gpu", interpret=interpret)
     return jnp.sum(out.astype(jnp.float32) * cot), out
 
   (dlhs, drhs), out = jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))(lhs, rhs)
@@ -138,7 +158,8 @@ def test_interpreter_race_detector_is_on():
   np.testing.assert_array_equal(np.asarray(quiet(x)), np.asarray(x))
 
 
-def test_lowers_for_an_abstract_h100_without_triton():
+@SCHEDULES
+def test_lowers_for_an_abstract_h100_without_triton(schedule):
   # Off-multiple sizes (padded in every axis), default tiles, both weight layouts, a shard.
   m, k, n, num_groups = 1300, 1000, 700, 6
   lhs = jnp.ones((m, k), jnp.bfloat16)
@@ -179,7 +200,7 @@ def test_gpu_interpret_params_pick_mosaic_gpu_off_gpu():
   assert default_implementation(interpret=True) == "gpu"
 
 
-def test_bad_inputs_are_clear_errors():
+def test_bad_inputs_are_clear_errors(monkeypatch):
   lhs, rhs = jnp.ones((128, 64), jnp.bfloat16), jnp.ones((2, 64, 64), jnp.bfloat16)
   sizes = jnp.array([64, 64], jnp.int32)
   with pytest.raises(NotImplementedError, match="bfloat16/float16 operands, got float32"):
@@ -187,6 +208,10 @@ def test_bad_inputs_are_clear_errors():
   with pytest.raises(ValueError, match="multiples of 64 .*Tiles.block_k=32"):
     gmm(lhs, rhs, sizes, implementation="mosaic_gpu",
         tiling=Tiling(fwd=Tiles(64, 32, 64)))
+  monkeypatch.setattr(mosaic_gpu, "chunked_gmm", lambda: True)  # checked before lowering
+  with pytest.raises(ValueError, match=r"one of \(64, 128, 256\), got Tiles.block_m=192"):
+    gmm(jnp.ones((256, 64), jnp.bfloat16), rhs, jnp.array([128, 128], jnp.int32),
+        implementation="mosaic_gpu", tiling=Tiling(fwd=Tiles(192, 64, 64)))
   with pytest.raises(ValueError, match="interpret=True"):
     gmm(lhs, rhs, sizes, implementation="mosaic_gpu", interpret=True)
   assert "mosaic_gpu" in api.IMPLEMENTATIONS

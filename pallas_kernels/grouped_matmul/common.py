@@ -230,6 +230,32 @@ def row_chunks(seg_starts, seg_ends, *, block_m: int, min_rows: int, num_rows: i
                    num_items.reshape(1).astype(jnp.int32), sizes)
 
 
+def segment_row_chunks(starts, ends, *, num_rows: int, block_m: int, min_rows: int,
+                       align: int = 1) -> RowChunks:
+  """row_chunks over every row: segment 0 (rows before the groups [starts, ends)), the groups
+  as segments 1..G, and segment G + 1 (rows after them). A gmm kernel multiplies the groups'
+  items and stores zeros for the other two, so each output row is written once.
+
+  align > 1 (a power of two dividing min_rows): every chunk starts at a multiple of align. The
+  nonempty segments are rounded out to multiples of align before chunking (neighbours then
+  share up to align - 1 rows) and each item's owned rows are clipped back to its segment."""
+  seg_starts = jnp.concatenate([jnp.zeros((1,), jnp.int32), starts, ends[-1:]])
+  seg_ends = jnp.concatenate([starts[:1], ends, jnp.full((1,), num_rows, jnp.int32)])
+  if align == 1:
+    return row_chunks(seg_starts, seg_ends, block_m=block_m, min_rows=min_rows,
+                      num_rows=num_rows)
+  if min_rows % align or align & (align - 1):
+    raise ValueError(f"align must be a power of two dividing min_rows={min_rows}, got {align}")
+  nonempty = seg_ends > seg_starts
+  out_starts = seg_starts // align * align
+  out_ends = jnp.where(nonempty, tiling.cdiv(seg_ends, align) * align, out_starts)
+  chunks = row_chunks(out_starts, out_ends, block_m=block_m, min_rows=min_rows,
+                      num_rows=num_rows)
+  return dataclasses.replace(
+      chunks, lo=jnp.maximum(chunks.lo, seg_starts[chunks.segment]),
+      hi=jnp.minimum(chunks.hi, seg_ends[chunks.segment]))
+
+
 def masked_rows(x, mask):
   """x where mask holds, else zero (a select: NaN or inf there does not leak through)."""
   return jnp.where(mask, x, jnp.zeros((), x.dtype))

@@ -53,10 +53,8 @@ MIN_ROWS = 16
 def gmm_schedule(starts, ends, *, m: int, block_m: int) -> common.RowChunks:
   """gmm's work items: row chunks of segment 0 (rows before the shard's groups), the groups
   1..G and segment G + 1 (rows after them); the zero segments' items write zeros."""
-  seg_starts = jnp.concatenate([jnp.zeros((1,), jnp.int32), starts, ends[-1:]])
-  seg_ends = jnp.concatenate([starts[:1], ends, jnp.full((1,), m, jnp.int32)])
-  return common.row_chunks(seg_starts, seg_ends, block_m=block_m, min_rows=MIN_ROWS,
-                           num_rows=m)
+  return common.segment_row_chunks(starts, ends, num_rows=m, block_m=block_m,
+                                   min_rows=MIN_ROWS)
 
 
 def _gmm_kernel(segment_ref, row0_ref, class_ref, lo_ref, hi_ref, num_items_ref, lhs_ref,

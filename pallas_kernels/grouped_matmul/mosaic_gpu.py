@@ -5,27 +5,36 @@ Inputs reach these functions padded by api.py to tile multiples, with the shard'
 tiles into a multi-stage shared-memory pipeline (plgpu.emit_pipeline: TMA copies, one barrier
 per stage) and multiplies them with wgmma into a float32 accumulator.
 
-  gmm   grid (row tiles, column tiles). A block owns one [block_m, block_n] output tile and
-        loops over the local groups that own rows of it (common.tile_group_range); per group
-        it runs the k pipeline against that group's weights and keeps that group's rows (a
-        select in registers). Rows of no local group stay zero. The tile is written once, by
-        one block, through SMEM and a TMA store: no atomics, no partial-row stores.
+  gmm   grid (items, column tiles). Items are row chunks aligned to the groups
+        (common.segment_row_chunks): a group's rows, rounded out to multiples of 8, as chunks
+        of block_m, block_m / 2, ..., 8 rows, each starting at a multiple of 8 (the TMA of a
+        swizzled tile needs that). The token rows are wgmma's N side (any multiple of 8) and
+        the weights its 64-row side: the program computes out[chunk, col tile].T =
+        w[:, col tile].T @ lhs[chunk].T over the k pipeline, then stores only the rows it owns
+        (neighbouring chunks share up to 7 rows), as one TMA box per set bit of the row count.
+        Items of the rows outside the shard's groups store zeros: every row is written once,
+        by one program, with no atomics. JAX before 0.11.2 cannot lower the transposed store
+        (chunked_gmm), so there gmm keeps its older schedule: grid (row tiles, column tiles),
+        each program looping over the groups that own rows of its tile, a whole tile over k
+        per group, keeping that group's rows.
   tgmm  grid (groups, k tiles, n tiles). A block owns out[g, k tile, n tile] and pipelines
         over the row tiles of group g only (a dynamic trip count); in the first and last tile,
         rows of other groups are zeroed in SMEM (both operands, so a NaN there cannot leak)
         before wgmma reads them. An empty group runs no step and writes zeros.
 
 Operands are bf16/fp16 only: wgmma on float32 operands computes in tf32, which would be a
-silent loss of precision. Tiles are multiples of 64 (a warpgroup's wgmma rows).
+silent loss of precision. Tiles are multiples of 64; gmm's block_m is 64, 128 or 256 (the
+chunk heights halve down to 8 and wgmma's N is at most 256).
 
-Boundary cost: unlike the Triton kernels (row chunks aligned to each group), gmm here still
-runs a whole [block_m, block_n] tile over all of k once per group the tile holds: about
-1 + (G - 1) block_m / m times the useful MACs (work.py counts it: 1.9x at 64 random groups of
-m = 8192, 4.9x at 256). tgmm likewise visits each (group, row tile) pair.
+Boundary cost (work.py counts it; m = 8192, random routing): gmm issues each group's rows
+rounded out to 8, 1.006x / 1.051x / 1.220x the useful MACs at 8 / 64 / 256 groups (the
+per-tile loop: 1.09x / 1.92x / 4.92x). tgmm still visits each (group, 64-row tile) pair:
+1.05x / 1.46x / 2.96x.
 
-Status: checked against the reference in Mosaic GPU's interpreter (with its race detector)
-on JAX >= 0.12 and lowered for an abstract H100 on 0.10.2 and 0.12; not yet compiled or timed
-on a GPU (experiments/bench_gmm.py does both).
+Status: both gmm schedules and tgmm checked against the reference in Mosaic GPU's interpreter
+(with its race detector) on JAX >= 0.12; lowered for an abstract H100 on 0.10.2 (the tile
+loop), 0.11.2 and 0.12; not yet compiled or timed on a GPU (experiments/bench_gmm.py does
+both).
 """
 from __future__ import annotations
 
@@ -46,6 +55,10 @@ DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 # Pipeline depth (SMEM stages); delay_release=1 keeps a stage alive while its wgmma may still
 # read it, so a step overlaps one wgmma with the TMA loads of the next stages.
 _STAGES = 3
+# gmm puts token rows on wgmma's N side (multiples of 8), so a chunk is 8 rows at the least,
+# not a warpgroup's 64; chunks start at multiples of 8 rows (the TMA of a swizzled tile).
+MIN_ROWS = 8
+GMM_BLOCK_M = (64, 128, 256)  # powers of two (the chunk heights halve) within wgmma's N <= 256
 
 
 def _params():
@@ -67,8 +80,83 @@ def _store_tile(value, out_gmem_tile):
   pl.run_scoped(scope, plgpu.SMEM(out_gmem_tile.shape, out_gmem_tile.dtype))
 
 
-def _gmm_kernel(first_group_gmem, stop_group_gmem, starts_gmem, ends_gmem, lhs_gmem, rhs_gmem,
+def gmm_schedule(starts, ends, *, m: int, block_m: int) -> common.RowChunks:
+  """gmm's work items: 8-row-aligned row chunks (block_m, block_m / 2, ..., 8 rows) of
+  segment 0 (rows before the shard's groups), the groups and segment G + 1 (rows after them);
+  the zero segments' items store zeros."""
+  return common.segment_row_chunks(starts, ends, num_rows=m, block_m=block_m,
+                                   min_rows=MIN_ROWS, align=MIN_ROWS)
+
+
+def _store_owned_rows(value_t, out_gmem, row0, lo, hi, col0):
+  """Rows [lo, hi) of value_t.T (value_t: [cols, rows] in registers; rows row0, row0 + 1, ...)
+  -> out_gmem[:, col0 : col0 + cols]; no other row is written.
+
+  TMA boxes have static shapes, so the owned rows go out as one box per set bit of hi - lo
+  (rows, rows / 2, ..., 1 rows) from a dynamic SMEM offset. The transposed register store
+  needs a swizzled SMEM tile (at least 64 rows) and a box at any row needs an unswizzled one,
+  so the tile is written to the first and copied to the second."""
+  cols, rows = value_t.shape
+  height = max(rows, TILE_MULTIPLE)
+
+  def scope(swizzled, plain):
+    compat.transposed_ref(swizzled.at[pl.ds(0, rows)])[...] = value_t.astype(swizzled.dtype)
+    plain[...] = swizzled[...]
+    plgpu.commit_smem()  # make the register writes visible to the TMA unit
+    count, offset, size = jnp.maximum(hi - lo, 0), lo - row0, rows
+    while size:
+      @pl.when((count & size) != 0)
+      def _(size=size, offset=offset):
+        plgpu.copy_smem_to_gmem(plain.at[pl.ds(offset, size)],
+                                out_gmem.at[pl.ds(row0 + offset, size), pl.ds(col0, cols)])
+      offset = offset + (count & size)
+      size //= 2
+    plgpu.wait_smem_to_gmem(0)
+  pl.run_scoped(scope, plgpu.SMEM((height, cols), out_gmem.dtype),
+                plgpu.SMEM((height, cols), out_gmem.dtype))
+
+
+def _gmm_chunk_kernel(segment_gmem, row0_gmem, class_gmem, lo_gmem, hi_gmem, num_items_gmem,
+                lhs_gmem, rhs_gmem, out_gmem, *, sizes: tuple[int, ...], tiles: common.Tiles,
+                num_groups: int, transpose_rhs: bool):
+  bk, bn = tiles.block_k, tiles.block_n
+  item, col_tile = lax.axis_index("m"), lax.axis_index("n")
+  num_k_tiles = lhs_gmem.shape[1] // bk
+  rhs_block = (bn, bk) if transpose_rhs else (bk, bn)
+  rhs_index = (lambda kt: (col_tile, kt)) if transpose_rhs else (lambda kt: (kt, col_tile))
+  segment, row0 = segment_gmem[item], pl.multiple_of(row0_gmem[item], MIN_ROWS)
+  group = jnp.clip(segment - 1, 0, num_groups - 1)
+  is_group = (segment > 0) & (segment <= num_groups)
+
+  def chunk_product(rows):
+    """out[row0 : row0 + rows, col tile].T = w[group][:, col tile].T @ lhs[chunk].T: the
+    weights are wgmma's 64-row side, the chunk's rows its N side; float32 in registers."""
+    def acc_scope(acc_ref):
+      def step(_, lhs_smem, rhs_smem):
+        w_t = rhs_smem if transpose_rhs else compat.transposed_ref(rhs_smem)
+        plgpu.wgmma(acc_ref, w_t, compat.transposed_ref(lhs_smem))
+        plgpu.wgmma_wait(1)  # at most one wgmma in flight: the stage before is free again
+
+      plgpu.emit_pipeline(
+          step, grid=(num_k_tiles,),
+          in_specs=[plgpu.BlockSpec((rows, bk), lambda kt: (0, kt), delay_release=1),
+                    plgpu.BlockSpec(rhs_block, rhs_index, delay_release=1)],
+          max_concurrent_steps=_STAGES)(lhs_gmem.at[pl.ds(row0, rows)], rhs_gmem.at[group])
+      return acc_ref[...]
+    return pl.run_scoped(acc_scope, plgpu.ACC((bn, rows), jnp.float32))
+
+  for size_class, rows in enumerate(sizes):
+    @pl.when((item < num_items_gmem[0]) & (class_gmem[item] == size_class))
+    def _(rows=rows):
+      zeros = plgpu.layout_cast(jnp.zeros((bn, rows), jnp.float32), plgpu.Layout.WGMMA)
+      acc_t = lax.cond(is_group, lambda: chunk_product(rows), lambda: zeros)
+      _store_owned_rows(acc_t, out_gmem, row0, lo_gmem[item], hi_gmem[item], col_tile * bn)
+
+
+def _gmm_tile_kernel(first_group_gmem, stop_group_gmem, starts_gmem, ends_gmem, lhs_gmem, rhs_gmem,
                 out_gmem, *, tiles: common.Tiles, transpose_rhs: bool):
+  """Older JAX (see chunked_gmm): a [block_m, block_n] output tile per program, the k loop run
+  once per local group that owns rows of it, keeping that group's rows."""
   bm, bk, bn = tiles.block_m, tiles.block_k, tiles.block_n
   row_tile, col_tile = lax.axis_index("m"), lax.axis_index("n")
   num_k_tiles = lhs_gmem.shape[1] // bk
@@ -114,19 +202,37 @@ def _check(name: str, tiles: common.Tiles, dtype):
                        f"Tiles.{field}={value}")
 
 
+def chunked_gmm() -> bool:
+  """Whether gmm runs on group-aligned row chunks (else the per-tile loop over groups): the
+  chunks' transposed register store lowers on jax 0.11.2 and 0.12 (0.10.2's layout inference
+  rejects it; no version in between was tried)."""
+  return compat.jax_version() >= (0, 11, 2)
+
+
 def gmm(lhs, rhs, starts, ends, *, tiles: common.Tiles, transpose_rhs: bool, out_dtype,
         interpret=False):
   """lhs [m, k], rhs [G, k, n] ([G, n, k] transposed), all tile multiples -> [m, n]."""
   _check("gmm", tiles, lhs.dtype)
   m, _ = lhs.shape
+  num_groups = rhs.shape[0]
   n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
-  bm, bn = tiles.block_m, tiles.block_n
-  first_group, stop_group = common.tile_group_range(starts, ends, bm, m // bm)
-  kernel = functools.partial(_gmm_kernel, tiles=tiles, transpose_rhs=transpose_rhs)
+  if chunked_gmm():
+    if tiles.block_m not in GMM_BLOCK_M:
+      raise ValueError(f"Mosaic GPU gmm's block_m is a chunk's row count on wgmma's N side: "
+                       f"one of {GMM_BLOCK_M}, got Tiles.block_m={tiles.block_m}")
+    chunks = gmm_schedule(starts, ends, m=m, block_m=tiles.block_m)
+    kernel = functools.partial(_gmm_chunk_kernel, sizes=chunks.sizes, tiles=tiles,
+                               num_groups=num_groups, transpose_rhs=transpose_rhs)
+    grid, operands = (chunks.max_items, n // tiles.block_n), (
+        chunks.segment, chunks.row0, chunks.size_class, chunks.lo, chunks.hi, chunks.num_items)
+  else:
+    kernel = functools.partial(_gmm_tile_kernel, tiles=tiles, transpose_rhs=transpose_rhs)
+    grid = (m // tiles.block_m, n // tiles.block_n)
+    operands = (*common.tile_group_range(starts, ends, tiles.block_m, grid[0]), starts, ends)
   return plgpu.kernel(
-      kernel, out_type=jax.ShapeDtypeStruct((m, n), out_dtype), grid=(m // bm, n // bn),
+      kernel, out_type=jax.ShapeDtypeStruct((m, n), out_dtype), grid=grid,
       grid_names=("m", "n"), compiler_params=_params(), interpret=interpret or None,
-  )(first_group, stop_group, starts, ends, lhs, rhs)
+  )(*operands, lhs, rhs)
 
 
 def _tgmm_kernel(starts_gmem, ends_gmem, lhs_gmem, grad_gmem, out_gmem, *, tiles: common.Tiles):

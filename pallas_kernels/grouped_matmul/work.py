@@ -139,23 +139,8 @@ def gmm_work(m: int, k: int, n: int, group_sizes, *, implementation: str, tiles:
   ideal_macs = rows * k * n
   ideal_bytes = itemsize * (rows * k + int(nonempty.sum()) * k * n + m * n)
 
-  if implementation == "gpu":
-    # One program per (row-chunk item, n tile): the whole k loop on its chunk if the item is a
-    # group's, then a masked store of the rows it owns (zero segments' items store zeros).
-    from pallas_kernels.grouped_matmul import gpu  # pylint: disable=g-import-not-at-top
-    chunks = _jit(gpu.gmm_schedule, m=m_pad, block_m=bm)(starts, ends)
-    real = np.arange(chunks.max_items) < int(chunks.num_items[0])
-    segment = np.asarray(chunks.segment)
-    rows = np.asarray(chunks.sizes)[np.asarray(chunks.size_class)]
-    multiplies = real & (segment > 0) & (segment <= num_local)
-    steps = int(multiplies.sum()) * k_tiles * n_tiles
-    issued_rows = int(rows[multiplies].sum())
-    owned = int(np.asarray(chunks.hi - chunks.lo)[real].sum())
-    moved = (issued_rows * k_tiles * n_tiles * bk + steps * bk * bn) + owned * n_pad
-    return Work(steps, issued_rows * k_pad * n_pad, itemsize * moved, itemsize * pad,
-                ideal_macs, ideal_bytes)
-
-  if implementation == "mosaic_gpu":
+  from pallas_kernels.grouped_matmul import mosaic_gpu  # pylint: disable=g-import-not-at-top
+  if implementation == "mosaic_gpu" and not mosaic_gpu.chunked_gmm():
     # One program per [block_m, block_n] output tile; it runs the whole k loop once per
     # nonempty local group in common.tile_group_range (the kernel's loop bounds).
     first, stop = (np.asarray(a) for a in common.tile_group_range(starts, ends, bm,
@@ -165,6 +150,27 @@ def gmm_work(m: int, k: int, n: int, group_sizes, *, implementation: str, tiles:
     moved = steps * (bm * bk + bk * bn) + m_pad * n_pad
     return Work(steps, steps * bm * bk * bn, itemsize * moved, itemsize * pad, ideal_macs,
                 ideal_bytes)
+
+  if implementation in ("gpu", "mosaic_gpu"):
+    # One program per (row-chunk item, n tile): the whole k loop on its chunk if the item is a
+    # group's, then a store of the rows it owns (zero segments' items store zeros). Triton's
+    # chunks are 16-row multiples from each group's start; Mosaic GPU's 8-row multiples from
+    # 8-row-aligned starts.
+    if implementation == "gpu":
+      from pallas_kernels.grouped_matmul import gpu as kernel  # pylint: disable=g-import-not-at-top
+    else:
+      kernel = mosaic_gpu
+    chunks = _jit(kernel.gmm_schedule, m=m_pad, block_m=bm)(starts, ends)
+    real = np.arange(chunks.max_items) < int(chunks.num_items[0])
+    segment = np.asarray(chunks.segment)
+    rows = np.asarray(chunks.sizes)[np.asarray(chunks.size_class)]
+    multiplies = real & (segment > 0) & (segment <= num_local)
+    steps = int(multiplies.sum()) * k_tiles * n_tiles
+    issued_rows = int(rows[multiplies].sum())
+    owned = int(np.maximum(np.asarray(chunks.hi - chunks.lo), 0)[real].sum())
+    moved = (issued_rows * k_tiles * n_tiles * bk + steps * bk * bn) + owned * n_pad
+    return Work(steps, issued_rows * k_pad * n_pad, itemsize * moved, itemsize * pad,
+                ideal_macs, ideal_bytes)
 
   from pallas_kernels.grouped_matmul import tpu  # pylint: disable=g-import-not-at-top
   schedule = _jit(tpu.gmm_schedule, m=m_pad, block_m=bm)(starts, ends)
