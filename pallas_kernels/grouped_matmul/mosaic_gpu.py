@@ -117,8 +117,8 @@ def _store_owned_rows(value_t, out_gmem, row0, lo, hi, col0):
 
 
 def _gmm_chunk_kernel(segment_gmem, row0_gmem, class_gmem, lo_gmem, hi_gmem, num_items_gmem,
-                lhs_gmem, rhs_gmem, out_gmem, *, sizes: tuple[int, ...], tiles: common.Tiles,
-                num_groups: int, transpose_rhs: bool):
+                      lhs_gmem, rhs_gmem, out_gmem, *, sizes: tuple[int, ...],
+                      tiles: common.Tiles, num_groups: int, transpose_rhs: bool):
   bk, bn = tiles.block_k, tiles.block_n
   item, col_tile = lax.axis_index("m"), lax.axis_index("n")
   num_k_tiles = lhs_gmem.shape[1] // bk
@@ -153,8 +153,8 @@ def _gmm_chunk_kernel(segment_gmem, row0_gmem, class_gmem, lo_gmem, hi_gmem, num
       _store_owned_rows(acc_t, out_gmem, row0, lo_gmem[item], hi_gmem[item], col_tile * bn)
 
 
-def _gmm_tile_kernel(first_group_gmem, stop_group_gmem, starts_gmem, ends_gmem, lhs_gmem, rhs_gmem,
-                out_gmem, *, tiles: common.Tiles, transpose_rhs: bool):
+def _gmm_tile_kernel(first_group_gmem, stop_group_gmem, starts_gmem, ends_gmem, lhs_gmem,
+                     rhs_gmem, out_gmem, *, tiles: common.Tiles, transpose_rhs: bool):
   """Older JAX (see chunked_gmm): a [block_m, block_n] output tile per program, the k loop run
   once per local group that owns rows of it, keeping that group's rows."""
   bm, bk, bn = tiles.block_m, tiles.block_k, tiles.block_n
