@@ -512,6 +512,10 @@ def test_k_and_n_tiles_divide_the_weights_instead_of_padding_them():
   # 16 divides 80 but is under half the tile: padded instead (to 128)
   assert api.fit_tile("gpu", False, "block_k", 128, 80, lane=True) == (128, 128)
   assert api.fit_tile("mosaic_gpu", False, "block_n", 256, 384, lane=True) == (192, 384)
+  # Mosaic GPU's row tile is halved to fit few rows, never cut to a non-power of two such as
+  # 192 (gmm's chunk heights halve from it: mosaic_gpu.GMM_BLOCK_M)
+  assert api.fit_tile("mosaic_gpu", False, "block_m", 256, 130, lane=False) == (256, 256)
+  assert api.fit_tile("mosaic_gpu", False, "block_m", 256, 60, lane=False) == (64, 64)
 
 
 def test_work_counter_refuses_what_it_cannot_count():

@@ -75,7 +75,12 @@ def fit_tile(implementation: str, interpret, name: str, tile: int, dim: int, *,
     if tile % mosaic_gpu.TILE_MULTIPLE:
       raise ValueError(f"Mosaic GPU tiles must be multiples of {mosaic_gpu.TILE_MULTIPLE} (a "
                        f"warpgroup's wgmma rows), got Tiles.{name}={tile}")
-    tile = min(tile, tiling.round_up(dim, mosaic_gpu.TILE_MULTIPLE))
+    multiple = mosaic_gpu.TILE_MULTIPLE
+    if name == "block_m":  # halved to the rows there are: gmm's chunk heights are powers of two
+      while tile > multiple and tile // 2 >= dim and (tile // 2) % multiple == 0:
+        tile //= 2
+    if name != "block_m" or tile & (tile - 1):
+      tile = min(tile, tiling.round_up(dim, multiple))
     if lane:
       tile = _dividing(tile, dim, mosaic_gpu.TILE_MULTIPLE)
     return tile, tiling.round_up(dim, tile)
