@@ -66,6 +66,9 @@ CASES = {
     "small_groups_default_tiles": Case(m=300, k=64, n=128, sizes=(3, 17, 0, 40, 9, 1, 64, 25,
                                                                   7, 0, 33, 12, 21),
                                        tiling=None),
+    # the last group ends at m: tgmm's span for it starts 8 rows early, inside group 1, whose
+    # rows there must be zeroed; group 1's span is a 64-row tile and a 16-row chunk
+    "group_at_the_end": Case(m=128, k=64, n=64, sizes=(40, 80, 8)),
 }
 
 

@@ -17,10 +17,13 @@ per stage) and multiplies them with wgmma into a float32 accumulator.
         (chunked_gmm), so there gmm keeps its older schedule: grid (row tiles, column tiles),
         each program looping over the groups that own rows of its tile, a whole tile over k
         per group, keeping that group's rows.
-  tgmm  grid (groups, k tiles, n tiles). A block owns out[g, k tile, n tile] and pipelines
-        over the row tiles of group g only (a dynamic trip count); in the first and last tile,
-        rows of other groups are zeroed in SMEM (both operands, so a NaN there cannot leak)
-        before wgmma reads them. An empty group runs no step and writes zeros.
+  tgmm  grid (groups, k tiles, n tiles). A block owns out[g, k tile, n tile] and contracts
+        its group's span (tgmm_spans): from the group's start rounded down to 8 rows, a
+        multiple of 16 rows (wgmma's k step) long; a pipeline over the span's block_m-row
+        tiles (a dynamic trip count), then one chunk per set bit of the rest (block_m / 2,
+        ..., 16 rows). In a tile or chunk that a group boundary cuts, rows of other groups are
+        zeroed in SMEM (both operands, so a NaN there cannot leak) before wgmma reads them. An
+        empty group runs no step and writes zeros.
 
 Operands are bf16/fp16 only: wgmma on float32 operands computes in tf32, which would be a
 silent loss of precision. Tiles are multiples of 64; gmm's block_m is 64, 128 or 256 (the
@@ -28,8 +31,8 @@ chunk heights halve down to 8 and wgmma's N is at most 256).
 
 Boundary cost (work.py counts it; m = 8192, random routing): gmm issues each group's rows
 rounded out to 8, 1.006x / 1.051x / 1.220x the useful MACs at 8 / 64 / 256 groups (the
-per-tile loop: 1.09x / 1.92x / 4.92x). tgmm still visits each (group, 64-row tile) pair:
-1.05x / 1.46x / 2.96x.
+per-tile loop: 1.09x / 1.92x / 4.92x); tgmm's spans 1.010x / 1.088x / 1.357x (whole 64-row
+tiles per group: 1.05x / 1.46x / 2.96x).
 
 Status: both gmm schedules and tgmm checked against the reference in Mosaic GPU's interpreter
 (with its race detector) on JAX >= 0.12; lowered for an abstract H100 on 0.10.2 (the tile
@@ -43,6 +46,7 @@ import functools
 import jax
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.mosaic.gpu import fragmented_array
 from jax.experimental.pallas import mosaic_gpu as plgpu
 import jax.numpy as jnp
 
@@ -58,6 +62,15 @@ _STAGES = 3
 # gmm puts token rows on wgmma's N side (multiples of 8), so a chunk is 8 rows at the least,
 # not a warpgroup's 64; chunks start at multiples of 8 rows (the TMA of a swizzled tile).
 MIN_ROWS = 8
+TGMM_ROWS = 16  # tgmm contracts the rows: wgmma's k step for 16-bit operands
+# tgmm's 16- and 32-row chunks: swizzled 32 bytes wide, the swizzle whose wgmma k step is 16
+# rows (128 bytes, the default, steps by 64), and masked in registers in a layout for 16-row
+# tiles (WGMMA's needs 64): each warp holds an 8-column strip of every 16 x 32 tile, in
+# WGMMA's 8 x 8 cores.
+_CHUNK_TRANSFORMS = (plgpu.TilingTransform((8, 16)), plgpu.SwizzleTransform(32))
+_CHUNK_LAYOUT = plgpu.Layout.TILED(
+    fragmented_array.Tiling(((16, 32), (16, 8), (8, 8), (2,))), warp_dims=(-6,),
+    lane_dims=(-3, -2), vector_dim=-1)
 GMM_BLOCK_M = (64, 128, 256)  # powers of two (the chunk heights halve) within wgmma's N <= 256
 
 
@@ -65,8 +78,8 @@ def _params():
   return plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup)
 
 
-def _rows_mask(first_row, shape, start, end):
-  rows = first_row + plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=plgpu.Layout.WGMMA)
+def _rows_mask(first_row, shape, start, end, layout=plgpu.Layout.WGMMA):
+  rows = first_row + plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=layout)
   return (rows >= start) & (rows < end)
 
 
@@ -235,33 +248,72 @@ def gmm(lhs, rhs, starts, ends, *, tiles: common.Tiles, transpose_rhs: bool, out
   )(*operands, lhs, rhs)
 
 
-def _tgmm_kernel(starts_gmem, ends_gmem, lhs_gmem, grad_gmem, out_gmem, *, tiles: common.Tiles):
+def tgmm_spans(starts, ends, *, m: int):
+  """Per group, the rows tgmm contracts, (first, rows): [first, first + rows) covers the
+  group's rows [start, end), first a multiple of 8 (MIN_ROWS: a swizzled tile's TMA) and rows
+  a multiple of 16 (TGMM_ROWS: wgmma's k step for 16-bit operands). Where the span would pass
+  m (a multiple of 64) it starts 8 rows earlier instead. Empty groups: rows 0."""
+  first = starts // MIN_ROWS * MIN_ROWS
+  rows = tiling.cdiv(tiling.cdiv(ends, MIN_ROWS) * MIN_ROWS - first, TGMM_ROWS) * TGMM_ROWS
+  first = jnp.where(first + rows > m, first - MIN_ROWS, first)
+  return first.astype(jnp.int32), jnp.where(ends > starts, rows, 0).astype(jnp.int32)
+
+
+def tgmm_steps(rows, block_m: int):
+  """Pipeline steps of a span of `rows` (a multiple of 16): its block_m-row tiles, then one
+  chunk per set bit of the rest (block_m / 2, ..., 16 rows)."""
+  rest, chunks, size = rows % block_m, 0, block_m // 2
+  while size >= TGMM_ROWS:
+    chunks = chunks + ((rest & size) != 0)
+    size //= 2
+  return rows // block_m + chunks
+
+
+def _tgmm_kernel(starts_gmem, ends_gmem, first_gmem, rows_gmem, lhs_gmem, grad_gmem, out_gmem,
+                 *, tiles: common.Tiles):
   bm, bk, bn = tiles.block_m, tiles.block_k, tiles.block_n
   group, k_tile, n_tile = lax.axis_index("g"), lax.axis_index("k"), lax.axis_index("n")
   start, end = starts_gmem[group], ends_gmem[group]
-  first_tile = start // bm
-  num_tiles = jnp.where(end > start, tiling.cdiv(end, bm) - first_tile, 0)
+  first, rows = pl.multiple_of(first_gmem[group], MIN_ROWS), rows_gmem[group]
 
   def acc_scope(acc_ref):
-    def step(indices, lhs_smem, grad_smem):
-      row0 = (first_tile + indices[0]) * bm
+    def contract(row0, lhs_smem, grad_smem):
+      height = lhs_smem.shape[0]
 
       # Only a tile that a group boundary cuts holds rows of other groups.
-      @pl.when((row0 < start) | (row0 + bm > end))
+      @pl.when((row0 < start) | (row0 + height > end))
       def _():
+        layout = plgpu.Layout.WGMMA if height % TILE_MULTIPLE == 0 else _CHUNK_LAYOUT
         for ref in (lhs_smem, grad_smem):
-          ref[...] = jnp.where(_rows_mask(row0, ref.shape, start, end), ref[...],
+          ref[...] = jnp.where(_rows_mask(row0, ref.shape, start, end, layout), ref[...],
                                jnp.zeros((), ref.dtype))
         plgpu.commit_smem()  # the masked tile must be what wgmma (async proxy) reads
 
       plgpu.wgmma(acc_ref, compat.transposed_ref(lhs_smem), grad_smem)
       plgpu.wgmma_wait(1)  # at most one wgmma in flight: the stage before is free again
 
-    plgpu.emit_pipeline(
-        step, grid=(num_tiles,),
-        in_specs=[plgpu.BlockSpec((bm, bk), lambda t: (first_tile + t, k_tile), delay_release=1),
-                  plgpu.BlockSpec((bm, bn), lambda t: (first_tile + t, n_tile), delay_release=1)],
-        max_concurrent_steps=_STAGES)(lhs_gmem, grad_gmem)
+    def pipeline(height, row0_of_step, num_steps):
+      row0 = lambda t: pl.multiple_of(row0_of_step(t), MIN_ROWS)
+      # wgmma contracts in steps of the swizzle's width: 64 rows at 128 bytes, 16 at 32
+      swizzle = () if height % TILE_MULTIPLE == 0 else _CHUNK_TRANSFORMS
+      plgpu.emit_pipeline(
+          lambda indices, lhs_smem, grad_smem: contract(row0(indices[0]), lhs_smem, grad_smem),
+          grid=(num_steps,),
+          in_specs=[plgpu.BlockSpec((pl.Element(height), bk), lambda t: (row0(t), k_tile),
+                                    transforms=swizzle, delay_release=1),
+                    plgpu.BlockSpec((pl.Element(height), bn), lambda t: (row0(t), n_tile),
+                                    transforms=swizzle, delay_release=1)],
+          max_concurrent_steps=_STAGES)(lhs_gmem, grad_gmem)
+      plgpu.wgmma_wait(0)  # the pipeline's stages are freed: no wgmma may still read them
+
+    pipeline(bm, lambda t: first + t * bm, rows // bm)  # the span's whole block_m tiles
+    rest, offset, size = rows % bm, first + rows // bm * bm, bm // 2
+    while size >= TGMM_ROWS:  # the rest (a multiple of 16 rows): one chunk per set bit
+      @pl.when((rest & size) != 0)
+      def _(size=size, offset=offset):
+        pipeline(size, lambda _: offset, 1)
+      offset = offset + (rest & size)
+      size //= 2
     return acc_ref[...]
 
   acc = pl.run_scoped(acc_scope, plgpu.ACC((bk, bn), jnp.float32))
@@ -273,9 +325,10 @@ def tgmm(lhs, grad, starts, ends, *, tiles: common.Tiles, out_dtype, interpret=F
   _check("tgmm", tiles, lhs.dtype)
   k, n = lhs.shape[1], grad.shape[1]
   num_groups = starts.shape[0]
+  first, rows = tgmm_spans(starts, ends, m=lhs.shape[0])
   return plgpu.kernel(
       functools.partial(_tgmm_kernel, tiles=tiles),
       out_type=jax.ShapeDtypeStruct((num_groups, k, n), out_dtype),
       grid=(num_groups, k // tiles.block_k, n // tiles.block_n), grid_names=("g", "k", "n"),
       compiler_params=_params(), interpret=interpret or None,
-  )(starts, ends, lhs, grad)
+  )(starts, ends, first, rows, lhs, grad)

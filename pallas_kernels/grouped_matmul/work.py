@@ -221,13 +221,15 @@ def tgmm_work(m: int, k: int, n: int, group_sizes, *, implementation: str, tiles
                 ideal_macs, ideal_bytes)
 
   if implementation == "mosaic_gpu":
-    # One program per (group, k tile, n tile); it loops over the row tiles its group touches.
-    s, e = np.asarray(starts), np.asarray(ends)
-    tiles_of_group = np.where(e > s, -(-e // bm) - s // bm, 0)
-    steps = int(tiles_of_group.sum()) * k_tiles * n_tiles
-    moved = steps * (bm * bk + bm * bn) + num_groups * k_pad * n_pad
-    return Work(steps, steps * bm * bk * bn, itemsize * moved, itemsize * pad, ideal_macs,
-                ideal_bytes)
+    # One program per (group, k tile, n tile); it contracts its group's span (8-aligned start,
+    # a multiple of 16 rows) in block_m-row tiles and one chunk per set bit of the rest.
+    from pallas_kernels.grouped_matmul import mosaic_gpu  # pylint: disable=g-import-not-at-top
+    _, span_rows = map(np.asarray, mosaic_gpu.tgmm_spans(starts, ends, m=m_pad))
+    steps = int(np.sum(mosaic_gpu.tgmm_steps(span_rows, bm))) * k_tiles * n_tiles
+    issued_rows = int(span_rows.sum())
+    moved = issued_rows * k_tiles * n_tiles * (bk + bn) + num_groups * k_pad * n_pad
+    return Work(steps, issued_rows * k_pad * n_pad, itemsize * moved, itemsize * pad,
+                ideal_macs, ideal_bytes)
 
   from pallas_kernels.grouped_matmul import tpu  # pylint: disable=g-import-not-at-top
   schedule = _jit(tpu.tgmm_schedule, m=m_pad, block_m=bm)(starts, ends)
