@@ -47,8 +47,9 @@ from experiments import runs
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "One subdirectory per run.", required=True)
 _PRESET = flags.DEFINE_enum("preset", "full", ["full", "quick"],
-                            "full: d 128, 2 layers, 1200 steps (~1 h on 2 CPU cores); quick: "
-                            "the test model, 60 steps, one learning rate (a few minutes).")
+                            "full: d 128, 2 layers, 3200 steps per run, 3 learning rates "
+                            "(hours on 2 CPU cores); quick: the test model, 60 steps, one "
+                            "learning rate (a few minutes).")
 _METHODS = flags.DEFINE_list("methods", ["full", "lora", "relora", "galore", "sst"],
                              "configs/sst.py variants to run.")
 _RATIOS = flags.DEFINE_list("rank_ratios", ["16", "8"], "r = d_model / N for each N.")
