@@ -438,6 +438,9 @@ def test_mosaic_gpu_tgmm_spans_cover_each_group_from_aligned_starts():
       assert r <= -(-e // 8) * 8 - s // 8 * 8 + 8, (s, e, f, r)
     assert [int(mosaic_gpu.tgmm_steps(r, 64)) for r in (0, 16, 48, 64, 112, 128)] == [
         0, 1, 2, 1, 3, 2]  # 64-row tiles, then 32 and 16 rows
+  # a row tile that is not a power of two (192): the rest still splits into its set bits
+  assert mosaic_gpu.tgmm_chunk_sizes(192) == (128, 64, 32, 16)
+  assert int(mosaic_gpu.tgmm_steps(192 + 176, 192)) == 4  # 192, then 128 + 32 + 16
 
 
 def _rows_tgmm_mosaic_gpu(sizes):

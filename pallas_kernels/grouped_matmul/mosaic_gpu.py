@@ -259,14 +259,22 @@ def tgmm_spans(starts, ends, *, m: int):
   return first.astype(jnp.int32), jnp.where(ends > starts, rows, 0).astype(jnp.int32)
 
 
+def tgmm_chunk_sizes(block_m: int) -> tuple[int, ...]:
+  """The chunk heights after a span's block_m-row tiles: the powers of two from 16 below
+  block_m, largest first. The rest (a multiple of 16, under block_m) is one chunk per set bit,
+  also when block_m is not a power of two (192: 128, 64, 32, 16)."""
+  sizes, size = [], TGMM_ROWS
+  while size < block_m:
+    sizes.append(size)
+    size *= 2
+  return tuple(reversed(sizes))
+
+
 def tgmm_steps(rows, block_m: int):
   """Pipeline steps of a span of `rows` (a multiple of 16): its block_m-row tiles, then one
-  chunk per set bit of the rest (block_m / 2, ..., 16 rows)."""
-  rest, chunks, size = rows % block_m, 0, block_m // 2
-  while size >= TGMM_ROWS:
-    chunks = chunks + ((rest & size) != 0)
-    size //= 2
-  return rows // block_m + chunks
+  chunk per set bit of the rest."""
+  rest = rows % block_m
+  return rows // block_m + sum((rest & size) != 0 for size in tgmm_chunk_sizes(block_m))
 
 
 def _tgmm_kernel(starts_gmem, ends_gmem, first_gmem, rows_gmem, lhs_gmem, grad_gmem, out_gmem,
@@ -307,13 +315,12 @@ def _tgmm_kernel(starts_gmem, ends_gmem, first_gmem, rows_gmem, lhs_gmem, grad_g
       plgpu.wgmma_wait(0)  # the pipeline's stages are freed: no wgmma may still read them
 
     pipeline(bm, lambda t: first + t * bm, rows // bm)  # the span's whole block_m tiles
-    rest, offset, size = rows % bm, first + rows // bm * bm, bm // 2
-    while size >= TGMM_ROWS:  # the rest (a multiple of 16 rows): one chunk per set bit
+    rest, offset = rows % bm, first + rows // bm * bm
+    for size in tgmm_chunk_sizes(bm):  # the rest (a multiple of 16 rows): a chunk per set bit
       @pl.when((rest & size) != 0)
       def _(size=size, offset=offset):
         pipeline(size, lambda _: offset, 1)
       offset = offset + (rest & size)
-      size //= 2
     return acc_ref[...]
 
   acc = pl.run_scoped(acc_scope, plgpu.ACC((bk, bn), jnp.float32))
