@@ -1,6 +1,9 @@
 """The low-rank baselines: LoRA, ReLoRA (merge, optimizer reset/pruning, jagged schedule) and
 GaLore (projection side, refresh, moments, full rank = Adam). The teacher-student check of all
 methods is in tests/test_sst.py."""
+import dataclasses
+import os
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -230,3 +233,43 @@ def test_optimizer_for_rewarms_only_what_the_method_resets(kind, names):
   _, lr_fn = lowrank.optimizer_for(cfg)
   envelope = jagged_cosine(cfg.optim.learning_rate, 5, 100, cfg.optim.min_lr_ratio)
   assert float(lr_fn(20)) == float(envelope(20))  # the global schedule does not dip
+
+
+def test_true_global_norm_is_the_norm_of_the_plain_gradient():
+  params, state, enhanced, true = _sst_grads()
+  got = float(lowrank.true_global_norm(enhanced, params, state))
+  np.testing.assert_allclose(got, _norm(true), rtol=1e-5)
+  assert _norm(enhanced) > 1.5 * got  # the enhanced gradient's norm would be far off
+  assert float(lowrank.true_global_norm(true, params, {})) == _norm(true)  # no SST: plain
+
+
+def test_sst_step_logs_the_norm_its_clipping_measures(tfds_dir):
+  """The logged grad_norm is where clipping starts: a threshold just above it leaves Adam's
+  first moment as without clipping, one just below shrinks it."""
+  import sys  # pylint: disable=g-import-not-at-top
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  from configs import sst as sst_configs  # pylint: disable=g-import-not-at-top
+  from effjax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from effjax.models.decoder_lm import DecoderLM  # pylint: disable=g-import-not-at-top
+  from effjax.parallel import build_mesh  # pylint: disable=g-import-not-at-top
+  from effjax.train import step as step_lib  # pylint: disable=g-import-not-at-top
+  c = sst_configs.get_config("sst,test")
+  c.data.data_dir = tfds_dir
+  cfg = config_lib.from_config_dict(c)
+  model, mesh = DecoderLM(cfg.model), build_mesh(cfg.mesh, jax.devices()[:1])
+  tokens = np.random.default_rng(0).integers(0, 256, (2, cfg.data.seq_len + 1)).astype(np.int32)
+  batch = {"tokens": tokens, "segment_ids": np.ones_like(tokens),
+           "positions": np.broadcast_to(np.arange(tokens.shape[1]), tokens.shape).astype(np.int32)}
+
+  def one_step(grad_clip):
+    cfg_clip = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, grad_clip=grad_clip))
+    tx, lr_fn = lowrank.optimizer_for(cfg_clip)
+    state, _ = step_lib.create_train_state(model, tx, mesh, 0, cfg.data.seq_len)
+    new, metrics = jax.jit(step_lib.make_train_step(model, tx, lr_fn))(state, batch)
+    return float(metrics["grad_norm"]), jax.tree.leaves(jax.device_get(new.opt_state))
+
+  norm, unclipped = one_step(0.0)
+  _, above = one_step(norm * 1.001)  # the enhanced norm is only ~2% above at init
+  _, below = one_step(norm * 0.999)
+  assert all(np.array_equal(a, b) for a, b in zip(above, unclipped))
+  assert not all(np.allclose(b, u) for b, u in zip(below, unclipped))

@@ -68,14 +68,27 @@ def clip_by_true_global_norm(max_norm: float) -> optax.GradientTransformationExt
                        "indices) in update(); got params=%s, model_state=%s" % (
                            "None" if params is None else "given",
                            "None" if model_state is None else sorted(model_state)))
-    weights = _true_gradient_weights(params, sst_state)
-    squares = jax.tree.map(lambda g, w: jnp.sum(jnp.square(g.astype(jnp.float32) * w)),
-                           updates, weights)
-    norm = jnp.sqrt(sum(jax.tree.leaves(squares)))
+    norm = _weighted_norm(updates, _true_gradient_weights(params, sst_state))
     scale = jnp.where(norm > max_norm, max_norm / jnp.maximum(norm, 1e-30), 1.0)
     return jax.tree.map(lambda g: (g * scale).astype(g.dtype), updates), state
 
   return optax.GradientTransformationExtraArgs(lambda params: optax.EmptyState(), update)
+
+
+def _weighted_norm(grads, weights) -> jax.Array:
+  squares = jax.tree.map(lambda g, w: jnp.sum(jnp.square(g.astype(jnp.float32) * w)),
+                         grads, weights)
+  return jnp.sqrt(sum(jax.tree.leaves(squares)))
+
+
+def true_global_norm(grads, params, model_state) -> jax.Array:
+  """The global norm of the true gradient, the one clip_by_true_global_norm measures: with SST
+  layers their enhanced u_cols / v_cols gradients are weighted by sigma_i; without them, the
+  plain global norm."""
+  sst_state = (model_state or {}).get(spectral.SST_COLLECTION)
+  if sst_state is None:
+    return optax.tree.norm(grads)
+  return _weighted_norm(grads, _true_gradient_weights(params, sst_state))
 
 
 def _has_sst(params) -> bool:

@@ -13,6 +13,7 @@ import numpy as np
 import optax
 
 from effjax.data import tokenizer
+from effjax.optim import lowrank
 from effjax.parallel import LOGICAL_RULES, logical_sharding, sharding_context  # noqa: F401
 
 
@@ -171,7 +172,8 @@ def make_train_step(model, tx, lr_fn, *, skip_nonfinite: bool = False):
     updates, opt_state = optax.with_extra_args_support(tx).update(
         grads, state.opt_state, state.params, model_state=state.model_state)
     params = optax.apply_updates(state.params, updates)
-    grad_norm = optax.tree.norm(grads)
+    # the true gradient's norm, the one clipping measures (not SST's enhanced gradients)
+    grad_norm = lowrank.true_global_norm(grads, state.params, state.model_state)
     new = (params, opt_state, outputs.model_state)
     nonfinite = (jnp.where(jnp.isfinite(loss), 0, NONFINITE_LOSS)
                  | jnp.where(jnp.isfinite(grad_norm), 0, NONFINITE_GRAD)
