@@ -12,8 +12,9 @@ full preset gives >= 5 rounds at r/d = 1/16), each at two rank ratios r/d (Full 
 at every learning rate of a small sweep and every seed. ReLoRA* and SST re-warm only the
 parameters a restart resets, over 10% of their period. The learning rate per method and rank
 is chosen on the held-out selection slice (data.select_percent of the training files, mean
-over seeds); validation numbers are reported at that learning rate, as mean and range over
-seeds. Embeddings and the head stay dense.
+over seeds; with --sweep_seeds=N the sweep runs on the first N seeds only and the others run
+at the chosen rate); validation numbers are reported at that learning rate, as mean and range
+over seeds. Embeddings and the head stay dense.
 
 Not expected here: the paper's 67.6% gap reduction (OPT-125M, billions of tokens). At about
 2 tokens per parameter the question is only whether SST beats the best of LoRA/ReLoRA* once
@@ -25,7 +26,7 @@ time; the gap reduction (best other low-rank - SST) / (best other low-rank - Ful
 perplexity, as the paper computes it, with "other" = {LoRA, ReLoRA*} (the paper's tables) and
 also with GaLore included; and a verdict on the ordering Full < SST < {LoRA, ReLoRA*}.
 Refuses a dirty tree or a non-empty workdir (--allow_dirty, --allow_resume: then finished
-runs are read back, not retrained). The results file records provenance and every config.
+runs are read back, not retrained or re-evaluated). The results file records provenance and every config.
 --out writes every run as JSON; --plot (default WORKDIR/loss_curves.png) draws the validation
 and training loss curves of the best run of each method (needs matplotlib; skipped without).
 """
@@ -62,6 +63,10 @@ _SWEEP_RATIOS = flags.DEFINE_list(
     "sweep_ratios", [], "Rank ratios (N of r = d / N) that get the learning-rate sweep; the "
     "other ratios run each method at its best learning rate of the first swept ratio "
     "(default: sweep every ratio).")
+_SWEEP_SEEDS = flags.DEFINE_integer(
+    "sweep_seeds", 0, "Run the learning-rate sweep (and its extension) on the first N of "
+    "--seeds and choose on them; the other seeds run only at the chosen learning rate "
+    "(0: sweep on every seed).", lower_bound=0)
 _EXTEND = flags.DEFINE_bool("extend_sweep", True, "If a method's best learning rate is at an "
                              "edge of the sweep, also run one step (x3) beyond that edge.")
 _BARE_STEPS = flags.DEFINE_integer(
@@ -103,6 +108,10 @@ def run_one(method: str, ratio: int, lr: float, seed: int) -> dict:
   name += f"_s{seed}"
   workdir = os.path.join(_WORKDIR.value, name)
   _, wall = runs.train_timed(cfg, workdir, resume=True)
+  row_file = os.path.join(workdir, "repro_sst_row.json")
+  if os.path.exists(row_file):  # a finished run read back: its row, not a re-evaluation
+    with open(row_file, encoding="utf-8") as f:
+      return json.load(f)
   summary = runs.run_summary(cfg, workdir)
   first = summary.pop("first")
   report = first if "opt_state_bytes" in first else {}
@@ -122,6 +131,9 @@ def run_one(method: str, ratio: int, lr: float, seed: int) -> dict:
     row["sst_seen_fraction"] = spectral.seen_fraction(sst_state)
   if method == "full":  # dense AdamW: mu and nu of every param
     row["opt_state_bytes"] = row["opt_state_bytes"] or _adamw_bytes(cfg)
+  with open(row_file + ".tmp", "w", encoding="utf-8") as f:
+    json.dump(row, f)
+  os.replace(row_file + ".tmp", row_file)
   return row
 
 
@@ -181,18 +193,22 @@ def by_setting(rows) -> dict[tuple, dict]:
   return out
 
 
-def best_rows(rows):
+def best_rows(rows, sweep_seeds=None):
   """{(method, ratio): the learning-rate setting with the lowest mean selection loss (the
-  held-out slice; validation loss only when there is no slice) over seeds}."""
+  held-out slice; validation loss only when there is no slice) over the sweep seeds (all
+  seeds when None), reported with every seed it ran}."""
+  on_sweep = by_setting([r for r in rows if sweep_seeds is None or r["seed"] in sweep_seeds])
   best = {}
-  for (method, ratio, _), entry in by_setting(rows).items():
-    crit = entry.get("select_loss", entry.get("eval_loss"))
+  for (method, ratio, lr), entry in by_setting(rows).items():
+    swept = on_sweep.get((method, ratio, lr), {})
+    crit = swept.get("select_loss", swept.get("eval_loss"))
     if crit is None or entry.get("eval_loss") is None:
       continue
     key = (method, ratio)
     if key not in best or crit["mean"] < best[key]["criterion"]:
       best[key] = {**entry, "criterion": crit["mean"],
-                   "chosen_on": "select_loss" if "select_loss" in entry else "eval_loss"}
+                   "chosen_on": "select_loss" if "select_loss" in entry else "eval_loss",
+                   "chosen_on_seeds": sorted(swept["seeds"])}
   return best
 
 
@@ -216,10 +232,11 @@ def summarize(rows, best) -> tuple[str, dict]:
   tokens = rows[0]["tokens"]
   seeds = sorted({r["seed"] for r in rows})
   chosen_on = {b["chosen_on"] for b in best.values()}
+  on_seeds = sorted({s for b in best.values() for s in b["chosen_on_seeds"]})
   lines.append(f"preset {_PRESET.value}: {tokens:,} training tokens per run; seeds {seeds}; "
                f"learning rates swept: {sorted({r['lr'] for r in rows})}, chosen per method "
-               f"and rank on {' / '.join(sorted(chosen_on))}; validation shown as mean ± "
-               "half the range over seeds")
+               f"and rank on {' / '.join(sorted(chosen_on))} of seeds {on_seeds}; validation "
+               "shown as mean ± half the range over seeds")
   lines.append("")
   lines.append("| method | r | r/d | chosen lr | val loss (nats/token) | val ppl | val bits/byte | "
                "SST rounds | singular vectors ever active | trainable params | "
@@ -241,7 +258,8 @@ def summarize(rows, best) -> tuple[str, dict]:
                  f"{kib} | "
                  f"{r['median_step_s']:.3f} | {r.get('bare_step_s', float('nan')):.3f} |")
   lines.append("")
-  lines.append("All settings (mean final selection loss / validation loss by learning rate):")
+  lines.append("All settings (mean final selection loss / validation loss by learning rate, "
+               "over the seeds each setting ran):")
   lines.append("")
   settings = by_setting(rows)
   lrs = sorted({r["lr"] for r in rows})
@@ -293,14 +311,14 @@ def summarize(rows, best) -> tuple[str, dict]:
   return "\n".join(lines), verdicts
 
 
-def plot(rows, path: str) -> str:
+def plot(rows, best, path: str) -> str:
   try:
     import matplotlib  # pylint: disable=g-import-not-at-top
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   except ImportError:
     return "matplotlib is not installed: no plot"
-  best = best_rows(rows)  # curves: the first seed of the chosen setting
+  # curves: the first seed of the chosen setting
   ratios = sorted({r["ratio"] for r in rows if r["ratio"]}, reverse=True)
   fig, axes = plt.subplots(1, max(1, len(ratios)), figsize=(6 * max(1, len(ratios)), 4.5),
                            squeeze=False)
@@ -345,41 +363,54 @@ def main(argv):
   plan = [(m, None) for m in _METHODS.value if m == "full"] + [
       (m, q) for q in ratios for m in _METHODS.value if m != "full"]
 
+  if _SWEEP_SEEDS.value > len(seeds):
+    raise app.UsageError(f"--sweep_seeds={_SWEEP_SEEDS.value}: more than the "
+                         f"{len(seeds)} seeds of --seeds")
+  sweep_seeds = seeds[:_SWEEP_SEEDS.value or len(seeds)]
+
   def chosen_lr(method, ratio):
-    return best_rows([r for r in rows if r["method"] == method and r["ratio"] == ratio]
-                     ).get((method, ratio), {}).get("lr")
+    return best_rows([r for r in rows if r["method"] == method and r["ratio"] == ratio],
+                     sweep_seeds).get((method, ratio), {}).get("lr")
+
+  def run_seeds(method, ratio, lr, run_on):
+    for seed in run_on:
+      print(f"running {method} r/d=1/{ratio} lr={lr:g} seed={seed} ...", flush=True)
+      row = run_one(method, ratio or ratios[0], lr, seed)
+      row["ratio"] = ratio
+      row["rank"] = row["rank"] if ratio else None
+      rows.append(row)
+      print(json.dumps({k: v for k, v in row.items() if "curve" not in k and k != "config"}),
+            flush=True)
+      runs.write(_OUT.value, {"runs": rows, "complete": False})  # keep what is done so far
 
   for method, ratio in plan:
-    tried = []
-    queue = list(lrs)
     if ratio is not None and ratio not in swept:  # the chosen lr at the first swept ratio
       lr = chosen_lr(method, swept[0])
-      queue = [lr] if lr is not None else queue
+      if lr is not None:
+        run_seeds(method, ratio, lr, seeds)
+        continue
+    tried = []
+    queue = list(lrs)
     while queue:
       lr = queue.pop(0)
       tried.append(lr)
-      for seed in seeds:
-        print(f"running {method} r/d=1/{ratio} lr={lr:g} seed={seed} ...", flush=True)
-        row = run_one(method, ratio or ratios[0], lr, seed)
-        row["ratio"] = ratio
-        row["rank"] = row["rank"] if ratio else None
-        rows.append(row)
-        print(json.dumps({k: v for k, v in row.items() if "curve" not in k and k != "config"}),
-              flush=True)
-        runs.write(_OUT.value, {"runs": rows, "complete": False})  # keep what is done so far
-      if not queue and _EXTEND.value and len(tried) > 1 and (ratio is None or ratio in swept):
+      run_seeds(method, ratio, lr, sweep_seeds)
+      if not queue and _EXTEND.value and len(tried) > 1:
         # the chosen learning rate at an edge of the sweep: one more step (x3) past that edge
         best = chosen_lr(method, ratio)
         for edge, nxt in ((min(tried), (best or 0) / 3), (max(tried), (best or 0) * 3)):
           if best == edge and len(tried) <= len(lrs):
             queue.append(nxt)
-  best = best_rows(rows)
+    lr = chosen_lr(method, ratio)
+    if lr is not None:  # the other seeds at the learning rate the sweep chose
+      run_seeds(method, ratio, lr, [s for s in seeds if s not in sweep_seeds])
+  best = best_rows(rows, sweep_seeds)
   if _BARE_STEPS.value:
     bare_step_times(best)
   table, verdicts = summarize(rows, best)
   print()
   print(table)
-  print(plot(rows, _PLOT.value or os.path.join(_WORKDIR.value, "loss_curves.png")))
+  print(plot(rows, best, _PLOT.value or os.path.join(_WORKDIR.value, "loss_curves.png")))
   runs.write(_OUT.value, {"runs": rows, "chosen": {f"{m}_{q}": b for (m, q), b in best.items()},
                           "verdicts": verdicts, "table": table, "complete": True})
 

@@ -1,6 +1,9 @@
 """Sparse Spectral Training: the layer, its between-step functions, the teacher-student check
 of all low-rank methods, config validation, and SST/ReLoRA/GaLore in the LM."""
 import os
+import subprocess
+import sys
+import textwrap
 
 import flax.linen as nn
 import jax
@@ -265,3 +268,24 @@ def test_seen_marks_every_index_ever_active():
     np.testing.assert_array_equal(np.flatnonzero(state["seen"]), sorted(active))
   assert seen_fraction({"a": state, "b": {"seen": jnp.zeros(16)}}) == pytest.approx(
       len(active) / 32)
+
+
+def test_repro_sst_chooses_the_learning_rate_on_the_sweep_seeds_only():
+  # lr 0.01 wins on seed 0 (the sweep); seed 1 ran only at 0.01 and did worse, so a mean over
+  # every row (0.01: mean 1.5; 0.003: 1.2 from seed 0 alone) would pick 0.003 instead
+  script = textwrap.dedent("""
+      from experiments import repro_sst
+      def row(lr, seed, loss):
+        return dict(method="sst", name="SST", rank=8, ratio=16, lr=lr, seed=seed,
+                    trainable_params=1, opt_state_bytes=1, tokens=1, eval_curve={},
+                    train_curve={}, median_step_s=0.1, eval_loss=loss, eval_ppl=loss,
+                    eval_bpb=loss, select_loss=loss)
+      rows = [row(0.003, 0, 1.2), row(0.01, 0, 1.0), row(0.01, 1, 2.0)]
+      swept = repro_sst.best_rows(rows, [0])[("sst", 16)]
+      every = repro_sst.best_rows(rows)[("sst", 16)]
+      print(swept["lr"], swept["seeds"], swept["chosen_on_seeds"], swept["eval_loss"]["mean"],
+            every["lr"])
+  """)
+  out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                       check=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+  assert out.stdout.split() == ["0.01", "[0,", "1]", "[0]", "1.5", "0.003"]
