@@ -17,7 +17,7 @@ at the chosen rate); validation numbers are reported at that learning rate, as m
 over seeds. Embeddings and the head stay dense.
 
 Not expected here: the paper's 67.6% gap reduction (OPT-125M, billions of tokens). At about
-2 tokens per parameter the question is only whether SST beats the best of LoRA/ReLoRA* once
+6 tokens per parameter the question is only whether SST beats the best of LoRA/ReLoRA* once
 it has had its rounds.
 
 Reported per method and rank: validation loss (nats/token), perplexity, bits per byte,
@@ -26,9 +26,10 @@ time; the gap reduction (best other low-rank - SST) / (best other low-rank - Ful
 perplexity, as the paper computes it, with "other" = {LoRA, ReLoRA*} (the paper's tables) and
 also with GaLore included; and a verdict on the ordering Full < SST < {LoRA, ReLoRA*}.
 Refuses a dirty tree or a non-empty workdir (--allow_dirty, --allow_resume: then finished
-runs are read back, not retrained or re-evaluated). The results file records provenance and every config.
---out writes every run as JSON; --plot (default WORKDIR/loss_curves.png) draws the validation
-and training loss curves of the best run of each method (needs matplotlib; skipped without).
+runs are read back, not retrained or re-evaluated). The results file records provenance and
+every config. --out writes every run as JSON; --plot (default WORKDIR/loss_curves.png) draws
+the validation and training loss curves of the best run of each method (needs matplotlib;
+skipped without).
 """
 from __future__ import annotations
 
