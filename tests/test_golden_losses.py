@@ -51,12 +51,17 @@ STATEFUL = ("monarch:reverse", "monarch:finetune", "sst:relora", "sst:galore", "
 def machine() -> dict[str, str]:
   """What the losses depend on besides the code."""
   cpu = platform.processor() or platform.machine()
+  isa = ""
   try:
     with open("/proc/cpuinfo", encoding="utf-8") as f:
-      cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+      lines = f.read().splitlines()
+    cpu = next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
+    # the model name can hide the vector extensions XLA generates code for ("AMD EPYC")
+    flags = next(line.split(":", 1)[1].split() for line in lines if line.startswith("flags"))
+    isa = " ".join(sorted(f for f in flags if f.startswith(("avx", "fma", "amx"))))
   except (OSError, StopIteration):
     pass
-  return {"jax": jax.__version__, "jaxlib": jaxlib.__version__, "cpu": cpu,
+  return {"jax": jax.__version__, "jaxlib": jaxlib.__version__, "cpu": cpu, "isa": isa,
           "devices": f"{jax.device_count()} x {jax.devices()[0].platform}"}
 
 
