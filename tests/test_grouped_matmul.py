@@ -536,12 +536,22 @@ def test_k_and_n_tiles_divide_the_weights_instead_of_padding_them():
   w = work.gmm_work(8192, 768, 1024, sizes, implementation="tpu", tiles=TPU_TILING.fwd)
   assert w.pad_bytes == 0 and w.macs == _rows_rounded_out(sizes, 16) * 768 * 1024
   assert api.fit_tile("tpu", False, "block_k", 512, 768, lane=True) == (384, 768)
-  # n = 1408 = 11 x 128: no tile in [256, 512] divides it, so the weights are padded to 1536
-  # on every call, and the counter charges the copy (read + write), the output slice and the
-  # padded MACs.
+  # n = 1408 = 11 x 128: no tile in [256, 512] divides it; the TPU tile rises to the whole
+  # axis (its blocks fit VMEM) instead of padding the weights to 1536 on every call
   w = work.gmm_work(8192, 768, 1408, sizes, implementation="tpu", tiles=TPU_TILING.fwd)
-  assert w.pad_bytes == 2 * ((8 * 768 * 1408 + 8 * 768 * 1536) + (8192 * 1536 + 8192 * 1408))
-  assert w.macs == _rows_rounded_out(sizes, 16) * 768 * 1536
+  assert w.pad_bytes == 0 and w.macs == _rows_rounded_out(sizes, 16) * 768 * 1408
+  assert api.fit_tiles("tpu", False, TPU_TILING.fwd, 8192, 1408, 768, itemsize=2) == (
+      Tiles(256, 1408, 384), (8192, 1408, 768))
+  # n = 1664 = 13 x 128: the whole axis fits VMEM with bf16 blocks, not with float32 ones,
+  # which pad to 2048 as before, and the counter charges the copy (read + write), the output
+  # slice and the padded MACs
+  assert api.fit_tiles("tpu", False, TPU_TILING.fwd, 8192, 2048, 1664, itemsize=2)[0] == (
+      Tiles(256, 512, 1664))
+  assert api.tpu_vmem_bytes(Tiles(256, 512, 1664), 4) > api.TPU_VMEM_BUDGET
+  w = work.gmm_work(8192, 2048, 1664, sizes, implementation="tpu", tiles=TPU_TILING.fwd,
+                    itemsize=4)
+  assert w.pad_bytes == 4 * ((8 * 2048 * 1664 + 8 * 2048 * 2048) + (8192 * 2048 + 8192 * 1664))
+  assert w.macs == _rows_rounded_out(sizes, 8) * 2048 * 2048
   assert api.fit_tile("gpu", False, "block_k", 64, 96, lane=True) == (32, 96)
   # 16 divides 80 but is under half the tile: padded instead (to 128)
   assert api.fit_tile("gpu", False, "block_k", 128, 80, lane=True) == (128, 128)
@@ -550,6 +560,17 @@ def test_k_and_n_tiles_divide_the_weights_instead_of_padding_them():
   # 192 (gmm's chunk heights halve from it: mosaic_gpu.GMM_BLOCK_M)
   assert api.fit_tile("mosaic_gpu", False, "block_m", 256, 130, lane=False) == (256, 256)
   assert api.fit_tile("mosaic_gpu", False, "block_m", 256, 60, lane=False) == (64, 64)
+
+
+@pytest.mark.slow
+def test_tpu_lane_tiles_rise_to_divide_the_axes_instead_of_padding():
+  # k = 36 and n = 44: no 8-multiple in [8, 16] divides either, so the 16-wide tiles rise to
+  # the whole axis (36, 44) in every direction; the kernels run those blocks in the simulator.
+  c = Case(m=40, k=36, n=44, sizes=(11, 0, 19, 6))
+  for tiles, (k, n) in ((SMALL.fwd, (36, 44)), (SMALL.dlhs, (44, 36)), (SMALL.drhs, (36, 44))):
+    fitted, (_, k_pad, n_pad) = api.fit_tiles("tpu", True, tiles, c.m, k, n, itemsize=4)
+    assert (fitted.block_k, fitted.block_n, k_pad, n_pad) == (k, n, k, n)
+  _check_against_reference(c, "tpu", KERNELS["tpu"])
 
 
 def test_work_counter_refuses_what_it_cannot_count():

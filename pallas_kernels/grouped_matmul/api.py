@@ -5,8 +5,9 @@ its weight gradient on its own. Any m, k, n: the kernel implementations pad ever
 zeros up to a tile multiple (padded rows lie in no group, padded k columns add zero, padded n
 columns are sliced off) and group boundaries may fall anywhere inside a row tile. Nothing is
 padded when the sizes already are tile multiples, and a k or n tile that does not divide its
-axis is first lowered (to at least half) to one that does (fit_tile): padding the weights
-copies them on every call. work.py counts what each kernel then issues.
+axis is first lowered (to at least half) to one that does (fit_tile), or on TPU raised to one
+that does while the blocks fit VMEM (fit_tiles): padding the weights copies them on every call.
+work.py counts what each kernel then issues.
 
 Gradients (one custom_vjp for every implementation, so each direction can use its own tiles):
   d lhs = gmm(d out, rhs, transpose_rhs=not transpose_rhs)     (zero for rows in no group)
@@ -40,6 +41,9 @@ TPU_TILING = common.Tiling(fwd=common.Tiles(256, 512, 512))
 MOSAIC_GPU_TILING = common.Tiling(fwd=common.Tiles(128, 64, 128),
                                   drhs=common.Tiles(64, 128, 128))
 _TPU_LANES, _TPU_SUBLANES = 128, 8
+# Mosaic's default scoped VMEM is 16 MiB on v4 and v5 (32 MiB on v6e): a lane tile raised to
+# divide a weight axis keeps its blocks under this, leaving room for Mosaic's own buffers.
+TPU_VMEM_BUDGET = 12 * 2**20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,12 +109,54 @@ def fit_tile(implementation: str, interpret, name: str, tile: int, dim: int, *,
   return tile, tiling.round_up(dim, tile)
 
 
-def fit_tiles(implementation: str, interpret, tiles: common.Tiles, m: int, k: int, n: int):
-  """(tiles the kernel runs with, (m, k, n) padded to them) for one call's [m, k] x [k, n]."""
+def tpu_vmem_bytes(tiles: common.Tiles, itemsize: int) -> int:
+  """VMEM the TPU kernels hold for these tiles, the larger of gmm's and tgmm's: double-buffered
+  input and output blocks (outputs counted as float32, the widest out_dtype) and the float32
+  accumulator."""
+  bm, bk, bn = tiles.block_m, tiles.block_k, tiles.block_n
+  gmm = 2 * (bm * bk + bk * bn) * itemsize + 3 * bm * bn * 4
+  tgmm = 2 * (bm * bk + bm * bn) * itemsize + 3 * bk * bn * 4
+  return max(gmm, tgmm)
+
+
+def _raised_lane_tile(tiles: common.Tiles, axis: str, dim: int, itemsize: int) -> int:
+  """The smallest lane tile above tiles.<axis> that divides dim (a multiple of 128, of 8 for
+  the interpreter's narrower tiles, or dim itself: a block spanning the axis is allowed at any
+  size) and keeps the blocks within TPU_VMEM_BUDGET; tiles.<axis> (so the axis is padded)
+  when none does. n = 1408 = 11 x 128 with 512-wide tiles takes 1408: no weight copy, no
+  padded MACs, and the rows are read once per call instead of three times. The cost is
+  parallelism across the axis: gmm splits only its n tiles between the two TensorCores of a
+  v4 / v5p chip."""
+  tile = getattr(tiles, axis)
+  step = _TPU_LANES if tile % _TPU_LANES == 0 else _TPU_SUBLANES
+  for t in [*range(tile + step, dim, step), dim]:
+    if dim % t == 0 and tpu_vmem_bytes(dataclasses.replace(tiles, **{axis: t}),
+                                       itemsize) <= TPU_VMEM_BUDGET:
+      return t
+  return tile
+
+
+def fit_tiles(implementation: str, interpret, tiles: common.Tiles, m: int, k: int, n: int, *,
+              itemsize: int):
+  """(tiles the kernel runs with, (m, k, n) padded to them) for one call's [m, k] x [k, n]
+  with operands of itemsize bytes (which sizes TPU blocks in VMEM)."""
   bm, m_pad = fit_tile(implementation, interpret, "block_m", tiles.block_m, m, lane=False)
   bk, k_pad = fit_tile(implementation, interpret, "block_k", tiles.block_k, k, lane=True)
   bn, n_pad = fit_tile(implementation, interpret, "block_n", tiles.block_n, n, lane=True)
-  return common.Tiles(bm, bk, bn), (m_pad, k_pad, n_pad)
+  fitted = common.Tiles(bm, bk, bn)
+  if implementation == "tpu":
+    if k_pad != k:
+      fitted = dataclasses.replace(fitted, block_k=_raised_lane_tile(fitted, "block_k", k,
+                                                                     itemsize))
+    if n_pad != n:
+      fitted = dataclasses.replace(fitted, block_n=_raised_lane_tile(fitted, "block_n", n,
+                                                                     itemsize))
+    k_pad, n_pad = tiling.round_up(k, fitted.block_k), tiling.round_up(n, fitted.block_n)
+  return fitted, (m_pad, k_pad, n_pad)
+
+
+def _itemsize(*operands) -> int:
+  return max(jnp.dtype(x.dtype).itemsize for x in operands)
 
 
 def _pad_to(x, shape):
@@ -141,7 +187,8 @@ def _run_gmm(c: _Call, tiles: common.Tiles, lhs, rhs, group_sizes, group_offset,
                           group_offset=group_offset, out_dtype=out_dtype)
   (m, k), num_local = lhs.shape, rhs.shape[0]
   n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
-  fitted, (m_pad, k_pad, n_pad) = fit_tiles(c.implementation, c.interpret, tiles, m, k, n)
+  fitted, (m_pad, k_pad, n_pad) = fit_tiles(c.implementation, c.interpret, tiles, m, k, n,
+                                            itemsize=_itemsize(lhs, rhs))
   starts, ends = common.local_group_bounds(group_sizes, group_offset, num_local, m)
   lhs = _pad_to(lhs, (m_pad, k_pad))
   rhs = _pad_to(rhs, (num_local, n_pad, k_pad) if transpose_rhs else (num_local, k_pad, n_pad))
@@ -161,7 +208,8 @@ def _run_tgmm(c: _Call, tiles: common.Tiles, lhs, grad, group_sizes, group_offse
     return ragged_dot.tgmm(lhs, grad, group_sizes, num_groups=num_groups,
                            group_offset=group_offset, out_dtype=out_dtype)
   (m, k), n = lhs.shape, grad.shape[1]
-  fitted, (m_pad, k_pad, n_pad) = fit_tiles(c.implementation, c.interpret, tiles, m, k, n)
+  fitted, (m_pad, k_pad, n_pad) = fit_tiles(c.implementation, c.interpret, tiles, m, k, n,
+                                            itemsize=_itemsize(lhs, grad))
   starts, ends = common.local_group_bounds(group_sizes, group_offset, num_groups, m)
   out = _kernels(c.implementation).tgmm(
       _pad_to(lhs, (m_pad, k_pad)), _pad_to(grad, (m_pad, n_pad)), starts, ends,

@@ -126,7 +126,8 @@ def gmm_work(m: int, k: int, n: int, group_sizes, *, implementation: str, tiles:
   _check(implementation)
   sizes = np.asarray(group_sizes)
   num_local = len(sizes) if num_local is None else num_local
-  fitted, (m_pad, k_pad, n_pad) = api.fit_tiles(implementation, interpret, tiles, m, k, n)
+  fitted, (m_pad, k_pad, n_pad) = api.fit_tiles(implementation, interpret, tiles, m, k, n,
+                                                 itemsize=itemsize)
   bm, bk, bn = fitted.block_m, fitted.block_k, fitted.block_n
   starts, ends = _bounds(sizes, group_offset, num_local, m)
   nonempty = np.asarray(ends > starts)
@@ -199,7 +200,8 @@ def tgmm_work(m: int, k: int, n: int, group_sizes, *, implementation: str, tiles
   _check(implementation)
   sizes = np.asarray(group_sizes)
   num_groups = len(sizes) if num_groups is None else num_groups
-  fitted, (m_pad, k_pad, n_pad) = api.fit_tiles(implementation, interpret, tiles, m, k, n)
+  fitted, (m_pad, k_pad, n_pad) = api.fit_tiles(implementation, interpret, tiles, m, k, n,
+                                                 itemsize=itemsize)
   bm, bk, bn = fitted.block_m, fitted.block_k, fitted.block_n
   starts, ends = _bounds(sizes, group_offset, num_groups, m)
   rows = int(np.asarray(ends - starts).sum())
