@@ -82,6 +82,8 @@ CASES = {
     "segments_window_gqa1_d128_fp16_unsplit": Case(t=72, n=2, k=2, d=128, window=50,
                                                    segments=True, dtype="float16",
                                                    gpu_cores=1),
+    # head_dim 72 padded to 80 (wgmma's k step is 16): 32-byte swizzled rows; 96 above: 64
+    "causal_gqa2_d72_unsplit": Case(t=64, n=2, k=1, d=72, causal=True, gpu_cores=1),
 }
 
 
@@ -159,9 +161,10 @@ def test_values_and_gradients_in_gpu_interpreter_with_race_detector(case, monkey
 
 
 @pytest.mark.slow
-def test_lowers_for_an_abstract_h100_without_triton():
+@pytest.mark.parametrize("head_dim, swizzle", [(96, 64), (72, 32)])
+def test_lowers_for_an_abstract_h100_without_triton(head_dim, swizzle):
   # every feature at once (each adds code to the kernels), default blocks, padded lengths
-  c = Case(t=300, n=8, k=2, d=96, causal=True, window=64, softcap=30.0, segments=True)
+  c = Case(t=300, n=8, k=2, d=head_dim, causal=True, window=64, softcap=30.0, segments=True)
   q, k, v, seg, cot = _inputs(c)
 
   def fwd_bwd(q, k, v):
@@ -174,6 +177,11 @@ def test_lowers_for_an_abstract_h100_without_triton():
     warnings.simplefilter("always")
     text = jax.jit(fwd_bwd).trace(q, k, v).lower(lowering_platforms=("cuda",)).as_text()
   assert len(re.findall(r"custom_call @mosaic_gpu", text)) == 3  # forward, dQ, dK/dV
+  # head_dim 96 reaches the kernels unpadded, in 64-byte swizzled SMEM rows; 72 padded to 80
+  # (Mosaic GPU finds no SMEM tiling for 72-wide rows), in 32-byte ones
+  padded = mosaic_gpu.padded_head_dim(head_dim)
+  assert f"x{padded}xbf16>" in text and "x128xbf16>" not in text
+  assert f"swizzle<{swizzle}" in text
   assert "triton" not in text.lower()
   assert not [w for w in caught if "Triton" in str(w.message)]
 
@@ -310,7 +318,8 @@ def test_interpreter_cases_cover_split_and_unsplit_dkv_grids():
                     "window_softcap_fp16_q64_kv150": 1,  # one item per key block
                     "segments_causal_window_gqa4_d96_batch2": 2,
                     "causal_softcap_gqa8_d256": 3,
-                    "segments_window_gqa1_d128_fp16_unsplit": 1}
+                    "segments_window_gqa1_d128_fp16_unsplit": 1,
+                    "causal_gqa2_d72_unsplit": 1}
 
 
 # Work counts (pallas_kernels.attention.work), from the plans the kernels launch.
@@ -431,10 +440,14 @@ def test_dkv_grid_fills_the_sms_at_batch_one():
   assert split.kv_bytes == split.grid[-1] * alone.kv_bytes
 
 
-def test_padded_head_dim_is_counted_at_its_padded_width():
-  # head_dim 96 is padded to 128 in memory (128-byte swizzled rows): bytes and MACs of 128.
-  w96, w128 = _work(head_dim=96), _work(head_dim=128)
+def test_head_dim_is_padded_in_memory_only_to_a_multiple_of_16():
+  # head_dim 96 runs unpadded (64-byte swizzled rows): 3/4 of 128's MACs and K/V bytes at the
+  # same blocks; 72 is padded to 80 (wgmma's k step) and counted at 80.
+  assert [mosaic_gpu.padded_head_dim(d) for d in (72, 80, 96, 112, 128)] == [80, 80, 96, 112,
+                                                                              128]
+  w72, w80, w96, w128 = (_work(head_dim=d) for d in (72, 80, 96, 128))
   for kernel in work.KERNELS:
-    assert w96[kernel].kv_bytes == w128[kernel].kv_bytes
-    assert w96[kernel].macs == w128[kernel].macs
-    assert w96[kernel].ideal_kv_bytes * 4 == w128[kernel].ideal_kv_bytes * 3
+    assert w96[kernel].kv_bytes * 4 == w128[kernel].kv_bytes * 3
+    assert w96[kernel].macs * 4 == w128[kernel].macs * 3
+    assert (w72[kernel].kv_bytes, w72[kernel].macs) == (w80[kernel].kv_bytes, w80[kernel].macs)
+    assert w72[kernel].ideal_kv_bytes * 10 == w80[kernel].ideal_kv_bytes * 9

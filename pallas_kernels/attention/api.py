@@ -133,7 +133,7 @@ def kernel_dims(c: _Call, q_len: int, kv_len: int, head_dim: int, fwd: bool):
     d = max(16, tiling.next_pow2(head_dim))
   elif c.implementation == "mosaic_gpu":
     from pallas_kernels.attention import mosaic_gpu  # pylint: disable=g-import-not-at-top
-    d = mosaic_gpu.padded_head_dim(head_dim)  # padded in memory: 128-byte swizzled SMEM rows
+    d = mosaic_gpu.padded_head_dim(head_dim)  # in memory, to wgmma's k step (16)
   return bq, tq, bk, tk, d
 
 
@@ -172,7 +172,7 @@ def _pad_axis(x, axis: int, size: int):
 
 def _to_kernel_layout(c: _Call, x, length: int):
   """[B, T, H, D] -> padded to `length`; [B, H, T, D] for the TPU kernels. head_dim is
-  padded in memory (with zeros) only for Mosaic GPU, to a multiple of 64: Mosaic TPU blocks
+  padded in memory (with zeros) only for Mosaic GPU, to a multiple of 16: Mosaic TPU blocks
   take the whole head_dim, and the Triton kernels load a power-of-two tile with the columns
   past head_dim masked to zero."""
   x = _pad_axis(x, 1, length)

@@ -1,8 +1,9 @@
 """Flash attention as Mosaic GPU kernels (Hopper, sm90a): forward, dQ and dK/dV.
 
 Layout [batch, seq, heads, head_dim] as the model produces it. Inputs reach these functions
-from api.py with sequences padded to block multiples and head_dim padded to a multiple of 64
-(zeros: they add nothing to q.k, and the extra output columns are sliced off). Operands are
+from api.py with sequences padded to block multiples and head_dim padded to a multiple of 16
+where it is not one (zeros: they add nothing to q.k, and the extra output columns are sliced
+off). Operands are
 bf16/fp16; every product is a wgmma with a float32 accumulator; K/V blocks stream from GMEM
 into a multi-stage shared-memory pipeline (plgpu.emit_pipeline: TMA copies, one barrier per
 stage). G = N // K query heads share a kv head.
@@ -67,7 +68,10 @@ _S = compat.SQUEEZED
 DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 ROW_MULTIPLE = 64  # a warpgroup's wgmma rows: G * block_q and block_k must be multiples
 SEQ_MULTIPLE = 8  # a query block's rows per head (TMA boxes of whole 8-row tiles)
-HEAD_DIM_MULTIPLE = 64  # 128-byte swizzled rows of 16-bit elements
+# wgmma's k step for 16-bit operands; each SMEM tile then takes the widest swizzle its rows
+# allow (Mosaic GPU infers it: 128 bytes at head_dim 64 / 128 / 192 / 256, 64 at 96, 32 at
+# 80 or 112), so only head_dims off a multiple of 16 are padded in memory.
+HEAD_DIM_MULTIPLE = 16
 MAX_HEAD_DIM = 256  # wgmma's largest N (the [rows, head_dim] output accumulator)
 # Default query rows of one block (all G heads together): 128 fits the accumulators in one
 # warpgroup's registers up to head_dim 128; 64 beyond.
