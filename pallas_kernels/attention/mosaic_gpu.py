@@ -3,10 +3,9 @@
 Layout [batch, seq, heads, head_dim] as the model produces it. Inputs reach these functions
 from api.py with sequences padded to block multiples and head_dim padded to a multiple of 16
 where it is not one (zeros: they add nothing to q.k, and the extra output columns are sliced
-off). Operands are
-bf16/fp16; every product is a wgmma with a float32 accumulator; K/V blocks stream from GMEM
-into a multi-stage shared-memory pipeline (plgpu.emit_pipeline: TMA copies, one barrier per
-stage). G = N // K query heads share a kv head.
+off). Operands are bf16/fp16; every product is a wgmma with a float32 accumulator; K/V blocks
+stream from GMEM into a multi-stage shared-memory pipeline (plgpu.emit_pipeline: TMA copies,
+one barrier per stage). G = N // K query heads share a kv head.
 
   forward  grid (B, K, query blocks). A block holds the query rows of all G heads of its kv
            group stacked head-major into one [G * block_q, D] SMEM tile (G TMA loads), so
