@@ -58,7 +58,10 @@ def _logged_step(workdir):
   metrics = os.path.join(workdir, "metrics.jsonl")
   if not os.path.exists(metrics):
     return 0
-  steps = [json.loads(l)["step"] for l in open(metrics) if '"train_loss"' in l]
+  with open(metrics, encoding="utf-8") as f:
+    lines = f.read().split("\n")
+  # the last piece is the line the run may be writing right now: read only finished lines
+  steps = [json.loads(l)["step"] for l in lines[:-1] if '"train_loss"' in l]
   return max(steps, default=0)
 
 
