@@ -23,8 +23,11 @@ test: $(VENV)/.installed
 	exit $$rc
 
 # The kill/fault drills (minutes of real subprocesses); CI runs them after `make test`.
+# Without the shared persistent compilation cache (its entries are written without a lock):
+# with it, a drill worker aborted in XLA during the whole-split evaluation in 2 of 4 runs
+# (cause not found), without it 0 of 2; the drills take 6-8 minutes either way.
 test-drills: $(VENV)/.installed
-	EFFJAX_DRILLS=1 $(PY) -m pytest -q -n 2 -m drill $(ARGS); rc=$$?; \
+	JAX_ENABLE_COMPILATION_CACHE=false EFFJAX_DRILLS=1 $(PY) -m pytest -q -n 2 -m drill $(ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest: no drills were selected (exit 5), treated as success"; rc=0; fi; \
 	exit $$rc
 
