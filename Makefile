@@ -22,10 +22,10 @@ test: $(VENV)/.installed
 	if [ $$rc -eq 5 ]; then echo "pytest: no tests were selected (exit 5), treated as success"; rc=0; fi; \
 	exit $$rc
 
-# The kill/fault drills (minutes of real subprocesses); CI runs them after `make test`.
-# Without the shared persistent compilation cache (its entries are written without a lock):
-# with it, a drill worker aborted in XLA during the whole-split evaluation in 2 of 4 runs
-# (cause not found), without it 0 of 2; the drills take 6-8 minutes either way.
+# The kill/fault/load drills (minutes of real subprocesses); CI runs them after `make test`.
+# The drill worker's aborts in XLA during the whole-split evaluation were the unbounded
+# dispatch loop, not the compilation cache (issue 41, effjax/train/inflight.py); the drills
+# still run without the shared cache, which saves them nothing.
 test-drills: $(VENV)/.installed
 	JAX_ENABLE_COMPILATION_CACHE=false EFFJAX_DRILLS=1 $(PY) -m pytest -q -n 2 -m drill $(ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest: no drills were selected (exit 5), treated as success"; rc=0; fi; \

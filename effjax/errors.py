@@ -16,3 +16,8 @@ class DatasetUnavailableError(RunError, FileNotFoundError):
 
 class WorkdirError(RunError):
   """The workdir cannot be used: not a directory, not writable, locked, or would lose work."""
+
+
+class StepFailedError(RunError, RuntimeError):
+  """A dispatched device program (a train or eval step) failed; the message names the loop and
+  the step or batch (effjax/train/inflight.py)."""

@@ -37,7 +37,7 @@ def evaluate_run(workdir: str, *, split: str = "", max_batches: int = 0,
   import dataclasses  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   from effjax.models.decoder_lm import DecoderLM  # pylint: disable=g-import-not-at-top
-  from effjax.train import checkpoint, evaluation  # pylint: disable=g-import-not-at-top
+  from effjax.train import checkpoint, evaluation, inflight  # pylint: disable=g-import-not-at-top
   from effjax.train import step as step_lib  # pylint: disable=g-import-not-at-top
   if max_batches < 0:
     raise SystemExit(f"--max_batches must be >= 0 (0 = the whole split), got {max_batches}")
@@ -55,8 +55,8 @@ def evaluate_run(workdir: str, *, split: str = "", max_batches: int = 0,
     with step_lib.sharding_context(mesh):
       eval_step = jax.jit(step_lib.make_eval_step(DecoderLM(model_cfg)))
       result = evaluation.evaluate(eval_step, state.params, state.model_state, cfg, mesh,
-                                   split=split, max_batches=max_batches)
-  except (ValueError, FileNotFoundError) as e:
+                                   split=split, max_batches=max_batches, step=found)
+  except (ValueError, FileNotFoundError, inflight.StepFailedError) as e:
     raise SystemExit(" ".join(str(e).split())) from None
   record = {"workdir": os.path.abspath(workdir), "step": found, "split": split,
             "max_batches": max_batches, **result, "provenance": _provenance(cfg)}

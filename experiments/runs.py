@@ -134,7 +134,7 @@ def selection_loss(cfg, workdir: str, max_batches: int = 0) -> float:
   with step_lib.sharding_context(mesh):
     result = evaluation.evaluate(eval_step, state.params, state.model_state, cfg, mesh,
                                  split=pipeline.selection_split(cfg.data),
-                                 max_batches=max_batches)
+                                 max_batches=max_batches, step=step)
   return result["eval_loss"]
 
 

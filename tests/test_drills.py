@@ -3,9 +3,13 @@ async checkpoint write, at its rename, during an evaluation), stopped by SIGTERM
 and resumed each time, logs exactly what one uninterrupted run logs: every train loss, learning
 rate and eval value, bit for bit.
 
+The load drill runs the whole-split evaluation beside two CPU-bound processes, which made it
+abort in XLA before the in-flight bound (issue 41; effjax/train/inflight.py).
+
 Marked `drill` (minutes, not seconds): `make test-drills` runs them, and so does CI."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -117,3 +121,49 @@ def test_kill_drill_reproduces_the_uninterrupted_run_bit_for_bit(tfds_dir, tmp_p
       if key in expected:
         assert got[step][key] == expected[key], (step, key)  # exact, not approximate
   assert any(r["kill"] == "rename" for r in record) and len(record) >= 5
+
+
+# XLA's CPU collectives end the process when a participant of a rendezvous is late by 40 s
+# (the default). At 2 s the starvation that caused issue 41's aborts is fatal every time on
+# this 2-core machine: with the loop unbounded, 3 of 3 evaluations aborted
+# ("Termination timeout ... only 7 of them arrived"); with the bound, 0 of 3.
+_SHORT_RENDEZVOUS = ("--xla_cpu_collective_call_terminate_timeout_seconds=2 "
+                     "--xla_cpu_collective_call_warn_stuck_timeout_seconds=1")
+LOAD_RUNS = 4
+_BURN = "import time\nend = time.monotonic() + 600\nwhile time.monotonic() < end:\n  pass"
+
+
+def _under_load(command, env, runs):
+  """Runs command(i) for i < runs beside two CPU-bound processes; returns the last output."""
+  burners = [subprocess.Popen([sys.executable, "-c", _BURN]) for _ in range(2)]
+  try:
+    for run in range(runs):
+      proc = subprocess.run(command(run), cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+      fatal = [l for l in proc.stderr.splitlines() if "Termination timeout" in l][:1]
+      assert proc.returncode == 0, (run, proc.returncode, fatal or proc.stderr[-2000:])
+    return proc.stdout + proc.stderr
+  finally:
+    for burner in burners:
+      burner.kill()
+      burner.wait()
+
+
+def test_whole_split_evaluation_under_cpu_load_never_aborts(tfds_dir):
+  env = dict(os.environ, XLA_FLAGS=_SHORT_RENDEZVOUS, JAX_PLATFORMS="cpu")
+  script = os.path.join("tests", "eval_under_load.py")
+  out = _under_load(lambda _: [sys.executable, script, tfds_dir], env, LOAD_RUNS)
+  done = re.search(r"evaluated (\d+) batches", out)
+  assert done and int(done.group(1)) > 1000, out[-2000:]  # the whole split, not a sample
+
+
+def test_a_long_logging_interval_under_cpu_load_never_aborts(tfds_dir, tmp_path):
+  """400 train steps between two host syncs: unbounded, this aborted even on an idle machine
+  at XLA's default 40 s (3 of 3 runs of 800 steps, log_every=400)."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=8 " + _SHORT_RENDEZVOUS)
+  out = _under_load(lambda run: [
+      sys.executable, "-m", "experiments.train", "--config=configs/lm.py:test",
+      f"--workdir={tmp_path / f'run{run}'}", f"--config.data.data_dir={tfds_dir}",
+      "--config.train.num_steps=800", "--config.train.log_every=400",
+      "--config.train.eval_every=0", "--config.train.checkpoint_every=0"], env, 2)
+  assert "step 800/800 |" in out, out[-2000:]

@@ -21,6 +21,7 @@ import numpy as np
 from effjax.config import ExperimentConfig
 from effjax.data import pipeline
 from effjax.parallel import logical_sharding
+from effjax.train import inflight as inflight_lib
 from effjax.train import step as step_lib
 
 _KEYS = ("tokens", "segment_ids", "positions")
@@ -90,11 +91,15 @@ def _chosen_host_batches(cfg: ExperimentConfig, split: str, batch_size: int,
 
 
 def evaluate(eval_step, params, model_state, cfg: ExperimentConfig, mesh, *,
-             split: str | None = None, max_batches: int | None = None) -> dict:
+             split: str | None = None, max_batches: int | None = None,
+             step: int | None = None) -> dict:
   """Token-weighted eval loss, perplexity and bits/byte of `split` (default data.eval_split)
   over all its batches, or `max_batches` spread ones (default data.eval_batches; 0 = all).
 
-  Returns step.eval_summary's keys plus eval_tokens (targets counted) and eval_batches.
+  Returns step.eval_summary's keys plus eval_tokens (targets counted) and eval_batches. At
+  most inflight.DEFAULT_LIMIT batches are in flight; a batch that fails on the device raises
+  inflight.StepFailedError naming the split, `step` (the checkpoint's, for the message) and
+  the batch.
   """
   split = split or cfg.data.eval_split
   max_batches = cfg.data.eval_batches if max_batches is None else max_batches
@@ -105,10 +110,18 @@ def evaluate(eval_step, params, model_state, cfg: ExperimentConfig, mesh, *,
   sharding = logical_sharding(mesh, ("batch", "length"))
   sums = None
   batches = _chosen_host_batches(cfg, split, batch_size, max_batches)
-  for host in batches:
+  # The eval steps do not depend on each other: without a bound the loop would queue every
+  # batch's program at once (effjax/train/inflight.py says why that aborted on CPUs).
+  where = f"evaluation of the {split!r} split" + ("" if step is None else f" after step {step}")
+  inflight = inflight_lib.InFlight(where)
+  for i, host in enumerate(batches):
+    label = f"batch {i} of {len(batches)}"
     batch = {k: jax.make_array_from_process_local_data(sharding, v) for k, v in host.items()}
-    out = eval_step(params, model_state, batch)
-    sums = out if sums is None else jax.tree.map(lambda a, b: a + b, sums, out)
+    with inflight.naming(label):
+      out = eval_step(params, model_state, batch)
+      sums = out if sums is None else jax.tree.map(lambda a, b: a + b, sums, out)
+    inflight.add(label, sums)
+  inflight.drain()
   sums = jax.device_get(sums)
   result = step_lib.eval_summary(sums)
   result.update(eval_tokens=float(sums["tokens"]), eval_batches=float(len(batches)))
@@ -122,7 +135,7 @@ def evaluate_and_log(eval_step, state, cfg: ExperimentConfig, mesh, step: int,
   t = time.perf_counter()
   final = step == cfg.train.num_steps
   result = evaluate(eval_step, state.params, state.model_state, cfg, mesh,
-                    max_batches=cfg.data.final_eval_batches if final else None)
+                    max_batches=cfg.data.final_eval_batches if final else None, step=step)
   logging.info("eval at step %d | loss %.4f | ppl %.2f | %.4f bits/byte | %.1fs", step,
                result["eval_loss"], result["eval_perplexity"], result["eval_bpb"],
                time.perf_counter() - t)

@@ -141,7 +141,8 @@ class _Run:
     multi_process = jax.process_count() > 1
     while step < tcfg.num_steps:
       batch = next(self.data)
-      state, metrics = self.train_step(state, batch)
+      with log.inflight.naming(f"train step {step + 1}"):
+        state, metrics = self.train_step(state, batch)
       step += 1
       log.append(step, metrics)
       for fn in self.methods.transforms_at(step):  # between-step work of the enabled methods

@@ -19,6 +19,7 @@ import jax
 from effjax import config as config_lib
 from effjax.models.decoder_lm import count_params, flops_per_token
 from effjax.moe.accounting import inactive_expert_params
+from effjax.train import inflight
 
 
 class MetricsWriter:
@@ -117,6 +118,7 @@ class StepLog:
     self.tcfg, self.writer, self.guard = tcfg, writer, guard
     self.tokens_per_step = tcfg.global_batch_size * seq_len
     self.pending = []  # (step, device metrics) not yet fetched
+    self.inflight = inflight.InFlight("training")
     self.restart_clock()
 
   def restart_clock(self) -> None:
@@ -124,6 +126,7 @@ class StepLog:
 
   def append(self, step: int, metrics) -> None:
     self.pending.append((step, metrics))
+    self.inflight.add(f"train step {step}", metrics)  # waits for step - limit: no long queue
     self.steps += 1
 
   def excluding_time(self, fn):
@@ -136,6 +139,7 @@ class StepLog:
 
   def flush(self, step: int) -> dict[str, float]:
     """Fetches pending metrics, stops on a non-finite step, logs the newest ones."""
+    self.inflight.drain()
     fetched = jax.device_get(self.pending)
     self.pending.clear()
     for s, m in fetched:
