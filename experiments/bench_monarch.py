@@ -57,20 +57,36 @@ from effjax.layers.monarch import (activation_copies, monarch_multiply,
                                    monarch_multiply_reference, monarch_param_count,
                                    monarch_shapes)
 
-_WIDTHS = flags.DEFINE_list("widths", ["512", "1024", "2048", "4096"], "Model widths d.")
-_SHAPES = flags.DEFINE_list("shapes", ["square", "up4"], "square (d->d), up4 (d->4d), "
-                            "down4 (4d->d).")
-_PAIRS = flags.DEFINE_list("pairs", ["768x3072", "3072x768"], "Extra layer shapes INxOUT.")
-_NBLOCKS = flags.DEFINE_list("nblocks", ["2", "4", "8"], "Monarch block counts.")
-_DTYPES = flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "Compute dtypes.")
-_IMPLS = flags.DEFINE_list("impls", ["xla", "dots", "reference"], "Monarch implementations: "
-                           "xla, dots (xla's batched matmuls alone), reference, pallas "
-                           "(a TPU, or a Hopper GPU in bf16/fp16).")
-_TOKENS = flags.DEFINE_integer("tokens", 8192, "Tokens per batch (rows of x).")
-_REPS = flags.DEFINE_integer("reps", 10, "Timed turns per case (after one warm-up turn).")
-_MAX_GFLOP = flags.DEFINE_float("max_gflop", 0.0, "Skip cases whose dense forward+backward "
-                                "exceeds this many GFLOP (0: no limit); for slow devices.")
-_OUT = flags.DEFINE_string("out", "", "Optional JSON file for the results.")
+# The command line's flags, defined only when run as a script: tests import this module
+# beside other entry points that define flags of the same names (--out, --preset).
+_WIDTHS = None
+_SHAPES = None
+_PAIRS = None
+_NBLOCKS = None
+_DTYPES = None
+_IMPLS = None
+_TOKENS = None
+_REPS = None
+_MAX_GFLOP = None
+_OUT = None
+
+
+def define_flags():
+  global _WIDTHS, _SHAPES, _PAIRS, _NBLOCKS, _DTYPES, _IMPLS, _TOKENS, _REPS, _MAX_GFLOP, _OUT
+  _WIDTHS = flags.DEFINE_list("widths", ["512", "1024", "2048", "4096"], "Model widths d.")
+  _SHAPES = flags.DEFINE_list("shapes", ["square", "up4"], "square (d->d), up4 (d->4d), "
+                              "down4 (4d->d).")
+  _PAIRS = flags.DEFINE_list("pairs", ["768x3072", "3072x768"], "Extra layer shapes INxOUT.")
+  _NBLOCKS = flags.DEFINE_list("nblocks", ["2", "4", "8"], "Monarch block counts.")
+  _DTYPES = flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "Compute dtypes.")
+  _IMPLS = flags.DEFINE_list("impls", ["xla", "dots", "reference"], "Monarch implementations: "
+                             "xla, dots (xla's batched matmuls alone), reference, pallas "
+                             "(a TPU, or a Hopper GPU in bf16/fp16).")
+  _TOKENS = flags.DEFINE_integer("tokens", 8192, "Tokens per batch (rows of x).")
+  _REPS = flags.DEFINE_integer("reps", 10, "Timed turns per case (after one warm-up turn).")
+  _MAX_GFLOP = flags.DEFINE_float("max_gflop", 0.0, "Skip cases whose dense forward+backward "
+                                  "exceeds this many GFLOP (0: no limit); for slow devices.")
+  _OUT = flags.DEFINE_string("out", "", "Optional JSON file for the results.")
 
 SHAPES = {"square": (1, 1), "up4": (1, 4), "down4": (4, 1)}
 
@@ -302,4 +318,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -47,33 +47,53 @@ from effjax.train.methods.low_rank import memory_report
 from effjax.train.methods.sst import sst_round_iterations
 from experiments import runs
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "One subdirectory per run.", required=True)
-_PRESET = flags.DEFINE_enum("preset", "full", ["full", "quick"],
-                            "full: d 128, 2 layers, 3200 steps per run, 3 learning rates "
-                            "(hours on 2 CPU cores); quick: the test model, 60 steps, one "
-                            "learning rate (a few minutes).")
-_METHODS = flags.DEFINE_list("methods", ["full", "lora", "relora", "galore", "sst"],
-                             "configs/sst.py variants to run.")
-_RATIOS = flags.DEFINE_list("rank_ratios", ["16", "8"], "r = d_model / N for each N.")
-_LRS = flags.DEFINE_list("lrs", [], "Learning-rate sweep (default: the preset's).")
-_STEPS = flags.DEFINE_integer("steps", 0, "Training steps (default: the preset's).")
-_DATA_DIR = flags.DEFINE_string("data_dir", "", "TFDS data dir (default: the TFDS default).")
-_OUT = flags.DEFINE_string("out", "", "Optional JSON file for all runs.")
-_PLOT = flags.DEFINE_string("plot", "", "Loss-curve PNG (default WORKDIR/loss_curves.png).")
-_SWEEP_RATIOS = flags.DEFINE_list(
-    "sweep_ratios", [], "Rank ratios (N of r = d / N) that get the learning-rate sweep; the "
-    "other ratios run each method at its best learning rate of the first swept ratio "
-    "(default: sweep every ratio).")
-_SWEEP_SEEDS = flags.DEFINE_integer(
-    "sweep_seeds", 0, "Run the learning-rate sweep (and its extension) on the first N of "
-    "--seeds and choose on them; the other seeds run only at the chosen learning rate "
-    "(0: sweep on every seed).", lower_bound=0)
-_EXTEND = flags.DEFINE_bool("extend_sweep", True, "If a method's best learning rate is at an "
-                             "edge of the sweep, also run one step (x3) beyond that edge.")
-_BARE_STEPS = flags.DEFINE_integer(
-    "bare_steps", 0, "After the runs, time this many compiled train steps (one batch, no "
-    "between-step work) for the best run of each method, methods interleaved over 3 rounds, "
-    "best round kept: less exposed to other load than the logged step times (0: skip).")
+# The command line's flags, defined only when run as a script: tests import this module
+# beside other entry points that define flags of the same names (--out, --preset).
+_WORKDIR = None
+_PRESET = None
+_METHODS = None
+_RATIOS = None
+_LRS = None
+_STEPS = None
+_DATA_DIR = None
+_OUT = None
+_PLOT = None
+_SWEEP_RATIOS = None
+_SWEEP_SEEDS = None
+_EXTEND = None
+_BARE_STEPS = None
+
+
+def define_flags():
+  global _WORKDIR, _PRESET, _METHODS, _RATIOS, _LRS, _STEPS, _DATA_DIR, _OUT, _PLOT
+  global _SWEEP_RATIOS, _SWEEP_SEEDS, _EXTEND, _BARE_STEPS
+  _WORKDIR = flags.DEFINE_string("workdir", None, "One subdirectory per run.", required=True)
+  _PRESET = flags.DEFINE_enum("preset", "full", ["full", "quick"],
+                              "full: d 128, 2 layers, 3200 steps per run, 3 learning rates "
+                              "(hours on 2 CPU cores); quick: the test model, 60 steps, one "
+                              "learning rate (a few minutes).")
+  _METHODS = flags.DEFINE_list("methods", ["full", "lora", "relora", "galore", "sst"],
+                               "configs/sst.py variants to run.")
+  _RATIOS = flags.DEFINE_list("rank_ratios", ["16", "8"], "r = d_model / N for each N.")
+  _LRS = flags.DEFINE_list("lrs", [], "Learning-rate sweep (default: the preset's).")
+  _STEPS = flags.DEFINE_integer("steps", 0, "Training steps (default: the preset's).")
+  _DATA_DIR = flags.DEFINE_string("data_dir", "", "TFDS data dir (default: the TFDS default).")
+  _OUT = flags.DEFINE_string("out", "", "Optional JSON file for all runs.")
+  _PLOT = flags.DEFINE_string("plot", "", "Loss-curve PNG (default WORKDIR/loss_curves.png).")
+  _SWEEP_RATIOS = flags.DEFINE_list(
+      "sweep_ratios", [], "Rank ratios (N of r = d / N) that get the learning-rate sweep; the "
+      "other ratios run each method at its best learning rate of the first swept ratio "
+      "(default: sweep every ratio).")
+  _SWEEP_SEEDS = flags.DEFINE_integer(
+      "sweep_seeds", 0, "Run the learning-rate sweep (and its extension) on the first N of "
+      "--seeds and choose on them; the other seeds run only at the chosen learning rate "
+      "(0: sweep on every seed).", lower_bound=0)
+  _EXTEND = flags.DEFINE_bool("extend_sweep", True, "If a method's best learning rate is at an "
+                               "edge of the sweep, also run one step (x3) beyond that edge.")
+  _BARE_STEPS = flags.DEFINE_integer(
+      "bare_steps", 0, "After the runs, time this many compiled train steps (one batch, no "
+      "between-step work) for the best run of each method, methods interleaved over 3 rounds, "
+      "best round kept: less exposed to other load than the logged step times (0: skip).")
 
 PRESETS = {
     # d 128, 2 layers, seq 64, batch 16: ~70 ms per dense step on 2 cores
@@ -417,4 +437,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)
