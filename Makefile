@@ -6,7 +6,7 @@ CONFIG ?= configs/lm.py:tiny
 WORKDIR ?= runs/tiny
 ARGS ?=
 
-.PHONY: train test test-drills test-kernels-latest bench clean-venv
+.PHONY: train test test-drills test-kernels-latest test-compile bench clean-venv
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -54,6 +54,33 @@ test-kernels-latest:
 	$(VENV312)/bin/python -c 'import sys, jax; print("test-kernels-latest: Python", sys.version.split()[0], "jax", jax.__version__)'; \
 	EFFJAX_DRILLS=1 $(VENV312)/bin/python -m pytest -q -n 2 $(KERNEL_TESTS) $(ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest: no kernel tests were selected (exit 5), treated as success"; rc=0; fi; \
+	exit $$rc
+
+# The kernels (and, later, train steps) through the accelerators' own compilers, compile-only:
+# libtpu for TPU v5e/v5p/v6e and the CUDA plugin for an H100 (pallas_kernels/targets.py). Needs
+# Python >= 3.12 and a JAX whose libtpu the registry serves (jax 0.12.1 asks for a libtpu it
+# does not have), so the pair is pinned here; skipped, saying why, when either is missing.
+COMPILE_JAX ?= 0.12.0.1
+VENV_COMPILE := .venv-compile
+COMPILE_TESTS := tests/test_compile_targets.py
+
+$(VENV_COMPILE)/.installed: setup.cfg pyproject.toml
+	$(PYTHON312) -m venv $(VENV_COMPILE)
+	$(VENV_COMPILE)/bin/python -m pip install --quiet --upgrade pip
+	$(VENV_COMPILE)/bin/python -m pip install --quiet -e '.[test]' "jax[tpu,cuda12]==$(COMPILE_JAX)"
+	touch $@
+
+test-compile:
+	@if [ -z "$(PYTHON312)" ]; then \
+	  echo "test-compile: SKIPPED: no Python 3.12 found (python3.12 on PATH or pyenv 3.12.x)"; \
+	  exit 0; fi; \
+	if ! $(MAKE) --no-print-directory $(VENV_COMPILE)/.installed; then \
+	  echo "test-compile: SKIPPED: could not install jax[tpu,cuda12]==$(COMPILE_JAX) (libtpu and the CUDA plugin)"; \
+	  exit 0; fi; \
+	$(VENV_COMPILE)/bin/python -c 'import sys, jax, libtpu; print("test-compile: Python", sys.version.split()[0], "jax", jax.__version__)'; \
+	JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1 ALLOW_MULTIPLE_LIBTPU_LOAD=1 \
+	  $(VENV_COMPILE)/bin/python -m pytest -q -n 2 -m compile $(COMPILE_TESTS) $(ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest: no compile tests were selected (exit 5), treated as success"; rc=0; fi; \
 	exit $$rc
 
 bench: $(VENV)/.installed

@@ -5,6 +5,8 @@
   dot                         a tile product accumulated in float32
   default_implementation      which kernel family the platform (or the interpret argument)
                               asks for; each package's own default_implementation wraps it
+  tpu_vmem_tile_bytes, tpu_vmem_limit   a TPU kernel's VMEM: buffer sizes and the scoped limit
+                              to ask Mosaic for (or a refusal before tracing)
 """
 from __future__ import annotations
 
@@ -64,3 +66,40 @@ def default_implementation(interpret: Any = False, *, mosaic_gpu: bool = False) 
   if platform == "tpu":
     return "tpu"
   return "gpu" if interpret is True else None
+
+
+# Mosaic's scoped VMEM per kernel: 16 MiB by default on v4, v5e and v5p (32 MiB on v6e) unless
+# the kernel asks for more (vmem_limit_bytes). A kernel whose estimate needs more asks for the
+# estimate * TPU_VMEM_HEADROOM, at most TPU_MAX_VMEM_LIMIT: under the physical VMEM per
+# TensorCore of v5e and v6e (128 MiB) and v5p (64 MiB, the conservative reading of the sources
+# in ../shared/reference/tpu_vmem.md). Past that a kernel is refused before tracing.
+TPU_DEFAULT_SCOPED_VMEM = 16 << 20
+TPU_MAX_VMEM_LIMIT = 48 << 20
+TPU_VMEM_HEADROOM = 1.25
+
+
+def tpu_vmem_tile_bytes(shape, itemsize: int) -> int:
+  """Bytes of one VMEM buffer: its last two dims padded to Mosaic's (sublane, 128) tile (8
+  sublanes for 32-bit types, 16 for 16-bit); non-int (squeezed) dims count as 1."""
+  dims = [d for d in shape if isinstance(d, int)]
+  dims[-1] = round_up(dims[-1], 128)
+  if len(dims) > 1:
+    dims[-2] = round_up(dims[-2], 8 * max(1, 4 // itemsize))
+  n = itemsize
+  for d in dims:
+    n *= d
+  return n
+
+
+def tpu_vmem_limit(need_bytes: int, what: str, headroom: float = TPU_VMEM_HEADROOM) -> int | None:
+  """vmem_limit_bytes for a kernel estimated to need `need_bytes`: None while the default scope
+  holds it with headroom, else the need with headroom rounded up to MiB. A ValueError naming
+  `what` (the kernel and its blocks) past TPU_MAX_VMEM_LIMIT."""
+  need = int(need_bytes * headroom)
+  if need <= TPU_DEFAULT_SCOPED_VMEM:
+    return None
+  if need > TPU_MAX_VMEM_LIMIT:
+    raise ValueError(f"{what} needs about {need / 2**20:.1f} MiB of VMEM with headroom, over the "
+                     f"{TPU_MAX_VMEM_LIMIT >> 20} MiB limit effjax asks of any TPU generation "
+                     "(v5e, v5p, v6e): use smaller blocks")
+  return round_up(need, 1 << 20)

@@ -289,6 +289,21 @@ def _check(q, k, v, causal, sliding_window, logit_softcap, segment_ids):
   del causal
 
 
+def _check_tpu_vmem(c: _Call, q_shape, kv_shape, tq: int, tk: int, bq: int, bk: int,
+                    fwd: bool) -> None:
+  """ValueError (tpu.vmem_limit's) when a kernel's blocks cannot fit any TPU's VMEM."""
+  from pallas_kernels.attention import tpu  # pylint: disable=g-import-not-at-top
+  b, _, n, d = q_shape
+  q_kernel, kv_kernel = (b, n, tq, d), (b, kv_shape[2], tk, d)
+  p = problem_for(c, tk)
+  if fwd:
+    plans = [tpu.forward_plan(p, q_kernel, kv_kernel, c.itemsize, block_q=bq, block_k=bk)]
+  else:
+    plans = tpu.backward_plans(p, q_kernel, kv_kernel, c.itemsize, block_q=bq, block_k=bk)
+  for plan in plans:
+    tpu.vmem_limit(plan)
+
+
 def _check_mosaic_gpu(q, interpret):
   from pallas_kernels.attention import mosaic_gpu  # pylint: disable=g-import-not-at-top
   if interpret is not False and interpret is not None and (
@@ -371,7 +386,9 @@ def flash_attention(q, k, v, *, causal: bool = False, sliding_window: int | None
                    logit_softcap=logit_softcap, has_segments=segment_ids is not None,
                    sm_scale=sm_scale, implementation=impl, block_sizes=block_sizes,
                    interpret=interpret, itemsize=q.dtype.itemsize)
-  for fwd in (True, False):  # refuse blocks the platform cannot tile before any tracing
-    kernel_dims(call, q.shape[1], k.shape[1], q.shape[3], fwd)
+  for fwd in (True, False):  # refuse blocks the platform cannot tile or hold before tracing
+    bq, tq, bk, tk, d = kernel_dims(call, q.shape[1], k.shape[1], q.shape[3], fwd)
+    if impl == "tpu":
+      _check_tpu_vmem(call, q.shape, k.shape, tq, tk, bq, bk, fwd)
   seg = None if segment_ids is None else segment_ids.astype(jnp.int32)
   return _flash_jit(call, q, k, v, seg)

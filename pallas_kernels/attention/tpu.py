@@ -33,10 +33,43 @@ from jax.experimental import pallas as pl
 import jax.numpy as jnp
 
 from pallas_kernels import compat
+from pallas_kernels import tiling
 from pallas_kernels.attention import common
 
 _S = compat.SQUEEZED
 LANES, SUBLANES = 128, 8
+
+# float32 [rows, block_k] values a step keeps live (logits and probabilities; in the backward
+# also dP and dS), which Mosaic holds in VMEM: at 2048 rows x 512 keys they outweigh the blocks.
+# Calibrated on the v5e compiler: the segment-ids dK/dV kernel at G * block_q = 2048 rows,
+# block_k = 512, head_dim 64 used 16.75 MiB where its blocks and scratch take 8 MiB.
+_F32_STEP_TILES = {"forward": 2, "dkv": 3, "dq": 3}
+
+
+def scratch_shapes(plan: common.Plan) -> list[tuple[int, int]]:
+  """The float32 VMEM scratch of each kernel: accumulators and softmax statistics."""
+  rows, d = plan.heads_per_item * plan.block_q, plan.head_dim
+  return {"forward": [(rows, d), (rows, LANES), (rows, LANES)],
+          "dkv": [(plan.block_k, d), (plan.block_k, d)],
+          "dq": [(rows, d)]}[plan.name]
+
+
+def vmem_bytes(plan: common.Plan) -> int:
+  """Estimated VMEM of one kernel: double-buffered blocks, scratch and the step's float32
+  temporaries (an estimate: the compiler's layout decides the rest)."""
+  blocks = sum(2 * tiling.tpu_vmem_tile_bytes(o.block, o.itemsize) for o in plan.operands)
+  scratch = sum(tiling.tpu_vmem_tile_bytes(shape, 4) for shape in scratch_shapes(plan))
+  rows = plan.heads_per_item * plan.block_q
+  temps = _F32_STEP_TILES[plan.name] * tiling.tpu_vmem_tile_bytes((rows, plan.block_k), 4)
+  return blocks + scratch + temps
+
+
+def vmem_limit(plan: common.Plan) -> int | None:
+  """The kernel's vmem_limit_bytes (tiling.tpu_vmem_limit); ValueError if it cannot fit."""
+  return tiling.tpu_vmem_limit(
+      vmem_bytes(plan), f"TPU flash attention's {plan.name} kernel with block_q={plan.block_q}, "
+      f"block_k={plan.block_k}, {plan.heads_per_item} query heads per kv head and head_dim "
+      f"{plan.head_dim}")
 
 
 def _clamp(i, lo, hi, n: int):
@@ -90,7 +123,7 @@ def _seg_scalars(refs, bi, q_block, k_block, nq: int, nk: int):
 
 def _call(plan: common.Plan, kernel, args, bounds, out_shape, scratch, name, interpret):
   """pallas_call of a plan, with the segment bounds scalar-prefetched when there are any."""
-  params = compat.tpu_compiler_params(plan.semantics)
+  params = compat.tpu_compiler_params(plan.semantics, vmem_limit(plan))
   if not bounds:
     return pl.pallas_call(kernel, grid=plan.grid, in_specs=_specs(plan.inputs),
                           out_specs=_specs(plan.outputs), out_shape=out_shape,
@@ -101,6 +134,10 @@ def _call(plan: common.Plan, kernel, args, bounds, out_shape, scratch, name, int
       out_specs=_specs(plan.outputs), scratch_shapes=scratch)
   return pl.pallas_call(kernel, grid_spec=grid_spec, out_shape=out_shape,
                         compiler_params=params, interpret=interpret, name=name)(*bounds, *args)
+
+
+def _scratch(plan: common.Plan):
+  return [compat.tpu_vmem(shape, jnp.float32) for shape in scratch_shapes(plan)]
 
 
 def _seg_operands(p: common.Problem, block_q: int, block_k: int, q_map, k_map):
@@ -203,9 +240,7 @@ def forward(p: common.Problem, q, k, v, q_seg, k_seg, *, block_q: int, block_k: 
       seg_args + [q, k, v], bounds,
       [jax.ShapeDtypeStruct(q.shape, q.dtype),
        jax.ShapeDtypeStruct((b, n, t, LANES), jnp.float32)],
-      [compat.tpu_vmem((rows, d), jnp.float32), compat.tpu_vmem((rows, LANES), jnp.float32),
-       compat.tpu_vmem((rows, LANES), jnp.float32)],
-      "effjax_flash_fwd_tpu", interpret)
+      _scratch(plan), "effjax_flash_fwd_tpu", interpret)
   return out, lse[..., 0]
 
 
@@ -368,10 +403,9 @@ def backward(p: common.Problem, q, k, v, q_seg, k_seg, out, lse, do, *, block_q:
   dk, dv = _call(
       dkv_plan, functools.partial(_dkv_kernel, **kw), seg_args + [q, k, v, do, lse, delta],
       bounds, [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-      [compat.tpu_vmem((block_k, d), jnp.float32), compat.tpu_vmem((block_k, d), jnp.float32)],
-      "effjax_flash_dkv_tpu", interpret)
+      _scratch(dkv_plan), "effjax_flash_dkv_tpu", interpret)
   dq = _call(
       dq_plan, functools.partial(_dq_kernel, **kw), seg_args + [q, k, v, do, lse, delta],
-      bounds, [jax.ShapeDtypeStruct(q.shape, q.dtype)],
-      [compat.tpu_vmem((rows, d), jnp.float32)], "effjax_flash_dq_tpu", interpret)[0]
+      bounds, [jax.ShapeDtypeStruct(q.shape, q.dtype)], _scratch(dq_plan),
+      "effjax_flash_dq_tpu", interpret)[0]
   return dq, dk, dv

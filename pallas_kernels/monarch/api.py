@@ -191,5 +191,7 @@ def monarch(x, w1, w2, out_features: int, *, implementation: str | None = None,
                        f"{x.dtype}")
     tokens = common.Blocks.TPU_TOKENS if blocks.tokens is None else blocks.tokens
     block_t = min(tokens, tiling.round_up(max(x2.shape[0], 1), 8))
+    tpu.vmem_limits(block_t, n_in, out_features, w1.shape, w2.shape,  # refuses before tracing
+                    x.dtype.itemsize)
     y = _fused(x2, w1, w2, _Call(out_features, block_t, interpret))
   return y.reshape(*lead, out_features)

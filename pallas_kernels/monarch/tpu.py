@@ -108,6 +108,49 @@ def _backward_kernel(x_ref, w1_ref, w2_ref, dy_ref, dx_ref, dw1_ref, dw2_ref, *,
   dx_ref[...] = dx.astype(dx_ref.dtype)
 
 
+# Mosaic allocates far more than the buffers counted below: the unrolled per-block and
+# per-route code keeps many [tokens, width] float32 values live. Measured (256-token blocks,
+# nblocks 4, bf16, 8192 tokens), the backward used 36.2 MiB at 1024 -> 1024 on v5e (39.7 on
+# v5p, 40.5 on v6e; counted 12.0), 72.4 at 2048 -> 2048 (counted 36.0) and 34.1 at 3072 -> 768
+# (counted 18.0) on v5e; 768 -> 3072 given 47 MiB overflowed the whole VMEM (131.6 MiB used of
+# v5e's 128). max(2.1 x counted, counted + 30 MiB) covers these, so it is the limit asked for
+# as it is (no further headroom). No forward overflowed; it uses the same rule.
+_VMEM_SCALE, _VMEM_FLOOR = 2.1, 30 << 20
+
+
+def vmem_bytes(block_t: int, n_in: int, n_out: int, w1_shape, w2_shape, itemsize: int,
+               direction: str) -> int:
+  """Estimated VMEM of the forward or backward kernel: double-buffered token blocks and
+  factors (resident, but pipelined like any block), float32 weight-gradient blocks in the
+  backward, and a step's float32 intermediates (h, the output accumulators; dh in the
+  backward), scaled by the calibration above."""
+  k, q, p = w1_shape
+  s = w2_shape[1]
+  tile = tiling.tpu_vmem_tile_bytes
+  factors = tile(w1_shape, itemsize) + tile(w2_shape, itemsize)
+  if direction == "forward":
+    blocks = tile((block_t, n_in), itemsize) + tile((block_t, n_out), itemsize) + factors
+    temps = tile((block_t, k * q), 4) + tile((block_t, k * s), 4)
+  else:
+    blocks = (2 * tile((block_t, n_in), itemsize) + tile((block_t, n_out), itemsize) + factors
+              + tile(w1_shape, 4) + tile(w2_shape, 4))
+    temps = 2 * tile((block_t, k * q), 4) + tile((block_t, k * s), 4)
+  counted = 2 * blocks + temps
+  return int(max(_VMEM_SCALE * counted, counted + _VMEM_FLOOR))
+
+
+def vmem_limits(block_t: int, n_in: int, n_out: int, w1_shape, w2_shape,
+                itemsize: int) -> tuple[int | None, int | None]:
+  """(forward, backward) vmem_limit_bytes; a ValueError naming the layer when the resident
+  factors (and, backward, their float32 gradients) cannot fit (tiling.tpu_vmem_limit)."""
+  what = (f"the fused Monarch TPU {{}} kernel for {n_in} -> {n_out} with factors {w1_shape} "
+          f"and {w2_shape} ({itemsize}-byte) and {block_t}-token blocks, which keeps the whole "
+          "factors in VMEM,")
+  return tuple(tiling.tpu_vmem_limit(
+      vmem_bytes(block_t, n_in, n_out, w1_shape, w2_shape, itemsize, d), what.format(d),
+      headroom=1.0) for d in ("forward", "backward"))
+
+
 def _whole(shape):
   return pl.BlockSpec(shape, lambda i: (0,) * len(shape))
 
@@ -129,7 +172,8 @@ def forward(x, w1_reordered, w2, *, out_features: int, block_t: int, interpret=F
       in_specs=[_rows(block_t, n_in), _whole(w1_reordered.shape), _whole(w2.shape)],
       out_specs=_rows(block_t, out_features),
       out_shape=jax.ShapeDtypeStruct((t, out_features), x.dtype),
-      compiler_params=compat.tpu_compiler_params(("parallel",)),
+      compiler_params=compat.tpu_compiler_params(("parallel",), vmem_limits(
+          block_t, n_in, out_features, w1_reordered.shape, w2.shape, x.dtype.itemsize)[0]),
       interpret=interpret,
       cost_estimate=pl.CostEstimate(flops=flops, transcendentals=0, bytes_accessed=moved),
       name="effjax_monarch_fwd_tpu",
@@ -153,7 +197,8 @@ def backward(x, w1_reordered, w2, dy, *, block_t: int, interpret=False):
                  jax.ShapeDtypeStruct(w1_reordered.shape, jnp.float32),
                  jax.ShapeDtypeStruct(w2.shape, jnp.float32)],
       # the weight gradients accumulate over the token tiles: steps run in order
-      compiler_params=compat.tpu_compiler_params(("arbitrary",)),
+      compiler_params=compat.tpu_compiler_params(("arbitrary",), vmem_limits(
+          block_t, n_in, dy.shape[1], w1_reordered.shape, w2.shape, x.dtype.itemsize)[1]),
       interpret=interpret,
       cost_estimate=pl.CostEstimate(flops=flops, transcendentals=0, bytes_accessed=moved),
       name="effjax_monarch_bwd_tpu",

@@ -1,0 +1,213 @@
+"""Every Pallas kernel through the accelerators' own compilers, compile-only: a table.
+
+  python -m experiments.compile_matrix                       # every case on every target
+  python -m experiments.compile_matrix --targets=tpu:v5e:1x1 --families=attention \\
+      --out=/tmp/compile_matrix.json
+
+Needs Python >= 3.12 with jax[tpu,cuda12] (`make test-compile` builds `.venv-compile`). Each
+case is forward and backward compiled together (jax.grad of a sum) for one device of the
+target (pallas_kernels/targets.py): Mosaic inside libtpu for TPUs, Mosaic GPU and Triton inside
+XLA's GPU compiler for an H100. A case compiles, or is refused before any kernel is traced by a
+rule that names itself (a ValueError / NotImplementedError from the kernel's API); anything
+else is a failure. tests/test_compile_targets.py runs the same cases.
+"""
+from pallas_kernels import targets  # first: sets libtpu's and the CUDA plugin's variables
+
+import contextlib  # noqa: E402
+import dataclasses  # noqa: E402
+import time  # noqa: E402
+from typing import Any, Callable  # noqa: E402
+
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from pallas_kernels import compat  # noqa: E402
+
+BF16, F32 = jnp.bfloat16, jnp.float32
+TPUS = ("tpu:v5e:1x1", "tpu:v5p:2x2x1", "tpu:v6e:1x1")
+H100 = "gpu:h100:1"
+# (target, implementation) columns of the table: Mosaic TPU on each generation, and the two
+# GPU kernel families on an H100.
+COLUMNS = tuple((t, "tpu") for t in TPUS) + ((H100, "mosaic_gpu"), (H100, "triton"))
+
+# Attention: (B, T, N, K, D, dtype, options): GQA 1-8, head_dim 64-256, 512 to 32k tokens.
+ATTENTION = {
+    "segments_gqa4_d64_4k": (1, 4096, 8, 2, 64, BF16, dict(causal=True, segments=True)),
+    "gqa4_d128_2k": (2, 2048, 16, 4, 128, BF16, dict(causal=True)),
+    "mha_d96_ragged1000": (1, 1000, 8, 8, 96, BF16, dict()),
+    "softcap_gqa8_d256": (1, 2048, 8, 1, 256, BF16, dict(causal=True, logit_softcap=30.0)),
+    "window1024_f32_8k": (1, 8192, 4, 4, 128, F32, dict(causal=True, sliding_window=1024)),
+    "window256_gqa2_noncausal": (1, 2048, 4, 2, 64, BF16, dict(sliding_window=256)),
+    "causal_32k": (1, 32768, 8, 8, 128, BF16, dict(causal=True)),
+    "segments_noncausal_f32_512": (2, 512, 8, 4, 64, F32, dict(segments=True)),
+}
+# Grouped matmul: (m, k, n, experts, dtype, transpose_rhs), Mixtral's and DeepSeek-V3's
+# expert shapes among them; the backward is tgmm (dW) and a transposed gmm (dX).
+GMM = {
+    "g8_2048x1408": (8192, 2048, 1408, 8, BF16, False),
+    "mixtral_g8_4096x14336": (8192, 4096, 14336, 8, BF16, False),
+    "deepseek_g256_7168x2048": (4096, 7168, 2048, 256, BF16, False),
+    "transposed_g64_2048x1408": (8192, 2048, 1408, 64, BF16, True),
+    "f32_padded_g6_1024x1000": (4096, 1024, 1000, 6, F32, False),
+}
+# The fused Monarch layer: (tokens, in, out, nblocks), GPT-2's MLP shapes and square layers.
+MONARCH = {
+    "gpt2_up_768x3072": (8192, 768, 3072, 4), "gpt2_down_3072x768": (8192, 3072, 768, 4),
+    "square_1024": (8192, 1024, 1024, 4), "square_2048": (8192, 2048, 2048, 4),
+    "square_4096": (8192, 4096, 4096, 4),
+}
+FAMILIES = {"attention": ATTENTION, "gmm": GMM, "monarch": MONARCH}
+# The kernel APIs' names for the column's implementation.
+_API_NAMES = {"attention": {"tpu": "tpu", "mosaic_gpu": "mosaic_gpu", "triton": "gpu"},
+              "gmm": {"tpu": "tpu", "mosaic_gpu": "mosaic_gpu", "triton": "gpu"},
+              "monarch": {"tpu": "tpu", "mosaic_gpu": "mosaic_gpu"}}
+
+
+def _attention(case, implementation):
+  from pallas_kernels.attention import api  # pylint: disable=g-import-not-at-top
+  b, t, n, kv, d, dtype, options = ATTENTION[case]
+  options = dict(options)
+  with_segments = options.pop("segments", False)
+
+  def loss(q, k, v, segment_ids):
+    out = api.flash_attention(q, k, v, segment_ids=segment_ids if with_segments else None,
+                              implementation=implementation, **options)
+    return jnp.sum(out.astype(jnp.float32))
+  shapes = [((b, t, n, d), dtype), ((b, t, kv, d), dtype), ((b, t, kv, d), dtype),
+            ((b, t), jnp.int32)]
+  return loss, shapes, (0, 1, 2)
+
+
+def _gmm(case, implementation):
+  from pallas_kernels.grouped_matmul import api  # pylint: disable=g-import-not-at-top
+  m, k, n, experts, dtype, transpose_rhs = GMM[case]
+
+  def loss(lhs, rhs):
+    sizes = jnp.full((experts,), m // experts, jnp.int32)
+    out = api.gmm(lhs, rhs, sizes, transpose_rhs=transpose_rhs, implementation=implementation)
+    return jnp.sum(out.astype(jnp.float32))
+  rhs = (experts, n, k) if transpose_rhs else (experts, k, n)
+  return loss, [((m, k), dtype), (rhs, dtype)], (0, 1)
+
+
+def _monarch(case, implementation):
+  from effjax.layers.monarch import monarch_shapes  # pylint: disable=g-import-not-at-top
+  from pallas_kernels.monarch import api  # pylint: disable=g-import-not-at-top
+  tokens, n_in, n_out, nblocks = MONARCH[case]
+  w1_shape, w2_shape = monarch_shapes(n_in, n_out, nblocks)
+
+  def loss(x, w1, w2):
+    return jnp.sum(api.monarch(x, w1, w2, n_out, implementation=implementation)
+                   .astype(jnp.float32))
+  return loss, [((tokens, n_in), BF16), (w1_shape, BF16), (w2_shape, BF16)], (0, 1, 2)
+
+
+_BUILDERS: dict[str, Callable[..., Any]] = {"attention": _attention, "gmm": _gmm,
+                                            "monarch": _monarch}
+
+
+@dataclasses.dataclass
+class Outcome:
+  status: str  # "compiled", "refused" (by a stated rule, before any kernel), "failed", "n/a"
+  seconds: float = 0.0
+  detail: str = ""  # the rule or the error's first line
+  flops: float | None = None  # the compiler's cost analysis, where it gives one
+  temp_bytes: int | None = None
+
+  @property
+  def cell(self) -> str:
+    if self.status == "compiled":
+      return f"compiled ({self.seconds:.1f} s)"
+    return self.status
+
+
+def compile_case(family: str, case: str, target_name: str, implementation: str) -> Outcome:
+  """Compiles one case's forward + backward for one device of the target."""
+  api_name = _API_NAMES[family].get(implementation)
+  if api_name is None:
+    return Outcome("n/a", detail=f"no {implementation} kernel for {family}")
+  target = targets.get(target_name)
+  sharding = jax.sharding.SingleDeviceSharding(target.devices[0])
+  loss, shapes, argnums = _BUILDERS[family](case, api_name)
+  args = [jax.ShapeDtypeStruct(s, d, sharding=sharding) for s, d in shapes]
+  start = time.perf_counter()
+  # Triton's lowering reads the GPU from an abstract mesh when the host has none (it still
+  # stops: it then asks for a live "gpu" backend); Mosaic GPU's takes the target's device.
+  context = compat.abstract_gpu() if implementation == "triton" else contextlib.nullcontext()
+  try:
+    with context:
+      lowered = jax.jit(jax.grad(loss, argnums=argnums)).lower(*args)
+  except (ValueError, NotImplementedError) as rule:
+    return Outcome("refused", time.perf_counter() - start, " ".join(str(rule).split()))
+  except Exception as e:  # pylint: disable=broad-except  (a lowering failure, reported)
+    return Outcome("failed", time.perf_counter() - start,
+                   f"lowering: {type(e).__name__}: {str(e).strip().splitlines()[0]}")
+  try:
+    compiled = lowered.compile()
+  except Exception as e:  # pylint: disable=broad-except  (the compiler's verdict, reported)
+    lines = [l.strip() for l in str(e).splitlines() if l.strip()] or [type(e).__name__]
+    # the first line, and the VMEM / shared-memory figure where the compiler gives one
+    figure = next((l for l in lines if "Scoped allocation" in l or "exceeds" in l), "")
+    return Outcome("failed", time.perf_counter() - start,
+                   " ".join([lines[0], figure[figure.find("Scoped allocation"):]]).strip())
+  cost = compiled.cost_analysis() or {}
+  memory = compiled.memory_analysis()
+  return Outcome("compiled", time.perf_counter() - start, flops=cost.get("flops"),
+                 temp_bytes=getattr(memory, "temp_size_in_bytes", None))
+
+
+def all_cases(families=tuple(FAMILIES)):
+  return [(f, c) for f in families for c in FAMILIES[f]]
+
+
+# The command line's flags, defined only when run as a script: tests import this module
+# beside other entry points that define flags of the same names (--out, --preset).
+_TARGETS = None
+_FAMILIES = None
+_OUT = None
+
+
+def define_flags():
+  global _TARGETS, _FAMILIES, _OUT  # pylint: disable=global-statement
+  _TARGETS = flags.DEFINE_list("targets", [], "Restrict to these targets (default: all columns).")
+  _FAMILIES = flags.DEFINE_list("families", list(FAMILIES), "Kernel families.")
+  _OUT = flags.DEFINE_string("out", "", "Optional JSON file for the table and its provenance.")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  unknown = sorted(set(_FAMILIES.value) - set(FAMILIES))
+  if unknown:
+    raise SystemExit(f"--families: unknown {unknown}; known: {sorted(FAMILIES)}")
+  columns = [c for c in COLUMNS if not _TARGETS.value or c[0] in _TARGETS.value]
+  for name in _TARGETS.value:
+    targets.parse(name)
+  print(f"jax {jax.__version__}; times are this host's compile times (compile-only)")
+  print("| kernel | case | " + " | ".join(f"{t} {i}" for t, i in columns) + " |")
+  print("|---|---|" + "---|" * len(columns))
+  rows, notes = [], []
+  for family, case in all_cases(_FAMILIES.value):
+    cells = []
+    for target_name, implementation in columns:
+      outcome = compile_case(family, case, target_name, implementation)
+      rows.append(dict(family=family, case=case, target=target_name,
+                       implementation=implementation, **dataclasses.asdict(outcome)))
+      cells.append(outcome.cell)
+      if outcome.status in ("refused", "failed"):
+        notes.append(f"{family}/{case} on {target_name} {implementation}: {outcome.status}: "
+                     f"{outcome.detail[:300]}")
+    print(f"| {family} | {case} | " + " | ".join(cells) + " |", flush=True)
+  for note in notes:
+    print("-", note)
+  if _OUT.value:
+    from effjax import provenance  # pylint: disable=g-import-not-at-top
+    provenance.write_json(_OUT.value, {"rows": rows},
+                          {"targets": [c[0] for c in columns], "families": _FAMILIES.value})
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)
