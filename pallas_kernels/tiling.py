@@ -91,7 +91,8 @@ def tpu_vmem_tile_bytes(shape, itemsize: int) -> int:
   return n
 
 
-def tpu_vmem_limit(need_bytes: int, what: str, headroom: float = TPU_VMEM_HEADROOM) -> int | None:
+def tpu_vmem_limit(need_bytes: int, what: str, headroom: float = TPU_VMEM_HEADROOM,
+                   advice: str = "use smaller blocks") -> int | None:
   """vmem_limit_bytes for a kernel estimated to need `need_bytes`: None while the default scope
   holds it with headroom, else the need with headroom rounded up to MiB. A ValueError naming
   `what` (the kernel and its blocks) past TPU_MAX_VMEM_LIMIT."""
@@ -101,5 +102,5 @@ def tpu_vmem_limit(need_bytes: int, what: str, headroom: float = TPU_VMEM_HEADRO
   if need > TPU_MAX_VMEM_LIMIT:
     raise ValueError(f"{what} needs about {need / 2**20:.1f} MiB of VMEM with headroom, over the "
                      f"{TPU_MAX_VMEM_LIMIT >> 20} MiB limit effjax asks of any TPU generation "
-                     "(v5e, v5p, v6e): use smaller blocks")
+                     f"(v5e, v5p, v6e): {advice}")
   return round_up(need, 1 << 20)

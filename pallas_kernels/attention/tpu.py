@@ -121,19 +121,37 @@ def _seg_scalars(refs, bi, q_block, k_block, nq: int, nk: int):
   return q_lo[qi], q_hi[qi], k_lo[ki], k_hi[ki]
 
 
-def _call(plan: common.Plan, kernel, args, bounds, out_shape, scratch, name, interpret):
+def cost_estimate(plan: common.Plan, p: common.Problem, args, out_shape) -> pl.CostEstimate:
+  """What a kernel does, for XLA's scheduler and cost analysis (without it the TPU cost model
+  reports the kernel's flops as unknown): 2 flops per multiply-add of every item the plan can
+  compute (segment skips are decided at run time: an upper bound with segment ids), one exp
+  per logit (two transcendentals with soft-capping's tanh), and every operand read and every
+  output written once (a lower bound on traffic: work.py counts the re-reads)."""
+  batch, kv_heads, outer, inner = plan.grid
+  items = sum(len(list(plan.items(0, 0, i, j))) for i in range(outer) for j in range(inner))
+  logits = batch * kv_heads * items * plan.heads_per_item * plan.block_q * plan.block_k
+  moved = sum(a.size * a.dtype.itemsize for a in [*args, *out_shape])
+  return pl.CostEstimate(flops=2 * logits * plan.head_dim * plan.matmuls,
+                         transcendentals=logits * (2 if p.logit_softcap else 1),
+                         bytes_accessed=int(moved))
+
+
+def _call(plan: common.Plan, p: common.Problem, kernel, args, bounds, out_shape, scratch, name,
+          interpret):
   """pallas_call of a plan, with the segment bounds scalar-prefetched when there are any."""
   params = compat.tpu_compiler_params(plan.semantics, vmem_limit(plan))
+  cost = cost_estimate(plan, p, args, out_shape)
   if not bounds:
     return pl.pallas_call(kernel, grid=plan.grid, in_specs=_specs(plan.inputs),
                           out_specs=_specs(plan.outputs), out_shape=out_shape,
                           scratch_shapes=scratch, compiler_params=params, interpret=interpret,
-                          name=name)(*args)
+                          cost_estimate=cost, name=name)(*args)
   grid_spec = compat.tpu_prefetch_scalar_grid_spec(
       num_scalar_prefetch=len(bounds), grid=plan.grid, in_specs=_specs(plan.inputs),
       out_specs=_specs(plan.outputs), scratch_shapes=scratch)
   return pl.pallas_call(kernel, grid_spec=grid_spec, out_shape=out_shape,
-                        compiler_params=params, interpret=interpret, name=name)(*bounds, *args)
+                        compiler_params=params, interpret=interpret, cost_estimate=cost,
+                        name=name)(*bounds, *args)
 
 
 def _scratch(plan: common.Plan):
@@ -234,7 +252,7 @@ def forward(p: common.Problem, q, k, v, q_seg, k_seg, *, block_q: int, block_k: 
   bounds, seg_args = _segments(p, q_seg, k_seg, block_q, block_k)
   rows = g * block_q
   out, lse = _call(
-      plan,
+      plan, p,
       functools.partial(_fwd_kernel, p=p, groups=g, block_q=block_q, block_k=block_k,
                         num_q_blocks=nq, num_k_blocks=nk),
       seg_args + [q, k, v], bounds,
@@ -401,11 +419,11 @@ def backward(p: common.Problem, q, k, v, q_seg, k_seg, out, lse, do, *, block_q:
                                      block_k=block_k)
   kw = dict(p=p, groups=g, block_q=block_q, block_k=block_k, num_q_blocks=nq, num_k_blocks=nk)
   dk, dv = _call(
-      dkv_plan, functools.partial(_dkv_kernel, **kw), seg_args + [q, k, v, do, lse, delta],
+      dkv_plan, p, functools.partial(_dkv_kernel, **kw), seg_args + [q, k, v, do, lse, delta],
       bounds, [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
       _scratch(dkv_plan), "effjax_flash_dkv_tpu", interpret)
   dq = _call(
-      dq_plan, functools.partial(_dq_kernel, **kw), seg_args + [q, k, v, do, lse, delta],
+      dq_plan, p, functools.partial(_dq_kernel, **kw), seg_args + [q, k, v, do, lse, delta],
       bounds, [jax.ShapeDtypeStruct(q.shape, q.dtype)], _scratch(dq_plan),
       "effjax_flash_dq_tpu", interpret)[0]
   return dq, dk, dv

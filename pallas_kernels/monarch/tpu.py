@@ -148,7 +148,8 @@ def vmem_limits(block_t: int, n_in: int, n_out: int, w1_shape, w2_shape,
           "factors in VMEM,")
   return tuple(tiling.tpu_vmem_limit(
       vmem_bytes(block_t, n_in, n_out, w1_shape, w2_shape, itemsize, d), what.format(d),
-      headroom=1.0) for d in ("forward", "backward"))
+      headroom=1.0, advice="use the XLA layer (monarch_impl='xla') at this width")
+      for d in ("forward", "backward"))
 
 
 def _whole(shape):
