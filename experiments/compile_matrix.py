@@ -15,6 +15,10 @@ from pallas_kernels import targets  # first: sets libtpu's and the CUDA plugin's
 
 import contextlib  # noqa: E402
 import dataclasses  # noqa: E402
+import os  # noqa: E402
+import re  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
 import time  # noqa: E402
 from typing import Any, Callable  # noqa: E402
 
@@ -158,6 +162,35 @@ def compile_case(family: str, case: str, target_name: str, implementation: str) 
                  temp_bytes=getattr(memory, "temp_size_in_bytes", None))
 
 
+def ptxas_report(family: str, case: str) -> list[dict[str, int]]:
+  """ptxas's own report for each Mosaic GPU kernel of a case compiled for an H100, in lowering
+  order (Mosaic GPU runs ptxas while lowering; MOSAIC_GPU_DUMP_PTXAS=1 makes it print -v):
+  registers per thread, spill stores and loads (bytes), static shared memory (Mosaic GPU's
+  tiles are dynamic shared memory, checked against the H100's limit by the compile itself).
+  In a fresh process: a kernel compiled before in this one is cached and not reported again."""
+  code = ("import sys; from experiments import compile_matrix as m; "
+          f"o = m.compile_case({family!r}, {case!r}, {H100!r}, 'mosaic_gpu'); "
+          "print('STATUS', o.status)")
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, MOSAIC_GPU_DUMP_PTXAS="1",
+             PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+  proc = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True,
+                        text=True, errors="replace", timeout=600, check=False)
+  if "STATUS compiled" not in proc.stdout:
+    return []
+  kernels, spills = [], None
+  for line in (proc.stdout + proc.stderr).splitlines():
+    found = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line)
+    if found:
+      spills = tuple(int(g) for g in found.groups())
+    found = re.search(r"ptxas info\s*: Used (\d+) registers.*?(\d+) bytes smem", line)
+    if found and spills is not None:
+      kernels.append(dict(registers=int(found.group(1)), spill_stores=spills[0],
+                          spill_loads=spills[1], static_smem=int(found.group(2))))
+      spills = None
+  return kernels
+
+
 def all_cases(families=tuple(FAMILIES)):
   return [(f, c) for f in families for c in FAMILIES[f]]
 
@@ -167,13 +200,16 @@ def all_cases(families=tuple(FAMILIES)):
 _TARGETS = None
 _FAMILIES = None
 _OUT = None
+_PTXAS = None
 
 
 def define_flags():
-  global _TARGETS, _FAMILIES, _OUT  # pylint: disable=global-statement
+  global _TARGETS, _FAMILIES, _OUT, _PTXAS  # pylint: disable=global-statement
   _TARGETS = flags.DEFINE_list("targets", [], "Restrict to these targets (default: all columns).")
   _FAMILIES = flags.DEFINE_list("families", list(FAMILIES), "Kernel families.")
   _OUT = flags.DEFINE_string("out", "", "Optional JSON file for the table and its provenance.")
+  _PTXAS = flags.DEFINE_bool("ptxas", False, "Also print ptxas's registers and spills per Mosaic "
+                             "GPU kernel of every case (H100).")
 
 
 def main(argv):
@@ -202,9 +238,20 @@ def main(argv):
     print(f"| {family} | {case} | " + " | ".join(cells) + " |", flush=True)
   for note in notes:
     print("-", note)
+  ptxas = {}
+  if _PTXAS.value:
+    print("\n| kernel | case | Mosaic GPU kernels | registers / thread | spill stores, loads (bytes) |")
+    print("|---|---|---:|---|---|")
+    for family, case in all_cases(_FAMILIES.value):
+      report = ptxas_report(family, case)
+      ptxas[f"{family}/{case}"] = report
+      if report:
+        registers = ", ".join(str(k["registers"]) for k in report)
+        spills = "; ".join(f"{k['spill_stores']}, {k['spill_loads']}" for k in report)
+        print(f"| {family} | {case} | {len(report)} | {registers} | {spills} |", flush=True)
   if _OUT.value:
     from effjax import provenance  # pylint: disable=g-import-not-at-top
-    provenance.write_json(_OUT.value, {"rows": rows},
+    provenance.write_json(_OUT.value, {"rows": rows, "ptxas": ptxas},
                           {"targets": [c[0] for c in columns], "families": _FAMILIES.value})
 
 

@@ -166,3 +166,12 @@ def gpu_store_unoptimized(ref, value) -> None:
     plgpu.store(ref, value, optimized=False)
   else:
     ref[...] = value
+
+
+def mosaic_gpu_cost(cost) -> dict:
+  """`cost_estimate=cost` for plgpu.kernel where it takes one (jax >= 0.12), else nothing."""
+  import inspect  # pylint: disable=g-import-not-at-top
+  from jax.experimental.pallas import mosaic_gpu as plgpu  # pylint: disable=g-import-not-at-top
+  if "cost_estimate" in inspect.signature(plgpu.kernel).parameters:
+    return {"cost_estimate": cost}
+  return {}

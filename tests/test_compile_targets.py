@@ -123,6 +123,33 @@ def test_compiled_attention_flops_are_the_work_counters(case):
   assert outcome.flops == pytest.approx(2 * macs, rel=1e-3), outcome
 
 
+@pytest.mark.parametrize("implementation, target_name", [("mosaic_gpu", H100),
+                                                         ("tpu", "tpu:v5e:1x1")])
+def test_each_attention_kernels_cost_estimate_is_its_work_count(implementation, target_name,
+                                                                 monkeypatch):
+  """Per kernel (forward, dQ, dK/dV), the estimate handed to the compiler is the work
+  counter's multiply-adds x 2, for Mosaic GPU (whose compile-only cost analysis reports
+  nothing) as for Mosaic TPU."""
+  from pallas_kernels.attention import common, work  # pylint: disable=g-import-not-at-top
+  _target(target_name)
+  estimated = {}
+  original = common.cost_estimate
+
+  def spy(plan, p, args, out_shapes):
+    cost = original(plan, p, args, out_shapes)
+    estimated[plan.name] = cost.flops
+    return cost
+  monkeypatch.setattr(common, "cost_estimate", spy)
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.clear_caches()  # the case may have been traced in this worker already
+  b, t, n, kv, d, _, options = compile_matrix.ATTENTION["gqa4_d128_2k"]
+  outcome = compile_matrix.compile_case("attention", "gqa4_d128_2k", target_name, implementation)
+  assert outcome.status == "compiled", outcome
+  counted = work.count_work(implementation=implementation, batch=b, q_heads=n, kv_heads=kv,
+                            q_len=t, kv_len=t, head_dim=d, itemsize=2, causal=True)
+  assert estimated == {name: 2 * w.macs for name, w in counted.items()}
+
+
 def test_compiled_grouped_matmul_flops_are_the_kernels_products():
   """gmm and tgmm carry their products' flops: the gradient of sum(gmm(x, w)) runs the
   transposed gmm (dX) and tgmm (dW), 2 m k n flops each (the forward is not needed by it)."""
@@ -130,3 +157,13 @@ def test_compiled_grouped_matmul_flops_are_the_kernels_products():
   m, k, n, *_ = compile_matrix.GMM["g8_2048x1408"]
   outcome = compile_matrix.compile_case("gmm", "g8_2048x1408", "tpu:v5e:1x1", "tpu")
   assert outcome.flops == pytest.approx(2 * 2 * m * k * n, rel=1e-3), outcome
+
+
+def test_ptxas_runs_on_the_mosaic_gpu_kernels_and_reports_their_registers():
+  """Mosaic GPU compiles its kernels with ptxas while lowering for the H100: the report names
+  every kernel's registers and spills (the grouped matmul's two backward kernels spill none)."""
+  _target(H100)
+  report = compile_matrix.ptxas_report("gmm", "g8_2048x1408")
+  assert len(report) == 2, report  # dX (a transposed gmm) and tgmm: the forward is not needed
+  for kernel in report:
+    assert 0 < kernel["registers"] <= 255 and kernel["spill_stores"] == 0, report

@@ -6,6 +6,7 @@ a Mosaic TPU kernel, and their interpreters; only how blocks reach them differs.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from typing import Any, Callable
 
@@ -334,3 +335,20 @@ def block_positions(q_start, k_start, block_q: int, block_k: int):
   shape = (block_q, block_k)
   return (q_start + lax.broadcasted_iota(jnp.int32, shape, 0),
           k_start + lax.broadcasted_iota(jnp.int32, shape, 1))
+
+
+def cost_estimate(plan: Plan, p: "Problem", args, out_shapes):
+  """A pl.CostEstimate for one kernel, for XLA's scheduler and cost analysis (without it the
+  cost model sees the kernel's flops as unknown): 2 flops per multiply-add of every item the
+  plan can compute (segment skips are decided at run time: an upper bound with segment ids),
+  one exp per logit (two transcendentals with soft-capping's tanh), every operand read and
+  every output written once (a lower bound on traffic: work.py counts the re-reads). The same
+  items work.py counts, so the compiled flops equal its MACs x 2."""
+  from jax.experimental import pallas as pl  # pylint: disable=g-import-not-at-top
+  items = sum(len(list(plan.items(0, *ids)))
+              for ids in itertools.product(*map(range, plan.grid[1:])))
+  logits = plan.grid[0] * items * plan.heads_per_item * plan.block_q * plan.block_k
+  moved = sum(math.prod(a.shape) * jnp.dtype(a.dtype).itemsize for a in [*args, *out_shapes])
+  return pl.CostEstimate(flops=2 * logits * plan.head_dim * plan.matmuls,
+                         transcendentals=logits * (2 if p.logit_softcap else 1),
+                         bytes_accessed=int(moved))

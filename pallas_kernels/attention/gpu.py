@@ -177,15 +177,17 @@ def forward(p: common.Problem, q, k, v, q_seg, k_seg, *, block_q: int, block_k: 
   kernel = functools.partial(_fwd_kernel, p=p, groups=n // k.shape[2], head_dim=d,
                              block_q=block_q, block_k=block_k, num_k_blocks=nk)
   args = ([q_seg, k_seg] if p.has_segments else []) + [q, k, v]
+  out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype),
+               jax.ShapeDtypeStruct((b, n, t), jnp.float32)]
   return pl.pallas_call(
       kernel,
       grid=plan.grid,
       in_specs=_specs(plan.inputs),
       out_specs=_specs(plan.outputs),
-      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
-                 jax.ShapeDtypeStruct((b, n, t), jnp.float32)],
+      out_shape=out_shape,
       compiler_params=_params(_padded(d), num_stages=2, interpret=interpret),
       interpret=interpret,
+      cost_estimate=common.cost_estimate(plan, p, args, out_shape),
       name="effjax_flash_fwd",
   )(*args)
 
@@ -340,17 +342,20 @@ def backward(p: common.Problem, q, k, v, q_seg, k_seg, out, lse, do, *, block_q:
   splits = dkv_plan.grid[3]
   partial_shape = (splits, *k.shape) if splits > 1 else k.shape
   partial_dtype = jnp.float32 if splits > 1 else k.dtype
+  args = [*seg_args, q, k, v, do, lse, delta]
+  dkv_out = [jax.ShapeDtypeStruct(partial_shape, partial_dtype)] * 2
   dk, dv = pl.pallas_call(
       functools.partial(_dkv_kernel, p=p, groups=g, splits=splits, head_dim=d,
                         block_q=block_q, block_k=block_k, num_q_blocks=nq),
       grid=dkv_plan.grid,
       in_specs=_specs(dkv_plan.inputs),
       out_specs=_specs(dkv_plan.outputs),
-      out_shape=[jax.ShapeDtypeStruct(partial_shape, partial_dtype)] * 2,
+      out_shape=dkv_out,
       compiler_params=_params(_padded(d), num_stages=2, interpret=interpret),
       interpret=interpret,
+      cost_estimate=common.cost_estimate(dkv_plan, p, args, dkv_out),
       name="effjax_flash_dkv",
-  )(*seg_args, q, k, v, do, lse, delta)
+  )(*args)
   if splits > 1:
     dk, dv = dk.sum(0).astype(k.dtype), dv.sum(0).astype(v.dtype)
 
@@ -363,6 +368,8 @@ def backward(p: common.Problem, q, k, v, q_seg, k_seg, out, lse, do, *, block_q:
       out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
       compiler_params=_params(_padded(d), num_stages=2, interpret=interpret),
       interpret=interpret,
+      cost_estimate=common.cost_estimate(dq_plan, p, args, [jax.ShapeDtypeStruct(q.shape,
+                                                                                 q.dtype)]),
       name="effjax_flash_dq",
-  )(*seg_args, q, k, v, do, lse, delta)
+  )(*args)
   return dq, dk, dv

@@ -396,11 +396,12 @@ def forward(p: common.Problem, q, k, v, q_seg, k_seg, *, block_q: int, block_k: 
   seg_args = []
   if p.has_segments:
     seg_args = [*segment_bounds(q_seg, block_q), *segment_bounds(k_seg, block_k), q_seg, k_seg]
+  out_type = [jax.ShapeDtypeStruct(q.shape, q.dtype),
+              jax.ShapeDtypeStruct((b, n, t), jnp.float32)]
   return plgpu.kernel(
-      kernel, out_type=[jax.ShapeDtypeStruct(q.shape, q.dtype),
-                        jax.ShapeDtypeStruct((b, n, t), jnp.float32)],
-      grid=plan.grid, grid_names=("b", "h", "q"), compiler_params=_params(),
-      interpret=interpret or None,
+      kernel, out_type=out_type, grid=plan.grid, grid_names=("b", "h", "q"),
+      compiler_params=_params(), interpret=interpret or None,
+      **compat.mosaic_gpu_cost(common.cost_estimate(plan, p, [q, k, v], out_type)),
   )(*seg_args, q, k, v)
 
 
@@ -696,6 +697,8 @@ def backward(p: common.Problem, q, k, v, q_seg, k_seg, out, lse, do, *, block_q:
                         num_k_blocks=nk),
       out_type=jax.ShapeDtypeStruct(q.shape, q.dtype), grid=dq_plan.grid,
       grid_names=("b", "h", "q"), compiler_params=_params(), interpret=interpret or None,
+      **compat.mosaic_gpu_cost(common.cost_estimate(
+          dq_plan, p, [q, k, v, do, lse, delta], [jax.ShapeDtypeStruct(q.shape, q.dtype)])),
   )(*seg_args(dq_block), q, k, v, do, lse, delta)
   splits = dkv_plan.grid[3]
   out_type = jax.ShapeDtypeStruct(k.shape, k.dtype)
@@ -708,6 +711,8 @@ def backward(p: common.Problem, q, k, v, q_seg, k_seg, out, lse, do, *, block_q:
                         block_k=block_k, num_q_blocks=nq),
       out_type=[out_type] * 2, grid=dkv_plan.grid, grid_names=("b", "h", "k", "split"),
       compiler_params=_params(), interpret=interpret or None,
+      **compat.mosaic_gpu_cost(common.cost_estimate(
+          dkv_plan, p, [q, k, v, do, lse, delta], [out_type] * 2)),
   )(*seg_args(block_q), q.reshape(b, t, n * d), k, v, do.reshape(b, t, n * d),
     lse.reshape(b, n * t), delta.reshape(b, n * t))
   if splits > 1:

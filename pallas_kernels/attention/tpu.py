@@ -121,26 +121,11 @@ def _seg_scalars(refs, bi, q_block, k_block, nq: int, nk: int):
   return q_lo[qi], q_hi[qi], k_lo[ki], k_hi[ki]
 
 
-def cost_estimate(plan: common.Plan, p: common.Problem, args, out_shape) -> pl.CostEstimate:
-  """What a kernel does, for XLA's scheduler and cost analysis (without it the TPU cost model
-  reports the kernel's flops as unknown): 2 flops per multiply-add of every item the plan can
-  compute (segment skips are decided at run time: an upper bound with segment ids), one exp
-  per logit (two transcendentals with soft-capping's tanh), and every operand read and every
-  output written once (a lower bound on traffic: work.py counts the re-reads)."""
-  batch, kv_heads, outer, inner = plan.grid
-  items = sum(len(list(plan.items(0, 0, i, j))) for i in range(outer) for j in range(inner))
-  logits = batch * kv_heads * items * plan.heads_per_item * plan.block_q * plan.block_k
-  moved = sum(a.size * a.dtype.itemsize for a in [*args, *out_shape])
-  return pl.CostEstimate(flops=2 * logits * plan.head_dim * plan.matmuls,
-                         transcendentals=logits * (2 if p.logit_softcap else 1),
-                         bytes_accessed=int(moved))
-
-
 def _call(plan: common.Plan, p: common.Problem, kernel, args, bounds, out_shape, scratch, name,
           interpret):
   """pallas_call of a plan, with the segment bounds scalar-prefetched when there are any."""
   params = compat.tpu_compiler_params(plan.semantics, vmem_limit(plan))
-  cost = cost_estimate(plan, p, args, out_shape)
+  cost = common.cost_estimate(plan, p, args, out_shape)
   if not bounds:
     return pl.pallas_call(kernel, grid=plan.grid, in_specs=_specs(plan.inputs),
                           out_specs=_specs(plan.outputs), out_shape=out_shape,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 from jax import lax
@@ -259,3 +260,14 @@ def segment_row_chunks(starts, ends, *, num_rows: int, block_m: int, min_rows: i
 def masked_rows(x, mask):
   """x where mask holds, else zero (a select: NaN or inf there does not leak through)."""
   return jnp.where(mask, x, jnp.zeros((), x.dtype))
+
+
+def cost_estimate(m: int, k: int, n: int, operands, out_shape):
+  """A pl.CostEstimate for a gmm or tgmm kernel, for XLA's scheduler and cost analysis
+  (without it the cost model sees the kernel's flops as unknown): every one of the m rows
+  through one group's [k, n] weights (rows past the groups are skipped at run time: an upper
+  bound), each operand read and the output written once (a lower bound: work.py counts the
+  re-reads)."""
+  from jax.experimental import pallas as pl  # pylint: disable=g-import-not-at-top
+  moved = sum(math.prod(a.shape) * jnp.dtype(a.dtype).itemsize for a in [*operands, out_shape])
+  return pl.CostEstimate(flops=2 * m * k * n, transcendentals=0, bytes_accessed=int(moved))

@@ -108,6 +108,8 @@ def gmm(lhs, rhs, starts, ends, *, tiles: common.Tiles, transpose_rhs: bool, out
       out_shape=jax.ShapeDtypeStruct((m, n), out_dtype),
       compiler_params=_params(bm * bn, interpret),
       interpret=interpret,
+      cost_estimate=common.cost_estimate(m, lhs.shape[1], n, (lhs, rhs),
+                                         jax.ShapeDtypeStruct((m, n), out_dtype)),
       name="effjax_gmm",
   )(*metadata, lhs, rhs)
 
@@ -156,5 +158,7 @@ def tgmm(lhs, grad, starts, ends, *, tiles: common.Tiles, out_dtype, interpret=F
       out_shape=jax.ShapeDtypeStruct((num_groups, k, n), out_dtype),
       compiler_params=_params(bk * bn, interpret),
       interpret=interpret,
+      cost_estimate=common.cost_estimate(m, k, n, (lhs, grad),
+                                         jax.ShapeDtypeStruct((num_groups, k, n), out_dtype)),
       name="effjax_tgmm",
   )(*metadata, lhs, grad)

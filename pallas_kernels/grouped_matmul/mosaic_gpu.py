@@ -242,9 +242,11 @@ def gmm(lhs, rhs, starts, ends, *, tiles: common.Tiles, transpose_rhs: bool, out
     kernel = functools.partial(_gmm_tile_kernel, tiles=tiles, transpose_rhs=transpose_rhs)
     grid = (m // tiles.block_m, n // tiles.block_n)
     operands = (*common.tile_group_range(starts, ends, tiles.block_m, grid[0]), starts, ends)
+  out_type = jax.ShapeDtypeStruct((m, n), out_dtype)
   return plgpu.kernel(
-      kernel, out_type=jax.ShapeDtypeStruct((m, n), out_dtype), grid=grid,
-      grid_names=("m", "n"), compiler_params=_params(), interpret=interpret or None,
+      kernel, out_type=out_type, grid=grid, grid_names=("m", "n"), compiler_params=_params(),
+      interpret=interpret or None,
+      **compat.mosaic_gpu_cost(common.cost_estimate(m, lhs.shape[1], n, (lhs, rhs), out_type)),
   )(*operands, lhs, rhs)
 
 
@@ -333,9 +335,11 @@ def tgmm(lhs, grad, starts, ends, *, tiles: common.Tiles, out_dtype, interpret=F
   k, n = lhs.shape[1], grad.shape[1]
   num_groups = starts.shape[0]
   first, rows = tgmm_spans(starts, ends, m=lhs.shape[0])
+  out_type = jax.ShapeDtypeStruct((num_groups, k, n), out_dtype)
   return plgpu.kernel(
-      functools.partial(_tgmm_kernel, tiles=tiles),
-      out_type=jax.ShapeDtypeStruct((num_groups, k, n), out_dtype),
+      functools.partial(_tgmm_kernel, tiles=tiles), out_type=out_type,
       grid=(num_groups, k // tiles.block_k, n // tiles.block_n), grid_names=("g", "k", "n"),
       compiler_params=_params(), interpret=interpret or None,
+      **compat.mosaic_gpu_cost(common.cost_estimate(lhs.shape[0], k, n, (lhs, grad),
+                                                    out_type)),
   )(starts, ends, first, rows, lhs, grad)

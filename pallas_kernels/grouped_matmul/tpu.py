@@ -138,15 +138,6 @@ def gmm_index_maps(num_groups: int, transpose_rhs: bool):
   return lhs_index, rhs_index, out_index
 
 
-def cost_estimate(m: int, k: int, n: int, operands, out_shape) -> pl.CostEstimate:
-  """For XLA's scheduler and cost analysis (without it the TPU cost model sees the kernel's
-  flops as unknown): every one of the m rows through one group's [k, n] weights (rows past
-  the groups are skipped at run time: an upper bound), each operand read and the output
-  written once (a lower bound: work.py counts the re-reads)."""
-  moved = sum(a.size * a.dtype.itemsize for a in [*operands, out_shape])
-  return pl.CostEstimate(flops=2 * m * k * n, transcendentals=0, bytes_accessed=int(moved))
-
-
 def gmm(lhs, rhs, starts, ends, *, tiles: common.Tiles, transpose_rhs: bool, out_dtype,
         interpret=False):
   """lhs [m, k], rhs [G, k, n] ([G, n, k] transposed), all tile multiples -> [m, n]."""
@@ -178,7 +169,7 @@ def gmm(lhs, rhs, starts, ends, *, tiles: common.Tiles, transpose_rhs: bool, out
       # Visits revisit output blocks in order, so only the column axis may be split.
       compiler_params=compat.tpu_compiler_params(("parallel", "arbitrary", "arbitrary")),
       interpret=interpret,
-      cost_estimate=cost_estimate(m, k, n, (lhs, rhs), out_shape),
+      cost_estimate=common.cost_estimate(m, k, n, (lhs, rhs), out_shape),
       name="effjax_gmm_tpu",
   )(*schedule, lhs, rhs)
 
@@ -265,6 +256,6 @@ def tgmm(lhs, grad, starts, ends, *, tiles: common.Tiles, out_dtype, interpret=F
       out_shape=out_shape,
       compiler_params=compat.tpu_compiler_params(("parallel", "parallel", "arbitrary")),
       interpret=interpret,
-      cost_estimate=cost_estimate(m, k, n, (lhs, grad), out_shape),
+      cost_estimate=common.cost_estimate(m, k, n, (lhs, grad), out_shape),
       name="effjax_tgmm_tpu",
   )(*schedule, lhs, grad)
