@@ -46,10 +46,16 @@ ATTENTION = {
     "window256_gqa2_noncausal": (1, 2048, 4, 2, 64, BF16, dict(sliding_window=256)),
     "causal_32k": (1, 32768, 8, 8, 128, BF16, dict(causal=True)),
     "segments_noncausal_f32_512": (2, 512, 8, 4, 64, F32, dict(segments=True)),
+    "gqa8_d64_4k": (1, 4096, 16, 2, 64, BF16, dict(causal=True)),
+    "gqa8_d96_2k": (1, 2048, 8, 1, 96, BF16, dict(causal=True)),
+    "f32_16k": (1, 16384, 4, 4, 128, F32, dict(causal=True)),
 }
-# Grouped matmul: (m, k, n, experts, dtype, transpose_rhs), Mixtral's and DeepSeek-V3's
-# expert shapes among them; the backward is tgmm (dW) and a transposed gmm (dX).
+# Grouped matmul: (m, k, n, experts, dtype, transpose_rhs[, local experts]), Mixtral's and
+# DeepSeek-V3's expert shapes among them; the backward is tgmm (dW) and a transposed gmm (dX).
+# With local experts, the call is one expert-parallel shard: the second block of that many
+# experts (group_offset), the rows of every other expert zero.
 GMM = {
+    "shard_g64_of_256_offset": (8192, 2048, 1408, 256, BF16, False, 64),
     "g8_2048x1408": (8192, 2048, 1408, 8, BF16, False),
     "mixtral_g8_4096x14336": (8192, 4096, 14336, 8, BF16, False),
     "deepseek_g256_7168x2048": (4096, 7168, 2048, 256, BF16, False),
@@ -86,13 +92,16 @@ def _attention(case, implementation):
 
 def _gmm(case, implementation):
   from pallas_kernels.grouped_matmul import api  # pylint: disable=g-import-not-at-top
-  m, k, n, experts, dtype, transpose_rhs = GMM[case]
+  m, k, n, experts, dtype, transpose_rhs, *local = GMM[case]
+  local = local[0] if local else experts
+  offset = None if local == experts else jnp.int32(local)
 
   def loss(lhs, rhs):
     sizes = jnp.full((experts,), m // experts, jnp.int32)
-    out = api.gmm(lhs, rhs, sizes, transpose_rhs=transpose_rhs, implementation=implementation)
+    out = api.gmm(lhs, rhs, sizes, transpose_rhs=transpose_rhs, group_offset=offset,
+                  implementation=implementation)
     return jnp.sum(out.astype(jnp.float32))
-  rhs = (experts, n, k) if transpose_rhs else (experts, k, n)
+  rhs = (local, n, k) if transpose_rhs else (local, k, n)
   return loss, [((m, k), dtype), (rhs, dtype)], (0, 1)
 
 
