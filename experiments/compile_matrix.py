@@ -227,9 +227,11 @@ def main(argv):
   unknown = sorted(set(_FAMILIES.value) - set(FAMILIES))
   if unknown:
     raise SystemExit(f"--families: unknown {unknown}; known: {sorted(FAMILIES)}")
+  known = sorted({t for t, _ in COLUMNS})
+  unknown = sorted(set(_TARGETS.value) - set(known))
+  if unknown:  # a bad name, or one the matrix has no column for: one line, before compiling
+    raise SystemExit(f"--targets: {unknown} not among the matrix's targets {known}")
   columns = [c for c in COLUMNS if not _TARGETS.value or c[0] in _TARGETS.value]
-  for name in _TARGETS.value:
-    targets.parse(name)
   print(f"jax {jax.__version__}; times are this host's compile times (compile-only)")
   print("| kernel | case | " + " | ".join(f"{t} {i}" for t, i in columns) + " |")
   print("|---|---|" + "---|" * len(columns))

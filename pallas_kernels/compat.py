@@ -99,7 +99,8 @@ def is_gpu_interpret_params(interpret) -> bool:
   return cls is not None and isinstance(interpret, cls)
 
 
-def tpu_compiler_params(dimension_semantics: tuple[str, ...], vmem_limit_bytes: int | None = None):
+def tpu_compiler_params(dimension_semantics: tuple[str, ...],
+                        vmem_limit_bytes: int | None = None):
   from jax.experimental.pallas import tpu as pltpu  # pylint: disable=g-import-not-at-top
   return pltpu.CompilerParams(dimension_semantics=dimension_semantics,
                               vmem_limit_bytes=vmem_limit_bytes)
