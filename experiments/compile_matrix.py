@@ -6,19 +6,23 @@
 
 Needs Python >= 3.12 with jax[tpu,cuda12] (`make test-compile` builds `.venv-compile`). Each
 case is forward and backward compiled together (jax.grad of a sum) for one device of the
-target (pallas_kernels/targets.py): Mosaic inside libtpu for TPUs, Mosaic GPU and Triton inside
-XLA's GPU compiler for an H100. A case compiles, or is refused before any kernel is traced by a
+target (pallas_kernels/targets.py), traced under a mesh of that device as a user compiling for
+it would (the kernels read the generation from it: VMEM on TPU, shared memory on GPU): Mosaic
+inside libtpu for TPU v4, v5e, v5p and v6e, Mosaic GPU and Triton inside XLA's GPU compiler
+for an H100. --ptxas adds ptxas's registers and spills per Mosaic GPU kernel and, per Triton
+kernel, XLA's shared memory and ptxas's spill verdict (triton_report). A case compiles, or is refused before any kernel is traced by a
 rule that names itself (a ValueError / NotImplementedError from the kernel's API); anything
 else is a failure. tests/test_compile_targets.py runs the same cases.
 """
 from pallas_kernels import targets  # first: sets libtpu's and the CUDA plugin's variables
 
-import contextlib  # noqa: E402
 import dataclasses  # noqa: E402
+import glob  # noqa: E402
 import os  # noqa: E402
 import re  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
+import tempfile  # noqa: E402
 import time  # noqa: E402
 from typing import Any, Callable  # noqa: E402
 
@@ -30,7 +34,7 @@ import jax.numpy as jnp  # noqa: E402
 from pallas_kernels import compat  # noqa: E402
 
 BF16, F32 = jnp.bfloat16, jnp.float32
-TPUS = ("tpu:v5e:1x1", "tpu:v5p:2x2x1", "tpu:v6e:1x1")
+TPUS = ("tpu:v4:2x2x1", "tpu:v5e:1x1", "tpu:v5p:2x2x1", "tpu:v6e:1x1")
 H100 = "gpu:h100:1"
 # (target, implementation) columns of the table: Mosaic TPU on each generation, and the two
 # GPU kernel families on an H100.
@@ -146,9 +150,10 @@ def compile_case(family: str, case: str, target_name: str, implementation: str) 
   loss, shapes, argnums = _BUILDERS[family](case, api_name)
   args = [jax.ShapeDtypeStruct(s, d, sharding=sharding) for s, d in shapes]
   start = time.perf_counter()
-  # Triton's lowering reads the GPU from an abstract mesh when the host has none (it still
-  # stops: it then asks for a live "gpu" backend); Mosaic GPU's takes the target's device.
-  context = compat.abstract_gpu() if implementation == "triton" else contextlib.nullcontext()
+  # Traced under a mesh of the target's device, as a user compiling for it would: the kernels
+  # read the generation (TPU VMEM budget, GPU compute capability) from it, and the Triton
+  # lowering needs it (under an abstract H100 mesh alone it asks for a live "gpu" backend).
+  context = jax.set_mesh(jax.sharding.Mesh(target.devices[:1], ("one",)))
   try:
     with context:
       lowered = jax.jit(jax.grad(loss, argnums=argnums)).lower(*args)
@@ -171,24 +176,33 @@ def compile_case(family: str, case: str, target_name: str, implementation: str) 
                  temp_bytes=getattr(memory, "temp_size_in_bytes", None))
 
 
+def _compile_in_subprocess(family: str, case: str, implementation: str, env: dict[str, str]
+                           ) -> tuple[str, str]:
+  """(status, stdout + stderr) of compile_case in a fresh process with these variables: a
+  kernel compiled before in this one would be cached and not compiled (or reported) again."""
+  code = ("import sys; from experiments import compile_matrix as m; "
+          f"o = m.compile_case({family!r}, {case!r}, {H100!r}, {implementation!r}); "
+          "print('STATUS', o.status, o.detail)")
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, **env,
+             PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+  proc = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True,
+                        text=True, errors="replace", timeout=600, check=False)
+  found = re.search(r"^STATUS (.*)$", proc.stdout, re.M)
+  return (found.group(1) if found else "no status"), proc.stdout + proc.stderr
+
+
 def ptxas_report(family: str, case: str) -> list[dict[str, int]]:
   """ptxas's own report for each Mosaic GPU kernel of a case compiled for an H100, in lowering
   order (Mosaic GPU runs ptxas while lowering; MOSAIC_GPU_DUMP_PTXAS=1 makes it print -v):
   registers per thread, spill stores and loads (bytes), static shared memory (Mosaic GPU's
-  tiles are dynamic shared memory, checked against the H100's limit by the compile itself).
-  In a fresh process: a kernel compiled before in this one is cached and not reported again."""
-  code = ("import sys; from experiments import compile_matrix as m; "
-          f"o = m.compile_case({family!r}, {case!r}, {H100!r}, 'mosaic_gpu'); "
-          "print('STATUS', o.status)")
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env = dict(os.environ, MOSAIC_GPU_DUMP_PTXAS="1",
-             PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
-  proc = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True,
-                        text=True, errors="replace", timeout=600, check=False)
-  if "STATUS compiled" not in proc.stdout:
+  tiles are dynamic shared memory, checked against the H100's limit by the compile itself)."""
+  status, output = _compile_in_subprocess(family, case, "mosaic_gpu",
+                                          {"MOSAIC_GPU_DUMP_PTXAS": "1"})
+  if not status.startswith("compiled"):
     return []
   kernels, spills = [], None
-  for line in (proc.stdout + proc.stderr).splitlines():
+  for line in output.splitlines():
     found = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line)
     if found:
       spills = tuple(int(g) for g in found.groups())
@@ -198,6 +212,35 @@ def ptxas_report(family: str, case: str) -> list[dict[str, int]]:
                           spill_loads=spills[1], static_smem=int(found.group(2))))
       spills = None
   return kernels
+
+
+def triton_report(family: str, case: str) -> dict[str, Any]:
+  """What XLA's GPU compiler says of a case's Triton kernels for an H100. XLA compiles them to
+  PTX and runs ptxas inside the compile without printing ptxas's report, so:
+    kernels  [{name, grid, threads, smem}] from XLA's thunk sequence (its dump), each Triton
+             kernel's launch and the shared memory it was compiled to use;
+    spills   whether ptxas spilled registers in any of them: the same compile again with
+             --xla_gpu_fail_ptx_compilation_on_register_spilling, which XLA checks on ptxas's
+             output (None when the first compile did not succeed).
+  Registers per thread are not in either; reading them needs the PTX, which XLA keeps."""
+  with tempfile.TemporaryDirectory() as dump:
+    status, _ = _compile_in_subprocess(family, case, "triton",
+                                       {"XLA_FLAGS": f"--xla_dump_to={dump}"})
+    kernels = []
+    for path in glob.glob(os.path.join(dump, "*thunk_sequence.txt")):
+      with open(path, encoding="utf-8") as f:
+        for line in f:
+          found = re.search(r"kCustomKernel .*\] (effjax_\w+) grid: \[([\d, ]+)\] threads: "
+                            r"\[([\d, ]+)\]\s+shared_memory: (\d+) bytes", line)
+          if found:
+            kernels.append(dict(name=found.group(1), grid=found.group(2),
+                                threads=found.group(3), smem=int(found.group(4))))
+  if not status.startswith("compiled"):
+    return dict(kernels=kernels, spills=None)
+  status, _ = _compile_in_subprocess(
+      family, case, "triton",
+      {"XLA_FLAGS": "--xla_gpu_fail_ptx_compilation_on_register_spilling=true"})
+  return dict(kernels=kernels, spills=not status.startswith("compiled"))
 
 
 def all_cases(families=tuple(FAMILIES)):
@@ -218,7 +261,8 @@ def define_flags():
   _FAMILIES = flags.DEFINE_list("families", list(FAMILIES), "Kernel families.")
   _OUT = flags.DEFINE_string("out", "", "Optional JSON file for the table and its provenance.")
   _PTXAS = flags.DEFINE_bool("ptxas", False, "Also print ptxas's registers and spills per Mosaic "
-                             "GPU kernel of every case (H100).")
+                             "GPU kernel, and XLA's shared memory and ptxas's spill verdict per "
+                             "Triton kernel, of every case (H100).")
 
 
 def main(argv):
@@ -260,9 +304,22 @@ def main(argv):
         registers = ", ".join(str(k["registers"]) for k in report)
         spills = "; ".join(f"{k['spill_stores']}, {k['spill_loads']}" for k in report)
         print(f"| {family} | {case} | {len(report)} | {registers} | {spills} |", flush=True)
+  triton = {}
+  if _PTXAS.value and any(i == "triton" for _, i in columns):
+    print("\n| kernel | case | Triton kernel: grid, threads, shared memory (XLA) | ptxas spilled |")
+    print("|---|---|---|---|")
+    for family, case in all_cases(_FAMILIES.value):
+      if family == "monarch":  # no Triton kernel
+        continue
+      report = triton_report(family, case)
+      triton[f"{family}/{case}"] = report
+      kernels = "; ".join(f"{k['name']} [{k['grid']}] x {k['threads'].split(',')[0]}, "
+                          f"{k['smem'] // 1024} KiB" for k in report["kernels"])
+      spilled = {None: "not compiled", True: "yes", False: "no"}[report["spills"]]
+      print(f"| {family} | {case} | {kernels} | {spilled} |", flush=True)
   if _OUT.value:
     from effjax import provenance  # pylint: disable=g-import-not-at-top
-    provenance.write_json(_OUT.value, {"rows": rows, "ptxas": ptxas},
+    provenance.write_json(_OUT.value, {"rows": rows, "ptxas": ptxas, "triton": triton},
                           {"targets": [c[0] for c in columns], "families": _FAMILIES.value})
 
 

@@ -128,8 +128,20 @@ def tpu_prefetch_scalar_grid_spec(*, num_scalar_prefetch: int, grid, in_specs, o
                                       scratch_shapes=scratch_shapes)
 
 
+# Compute capability by device kind, for a GPU compiled for without being present.
+_CAPABILITY_BY_KIND = {"H100": (9, 0), "H200": (9, 0), "H800": (9, 0), "H20": (9, 0),
+                       "A100": (8, 0), "A800": (8, 0), "B200": (10, 0)}
+
+
 def cuda_compute_capability() -> tuple[int, int] | None:
-  """(major, minor) of the first CUDA GPU, or None when there is none (or it does not say)."""
+  """(major, minor) of the GPU compiled for: the abstract mesh's device in force (`jax.set_mesh`
+  over a target's compile-only GPUs), else the first CUDA GPU; None when there is none (or it
+  does not say)."""
+  device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+  if device is not None and device.platform in ("gpu", "cuda"):
+    for name, capability in _CAPABILITY_BY_KIND.items():
+      if name in device.device_kind:
+        return capability
   try:
     device = jax.devices("gpu")[0]
   except RuntimeError:

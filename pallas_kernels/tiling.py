@@ -7,9 +7,14 @@
                               asks for; each package's own default_implementation wraps it
   tpu_vmem_tile_bytes, tpu_vmem_limit   a TPU kernel's VMEM: buffer sizes and the scoped limit
                               to ask Mosaic for (or a refusal before tracing)
+  compiling_for, compiling_platform   the device kind and platform being compiled for (the
+                              mesh in force, else the default device)
+  tpu_vmem_budget             the VMEM budget (TPU_VMEM) of the generation being compiled for
+  gpu_smem_budget             the shared memory per block of the GPU being compiled for
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -54,11 +59,11 @@ def default_implementation(interpret: Any = False, *, mosaic_gpu: bool = False) 
   params: "mosaic_gpu"). Otherwise a TPU gives "tpu" and a GPU "gpu", or "mosaic_gpu" on
   Hopper (compute capability 9.x) when the caller has such a kernel (mosaic_gpu=True).
   Elsewhere interpret=True gives "gpu" (Pallas's generic interpreter runs the Triton-style
-  kernels).
+  kernels). The platform is the one compiled for (compiling_platform).
   """
   if interpret is not False and interpret is not None and interpret is not True:
     return "mosaic_gpu" if compat.is_gpu_interpret_params(interpret) else "tpu"
-  platform = jax.default_backend()
+  platform = compiling_platform()
   if platform in ("gpu", "cuda", "rocm"):
     capability = compat.cuda_compute_capability()
     hopper = capability is not None and capability[0] == 9
@@ -68,14 +73,73 @@ def default_implementation(interpret: Any = False, *, mosaic_gpu: bool = False) 
   return "gpu" if interpret is True else None
 
 
-# Mosaic's scoped VMEM per kernel: 16 MiB by default on v4, v5e and v5p (32 MiB on v6e) unless
-# the kernel asks for more (vmem_limit_bytes). A kernel whose estimate needs more asks for the
-# estimate * TPU_VMEM_HEADROOM, at most TPU_MAX_VMEM_LIMIT: under the physical VMEM per
-# TensorCore of v5e and v6e (128 MiB) and v5p (64 MiB, the conservative reading of the sources
-# in ../shared/reference/tpu_vmem.md). Past that a kernel is refused before tracing.
-TPU_DEFAULT_SCOPED_VMEM = 16 << 20
-TPU_MAX_VMEM_LIMIT = 48 << 20
+@dataclasses.dataclass(frozen=True)
+class TpuVmem:
+  """One TPU generation's VMEM budget for a kernel: Mosaic's default scoped limit, and the
+  most effjax asks for (vmem_limit_bytes) when a kernel's estimate needs more."""
+  generation: str
+  scoped: int
+  most: int
+
+
+# Physical VMEM per TensorCore (JAX's tpu_info; ../shared/reference/tpu_vmem.md): v4 16 MiB,
+# v5e and v6e 128 MiB, v5p 64 MiB (the conservative reading of conflicting sources). Default
+# scope: 16 MiB, 32 MiB on v6e. effjax asks for at most 48 MiB past v4 (v4: its whole 16 MiB,
+# the default scope): the kernels' estimates are checked by the real compiler up to there; at
+# 96 MiB the Monarch kernel's GPT-2 up projection ran out of v5e's and v6e's 128 MiB (WORKSPACE).
+TPU_VMEM = {
+    "TPU v4": TpuVmem("v4", 16 << 20, 16 << 20),
+    "TPU v5 lite": TpuVmem("v5e", 16 << 20, 48 << 20),
+    "TPU v5": TpuVmem("v5p", 16 << 20, 48 << 20),
+    "TPU v5p": TpuVmem("v5p", 16 << 20, 48 << 20),
+    "TPU v6 lite": TpuVmem("v6e", 32 << 20, 48 << 20),
+}
+# Off TPU (interpreters, lowering on a CPU host) or an unlisted generation: what v5e, v5p and
+# v6e all grant, so blocks tested in the interpreters compile on each of them.
+TPU_VMEM_ANY = TpuVmem("v5e, v5p or v6e", 16 << 20, 48 << 20)
 TPU_VMEM_HEADROOM = 1.25
+
+
+def compiling_for() -> str:
+  """The device kind being compiled for, read as JAX's own TPU info reads it: the abstract
+  mesh's in force (`jax.set_mesh(mesh)` over a target's devices, or `use_abstract_mesh`), else
+  the default device's."""
+  device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+  return device.device_kind if device is not None else jax.devices()[0].device_kind
+
+
+def compiling_platform() -> str:
+  """"tpu", "gpu" or "cpu": the platform being compiled for, read like compiling_for (so code
+  traced under `jax.set_mesh` over a target's compile-only devices picks that target's
+  kernels on a host that has none)."""
+  device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+  platform = device.platform if device is not None else jax.default_backend()
+  return "gpu" if platform in ("gpu", "cuda", "rocm") else platform
+
+
+def tpu_vmem_budget() -> TpuVmem:
+  """The VMEM budget of the TPU being compiled for (compiling_for); TPU_VMEM_ANY when that is
+  not a known TPU."""
+  return TPU_VMEM.get(compiling_for(), TPU_VMEM_ANY)
+
+
+# Shared memory one GPU thread block may use (the opt-in limit, CUDA's per-architecture table):
+# Hopper 227 KiB (XLA's H100 target config: shared_memory_per_block_optin 232448), A100 163 KiB;
+# other GPUs 99 KiB (sm_86 / sm_89). Off GPU (interpreters, lowering on a CPU host): the H100's.
+GPU_SMEM_OPTIN = {"H100": 232448, "H200": 232448, "H800": 232448, "H20": 232448,
+                  "A100": 166912, "A800": 166912}
+GPU_SMEM_OTHER = 101376
+
+
+def gpu_smem_budget() -> tuple[str, int]:
+  """(device kind, shared-memory bytes per block) of the GPU being compiled for."""
+  kind = compiling_for()
+  for name, limit in GPU_SMEM_OPTIN.items():
+    if name in kind:
+      return kind, limit
+  if "NVIDIA" in kind:
+    return kind, GPU_SMEM_OTHER
+  return "H100 (no GPU here)", GPU_SMEM_OPTIN["H100"]
 
 
 def tpu_vmem_tile_bytes(shape, itemsize: int) -> int:
@@ -92,15 +156,18 @@ def tpu_vmem_tile_bytes(shape, itemsize: int) -> int:
 
 
 def tpu_vmem_limit(need_bytes: int, what: str, headroom: float = TPU_VMEM_HEADROOM,
-                   advice: str = "use smaller blocks") -> int | None:
-  """vmem_limit_bytes for a kernel estimated to need `need_bytes`: None while the default scope
-  holds it with headroom, else the need with headroom rounded up to MiB. A ValueError naming
-  `what` (the kernel and its blocks) past TPU_MAX_VMEM_LIMIT."""
+                   advice: str = "use smaller blocks",
+                   budget: TpuVmem | None = None) -> int | None:
+  """vmem_limit_bytes for a kernel estimated to need `need_bytes` on `budget`'s generation
+  (default: tpu_vmem_budget()): None while the default scope holds it with headroom, else the
+  need with headroom rounded up to MiB. A ValueError naming `what` (the kernel and its blocks),
+  the generation and its limit past `budget.most`."""
+  budget = budget or tpu_vmem_budget()
   need = int(need_bytes * headroom)
-  if need <= TPU_DEFAULT_SCOPED_VMEM:
+  if need <= budget.scoped:
     return None
-  if need > TPU_MAX_VMEM_LIMIT:
+  if need > budget.most:
     raise ValueError(f"{what} needs about {need / 2**20:.1f} MiB of VMEM with headroom, over the "
-                     f"{TPU_MAX_VMEM_LIMIT >> 20} MiB limit effjax asks of any TPU generation "
-                     f"(v5e, v5p, v6e): {advice}")
+                     f"{budget.most >> 20} MiB limit effjax asks of TPU {budget.generation}: "
+                     f"{advice}")
   return round_up(need, 1 << 20)

@@ -301,6 +301,65 @@ def test_tpu_default_blocks_are_512_where_the_sequence_allows(length, groups, wa
   assert (blocks.block_q, blocks.block_k) == want == blocks.bwd
 
 
+def _compiling_for(device_kind: str):
+  """Traces as if for a TPU of this kind (what jax.set_mesh over a target's devices gives)."""
+  device = jax.sharding.AbstractDevice(device_kind, 1, "tpu")
+  return jax.sharding.use_abstract_mesh(
+      jax.sharding.AbstractMesh((1,), ("one",), abstract_device=device))
+
+
+def test_the_tpu_vmem_budget_is_the_generation_compiled_for():
+  from pallas_kernels import tiling  # pylint: disable=g-import-not-at-top
+  assert tiling.tpu_vmem_budget() == tiling.TPU_VMEM_ANY  # a CPU host, no mesh
+  need = 20 << 20  # over v4's and v5e's default scope, under v6e's
+  with _compiling_for("TPU v6 lite"):
+    assert tiling.tpu_vmem_budget().generation == "v6e"
+    assert tiling.tpu_vmem_limit(need, "k", headroom=1.0) is None  # v6e's 32 MiB scope holds it
+  with _compiling_for("TPU v5 lite"):
+    assert tiling.tpu_vmem_limit(need, "k", headroom=1.0) == need  # raised to the need
+  with _compiling_for("TPU v4"):  # 16 MiB of VMEM in all: refused, naming it
+    with pytest.raises(ValueError, match=r"kernel X needs about 20.0 MiB of VMEM with headroom, "
+                                         r"over the 16 MiB limit effjax asks of TPU v4"):
+      tiling.tpu_vmem_limit(need, "kernel X", headroom=1.0)
+
+
+def test_default_tpu_blocks_shrink_to_fit_v4_and_given_blocks_are_never_changed(monkeypatch):
+  """Issue 32's segment-ids case: its 512 blocks need about 20 MiB of VMEM, which v5e grants
+  when asked and v4 does not have; on v4 the defaults halve until every kernel fits."""
+  from pallas_kernels import tiling  # pylint: disable=g-import-not-at-top
+  from pallas_kernels.attention import tpu  # pylint: disable=g-import-not-at-top
+  q = jnp.zeros((1, 4096, 8, 64), jnp.bfloat16)
+  kv = jnp.zeros((1, 4096, 2, 64), jnp.bfloat16)
+  seg = jnp.zeros((1, 4096), jnp.int32)
+  calls = []
+  monkeypatch.setattr(attention_api, "_flash_jit", lambda call, *args: calls.append(call))
+
+  def blocks_for(kind, **kw):
+    with _compiling_for(kind):
+      flash_attention(q, kv, kv, causal=True, segment_ids=seg, implementation="tpu", **kw)
+      call = calls.pop()
+      for fwd in (True, False):  # every kernel of the chosen blocks fits the generation
+        bq, tq, bk, tk, _ = attention_api.kernel_dims(call, 4096, 4096, 64, fwd)
+        p = attention_api.problem_for(call, tk)
+        plans = ([tpu.forward_plan(p, (1, 8, tq, 64), (1, 2, tk, 64), 2, block_q=bq,
+                                   block_k=bk)] if fwd else
+                 tpu.backward_plans(p, (1, 8, tq, 64), (1, 2, tk, 64), 2, block_q=bq,
+                                    block_k=bk))
+        for plan in plans:
+          assert (tpu.vmem_bytes(plan) * tiling.TPU_VMEM_HEADROOM
+                  <= tiling.TPU_VMEM[kind].most), (kind, call.block_sizes, plan.name)
+      return call.block_sizes
+
+  assert blocks_for("TPU v5 lite") == BlockSizes(512, 512, 512, 512)
+  on_v4 = blocks_for("TPU v4")
+  assert max(on_v4.block_k, on_v4.block_q_bwd, on_v4.block_k_bwd) < 512
+  assert min(on_v4.block_q, on_v4.block_k, on_v4.block_q_bwd, on_v4.block_k_bwd) >= 128
+  with _compiling_for("TPU v4"), pytest.raises(ValueError, match=r"forward kernel "
+                                               r"with block_q=512, block_k=512.*TPU v4"):
+    flash_attention(q, kv, kv, causal=True, segment_ids=seg, implementation="tpu",
+                    block_sizes=BlockSizes(512, 512))
+
+
 # Work counts: counted from the kernels' own plans (grids, index maps, loop ranges).
 def _count(implementation, **kw):
   kw = dict(batch=1, q_heads=8, kv_heads=8, q_len=1024, kv_len=1024, head_dim=128,

@@ -78,10 +78,11 @@ def _grouped_attention(q_BLNH, k_BSKH, v_BSKH, mask_B11LS, scale: float):
 
 def attention_cudnn(q_BLNH, k_BSKH, v_BSKH, segment_ids_BL, scale: float,
                     sliding_window: int = 0):
-  if jax.default_backend() != "gpu":
+  from pallas_kernels import tiling  # pylint: disable=g-import-not-at-top
+  if tiling.compiling_platform() != "gpu":
     raise NotImplementedError(
-        f"attention_impl='cudnn' needs a CUDA GPU; this process runs on "
-        f"{jax.default_backend()!r}. Use attention_impl='xla' there.")
+        f"attention_impl='cudnn' needs a CUDA GPU; this program is compiled for "
+        f"{tiling.compiling_platform()!r}. Use attention_impl='xla' there.")
   mask_B1LS = attention_mask(segment_ids_BL)
   window = {"local_window_size": (sliding_window - 1, 0)} if sliding_window else {}
   return jax.nn.dot_product_attention(q_BLNH, k_BSKH, v_BSKH, mask=mask_B1LS, scale=scale,
@@ -120,8 +121,9 @@ def attention_pallas(q_BLNH, k_BSKH, v_BSKH, segment_ids_BL, scale: float,
   """effjax's Pallas flash attention (pallas_kernels.attention): its platform default on
   GPUs (Mosaic GPU on Hopper, Triton-style elsewhere) and TPUs; on a CPU a GPU kernel in
   interpret mode (PALLAS_CPU_INTERPRET; slow, for tests: it checks the kernel, not speed)."""
+  from pallas_kernels import tiling  # pylint: disable=g-import-not-at-top
   from pallas_kernels.attention import flash_attention  # pylint: disable=g-import-not-at-top
-  interpret = PALLAS_CPU_INTERPRET if jax.default_backend() not in ("gpu", "tpu") else False
+  interpret = PALLAS_CPU_INTERPRET if tiling.compiling_platform() not in ("gpu", "tpu") else False
 
   def attend(q, k, v, segment_ids):
     return flash_attention(q, k, v, causal=True, segment_ids=segment_ids, sm_scale=scale,

@@ -289,19 +289,55 @@ def _check(q, k, v, causal, sliding_window, logit_softcap, segment_ids):
   del causal
 
 
-def _check_tpu_vmem(c: _Call, q_shape, kv_shape, tq: int, tk: int, bq: int, bk: int,
-                    fwd: bool) -> None:
-  """ValueError (tpu.vmem_limit's) when a kernel's blocks cannot fit any TPU's VMEM."""
-  from pallas_kernels.attention import tpu  # pylint: disable=g-import-not-at-top
+def _check_memory(c: _Call, q_shape, kv_shape, fwd: bool) -> None:
+  """ValueError naming the kernel, its blocks and the limit when one direction's kernels
+  cannot fit the memory of the chip compiled for: VMEM on TPU (tpu.vmem_limit), shared memory
+  per thread block on GPU (gpu.check_smem)."""
+  bq, tq, bk, tk, _ = kernel_dims(c, q_shape[1], kv_shape[1], q_shape[3], fwd)
   b, _, n, d = q_shape
-  q_kernel, kv_kernel = (b, n, tq, d), (b, kv_shape[2], tk, d)
+  q_kernel, kv_kernel = (b, tq, n, d), (b, tk, kv_shape[2], d)
   p = problem_for(c, tk)
-  if fwd:
-    plans = [tpu.forward_plan(p, q_kernel, kv_kernel, c.itemsize, block_q=bq, block_k=bk)]
-  else:
-    plans = tpu.backward_plans(p, q_kernel, kv_kernel, c.itemsize, block_q=bq, block_k=bk)
+  if c.implementation == "tpu":
+    from pallas_kernels.attention import tpu  # pylint: disable=g-import-not-at-top
+    q_kernel, kv_kernel = (b, n, tq, d), (b, kv_shape[2], tk, d)  # TPU kernels: [B, N, T, D]
+    plans = ([tpu.forward_plan(p, q_kernel, kv_kernel, c.itemsize, block_q=bq, block_k=bk)]
+             if fwd else tpu.backward_plans(p, q_kernel, kv_kernel, c.itemsize, block_q=bq,
+                                            block_k=bk))
+    for plan in plans:
+      tpu.vmem_limit(plan)
+    return
+  from pallas_kernels.attention import gpu  # pylint: disable=g-import-not-at-top
+  plans = ([gpu.forward_plan(p, q_kernel, kv_kernel, c.itemsize, block_q=bq, block_k=bk)]
+           if fwd else gpu.backward_plans(p, q_kernel, kv_kernel, c.itemsize, block_q=bq,
+                                          block_k=bk))
   for plan in plans:
-    tpu.vmem_limit(plan)
+    gpu.check_smem(plan, c.groups)
+
+
+def _fit_memory(c: _Call, q_shape, kv_shape, fwd: bool) -> _Call:
+  """c with its default blocks of one direction halved until every kernel of that direction
+  fits the chip compiled for (_check_memory): TPU, the larger block first, to multiples of 128
+  (never under 128): the 512 defaults fit v5e, v5p and v6e, v4's 16 MiB takes smaller ones;
+  GPU (Triton), the query block first, then the key block, never under 16: a program holds the
+  query rows of all G heads of a group, which past G * head_dim ~ 1024 exceed an H100's
+  227 KiB. Raises _check_memory's error when the smallest blocks do not fit."""
+  names = ("block_q", "block_k") if fwd else ("block_q_bwd", "block_k_bwd")
+  floor = TPU_LANES if c.implementation == "tpu" else 16
+  while True:
+    bq, _, bk, _, _ = kernel_dims(c, q_shape[1], kv_shape[1], q_shape[3], fwd)
+    try:
+      _check_memory(c, q_shape, kv_shape, fwd)
+      return c
+    except ValueError:
+      if max(bq, bk) <= floor:
+        raise
+    if c.implementation == "tpu":
+      name, block = (names[1], bk) if bk >= bq else (names[0], bq)
+      smaller = max(floor, tiling.round_up(block // 2, floor))
+    else:
+      name, block = (names[0], bq) if bq > floor else (names[1], bk)
+      smaller = block // 2
+    c = dataclasses.replace(c, block_sizes=dataclasses.replace(c.block_sizes, **{name: smaller}))
 
 
 def _check_mosaic_gpu(q, interpret):
@@ -387,8 +423,9 @@ def flash_attention(q, k, v, *, causal: bool = False, sliding_window: int | None
                    sm_scale=sm_scale, implementation=impl, block_sizes=block_sizes,
                    interpret=interpret, itemsize=q.dtype.itemsize)
   for fwd in (True, False):  # refuse blocks the platform cannot tile or hold before tracing
-    bq, tq, bk, tk, d = kernel_dims(call, q.shape[1], k.shape[1], q.shape[3], fwd)
-    if impl == "tpu":
-      _check_tpu_vmem(call, q.shape, k.shape, tq, tk, bq, bk, fwd)
+    if impl in ("tpu", "gpu") and block_sizes is None:
+      call = _fit_memory(call, q.shape, k.shape, fwd)
+    elif impl in ("tpu", "gpu"):
+      _check_memory(call, q.shape, k.shape, fwd)
   seg = None if segment_ids is None else segment_ids.astype(jnp.int32)
   return _flash_jit(call, q, k, v, seg)

@@ -25,6 +25,7 @@ Status: checked against the reference in Pallas's interpreter and lowered for "c
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 from jax import lax
@@ -48,6 +49,42 @@ def _params(head_dim: int, num_stages: int, interpret):
 
 def _specs(operands):
   return [pl.BlockSpec(o.block, o.index_map) for o in operands]
+
+
+def smem_bytes(plan: common.Plan) -> int:
+  """Estimated shared memory of one kernel: its matmul operands' tiles as a program loads them
+  (Q and dO blocks of its G heads, K and V blocks, or the sub-blocks streamed per item), plus,
+  in dK/dV, one [block_q, block_k] tile of the probabilities transposed for its products and,
+  when split, the float32 partial dK / dV tiles (an estimate: Triton's layouts and pipelining
+  decide the rest; see SMEM_HEADROOM)."""
+  total = 0
+  for o in plan.operands:
+    if o.name in ("q", "k", "v", "dout"):
+      total += math.prod(o.streamed or [x for x in o.block if isinstance(x, int)]) * o.itemsize
+      itemsize = o.itemsize
+  if plan.name == "dkv":
+    total += plan.block_q * plan.block_k * itemsize
+    if plan.grid[3] > 1:  # split: float32 partial dK and dV tiles (XLA's figure grows by them)
+      total += 2 * plan.block_k * plan.head_dim * 4
+  return total
+
+
+# XLA's own figures for these kernels on an H100 came out at 0.4x to 1.2x of smem_bytes over the
+# compile matrix's cases, most exactly 1x (WORKSPACE): a kernel must fit with this headroom.
+SMEM_HEADROOM = 1.25
+
+
+def check_smem(plan: common.Plan, groups: int) -> None:
+  """ValueError, before tracing, when a kernel's tiles (with SMEM_HEADROOM) exceed the shared
+  memory a thread block may use on the GPU compiled for (tiling.gpu_smem_budget)."""
+  kind, limit = tiling.gpu_smem_budget()
+  need = int(smem_bytes(plan) * SMEM_HEADROOM)
+  if need > limit:
+    raise ValueError(
+        f"Triton flash attention's {plan.name} kernel with block_q={plan.block_q}, "
+        f"block_k={plan.block_k}, {groups} query heads per kv head and head_dim tiles of "
+        f"{plan.head_dim} needs about {need // 1024} KiB of shared memory with headroom, over "
+        f"the {limit // 1024} KiB a thread block may use on {kind}: use smaller blocks")
 
 
 def _padded(head_dim: int) -> int:

@@ -75,7 +75,7 @@ def default_implementation(interpret=False, dtype=None) -> str:
         "GPU kernel needs Hopper, 9.x); " + use_xla)
   raise NotImplementedError(
       f"pallas_kernels.monarch: no fused Monarch kernel for platform "
-      f"{jax.default_backend()!r}{' with interpret=True' if interpret is True else ''} (TPU "
+      f"{tiling.compiling_platform()!r}{' with interpret=True' if interpret is True else ''} (TPU "
       "and Hopper GPU kernels only; on a CPU run them in their interpreters: "
       "interpret=pltpu.InterpretParams() or, jax >= 0.12, compat.gpu_interpret_params()); "
       + use_xla)

@@ -95,11 +95,29 @@ def work(tokens: int, n_in: int, n_out: int, w1_shape, w2_shape, itemsize: int,
   flops = 2 * tokens * (3 * macs1 + 2 * macs2)
   if kernel == "tpu":
     return flops, tokens * (2 * n_in + n_out) * itemsize + weights + (macs1 + macs2) * 4
-  tiles = -(-tokens // tile_rows)
   deinterleave = 2 * tokens * n_out * itemsize
+  parts = mosaic_gpu_backward_work(tokens, n_in, n_out, w1_shape, w2_shape, itemsize,
+                                   tile_rows=tile_rows, grad_tile=grad_tile)
+  assert sum(f for f, _ in parts.values()) == flops
+  return flops, deinterleave + sum(b for _, b in parts.values())
+
+
+def mosaic_gpu_backward_work(tokens: int, n_in: int, n_out: int, w1_shape, w2_shape,
+                             itemsize: int, *, tile_rows: int = 64,
+                             grad_tile: int = 64) -> dict[str, tuple[int, int]]:
+  """{kernel name: (flops, bytes moved)} for each Mosaic GPU backward kernel (`work` with
+  kernel="mosaic_gpu" is their sum plus XLA's copy of dy): the token-tile kernel recomputes
+  H (w1), then dH (w2) and dx (w1); dw2 and dw1 are one product each."""
+  k, q, p = w1_shape
+  _, s, r = w2_shape
+  macs1, macs2 = k * q * p, k * s * r
+  tiles = -(-tokens // tile_rows)
   data = (tokens * (2 * n_in + n_out + 2 * k * q) * itemsize
           + tiles * (2 * macs1 + macs2) * itemsize)
-  # per block, (rows / g) x (cols / g) output tiles, each reading [tokens, g] of both operands
-  grads = sum(k * (a // grad_tile) * (b // grad_tile) * 2 * tokens * grad_tile * itemsize
-              + k * a * b * 4 for a, b in ((s, r), (q, p)))
-  return flops, deinterleave + data + grads
+
+  def grad(a, b):  # (rows / g) x (cols / g) output tiles, each reading [tokens, g] of both
+    return (k * (a // grad_tile) * (b // grad_tile) * 2 * tokens * grad_tile * itemsize
+            + k * a * b * 4)
+  return {"effjax_monarch_bwd_mosaic_gpu": (2 * tokens * (2 * macs1 + macs2), data),
+          "effjax_monarch_dw2_mosaic_gpu": (2 * tokens * macs2, grad(s, r)),
+          "effjax_monarch_dw1_mosaic_gpu": (2 * tokens * macs1, grad(q, p))}

@@ -229,6 +229,12 @@ def _forward_kernel(x_gmem, w1_gmem, w2_gmem, y_gmem, *, plan: Plan, dtype):
   )
 
 
+def _cost(flops: int, moved: int) -> dict:
+  """The kernel's counted work (common.work) for the compiler's cost model."""
+  return compat.mosaic_gpu_cost(pl.CostEstimate(flops=flops, transcendentals=0,
+                                                bytes_accessed=moved))
+
+
 def _params():
   return plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane)
 
@@ -242,10 +248,13 @@ def forward(x, w1_reordered, w2, *, plan: Plan, interpret=False):
     raise ValueError(f"mosaic_gpu.forward: x {x.shape} must be [a multiple of {TILE_ROWS}, "
                      f"{plan.k * plan.p}] (api.py pads it)")
   kernel = functools.partial(_forward_kernel, plan=plan, dtype=x.dtype)
+  flops, moved = common.work(t, k * plan.p, k * s, w1_reordered.shape, w2.shape,
+                             x.dtype.itemsize, "forward", kernel="mosaic_gpu",
+                             tile_rows=TILE_ROWS)
   return plgpu.kernel(
       kernel, out_type=jax.ShapeDtypeStruct((t, s, k), x.dtype), grid=(t // TILE_ROWS,),
       grid_names=("m",), compiler_params=_params(), interpret=interpret or None,
-      kernel_name="effjax_monarch_fwd_mosaic_gpu",
+      kernel_name="effjax_monarch_fwd_mosaic_gpu", **_cost(flops, moved),
   )(x, w1_reordered, w2.reshape(k * s, q)).reshape(t, s * k)  # [c, l] is column c k + l
 
 
@@ -360,7 +369,7 @@ def _weight_grad_kernel(lhs_gmem, rhs_gmem, out_gmem, *, a: int, b: int):
 _GRAD_TILE = _CHUNK  # weight-gradient output tiles
 
 
-def _weight_grad(lhs, rhs, k: int, a: int, b: int, interpret):
+def _weight_grad(lhs, rhs, k: int, a: int, b: int, interpret, *, name: str, cost):
   """[k, a, b] float32: per block, lhs's a columns transposed times rhs's b columns."""
   return plgpu.kernel(
       functools.partial(_weight_grad_kernel, a=a, b=b),
@@ -368,7 +377,7 @@ def _weight_grad(lhs, rhs, k: int, a: int, b: int, interpret):
       grid=(k, a // _GRAD_TILE, b // _GRAD_TILE), grid_names=("blk", "i", "j"),
       compiler_params=plgpu.CompilerParams(
           lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-      interpret=interpret or None, kernel_name="effjax_monarch_dw_mosaic_gpu",
+      interpret=interpret or None, kernel_name=name, **_cost(*cost),
   )(lhs, rhs)
 
 
@@ -381,6 +390,9 @@ def backward(x, w1_reordered, w2, dy, *, plan: Plan, interpret=False):
   k, s, q = w2.shape
   p = plan.p
   dy_blocks = dy.reshape(t, s, k).swapaxes(1, 2).reshape(t, k * s)  # column l s + c
+  costs = common.mosaic_gpu_backward_work(t, k * p, k * s, w1_reordered.shape, w2.shape,
+                                          x.dtype.itemsize, tile_rows=TILE_ROWS,
+                                          grad_tile=_GRAD_TILE)
   dx, h, dh = plgpu.kernel(
       functools.partial(_backward_data_kernel, plan=plan, dtype=x.dtype),
       out_type=(jax.ShapeDtypeStruct((t, k * p), x.dtype),
@@ -388,7 +400,10 @@ def backward(x, w1_reordered, w2, dy, *, plan: Plan, interpret=False):
                 jax.ShapeDtypeStruct((t, k * q), x.dtype)),
       grid=(t // TILE_ROWS,), grid_names=("m",), compiler_params=_params(),
       interpret=interpret or None, kernel_name="effjax_monarch_bwd_mosaic_gpu",
+      **_cost(*costs["effjax_monarch_bwd_mosaic_gpu"]),
   )(x, w1_reordered, w2.reshape(k * s, q), dy_blocks)
-  dw2 = _weight_grad(dy_blocks, h, k, s, q, interpret)
-  dw1 = _weight_grad(dh, x, k, q, p, interpret)
+  dw2 = _weight_grad(dy_blocks, h, k, s, q, interpret, name="effjax_monarch_dw2_mosaic_gpu",
+                     cost=costs["effjax_monarch_dw2_mosaic_gpu"])
+  dw1 = _weight_grad(dh, x, k, q, p, interpret, name="effjax_monarch_dw1_mosaic_gpu",
+                     cost=costs["effjax_monarch_dw1_mosaic_gpu"])
   return dx, dw1, dw2
