@@ -62,7 +62,7 @@ test-kernels-latest:
 # does not have), so the pair is pinned here; skipped, saying why, when either is missing.
 COMPILE_JAX ?= 0.12.0.1
 VENV_COMPILE := .venv-compile
-COMPILE_TESTS := tests/test_compile_targets.py
+COMPILE_TESTS := tests/test_compile_targets.py tests/test_aot_target.py
 
 $(VENV_COMPILE)/.installed: setup.cfg pyproject.toml
 	$(PYTHON312) -m venv $(VENV_COMPILE)

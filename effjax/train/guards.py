@@ -122,6 +122,13 @@ def _device_memory_bytes(device) -> int | None:
   return None
 
 
+def memory_needed_bytes(analysis) -> int:
+  """Bytes per device a compiled step needs at its peak, from its memory_analysis(): its
+  arguments and outputs (less the donated ones the outputs reuse) and its temporaries."""
+  size = lambda f: int(getattr(analysis, f"{f}_size_in_bytes", 0) or 0)
+  return size("argument") + size("output") - size("alias") + size("temp")
+
+
 def check_memory(compiled, cfg: ExperimentConfig) -> None:
   """Prints the compiled step's memory per device and refuses to run one that cannot fit."""
   try:
@@ -137,7 +144,7 @@ def check_memory(compiled, cfg: ExperimentConfig) -> None:
            for f in fields if hasattr(analysis, f)]
   logging.info("train step memory per device: %s", ", ".join(parts))
   size = lambda f: int(getattr(analysis, f"{f}_size_in_bytes", 0) or 0)
-  needed = size("argument") + size("output") - size("alias") + size("temp")
+  needed = memory_needed_bytes(analysis)
   available = _device_memory_bytes(jax.local_devices()[0])
   if available is not None and needed > available:
     raise ConfigError(

@@ -59,8 +59,11 @@ def _state_init_fn(model, tx, seq_len: int):
 
 def abstract_train_state(model, tx, mesh, seed: int, seq_len: int):
   """(ShapeDtypeStructs carrying their shardings, the shardings): the restore target."""
+  init = _state_init_fn(model, tx, seq_len)
   with sharding_context(mesh):
-    boxed = jax.eval_shape(_state_init_fn(model, tx, seq_len), jax.random.key(seed))
+    # The key is made inside the trace: under the mesh an eager jax.random.key would run on
+    # the mesh's devices, which compile-only devices (experiments/aot_check.py --target) cannot.
+    boxed = jax.eval_shape(lambda: init(jax.random.key(seed)))
   shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, LOGICAL_RULES)
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           nn.meta.unbox(boxed), shardings)
@@ -211,8 +214,9 @@ def eval_summary(sums) -> dict[str, float]:
 
 
 def compile_steps(model, tx, lr_fn, mesh, state, state_shardings, batch_shape, *,
-                  skip_nonfinite: bool = False):
-  """AOT-compiles the train and eval steps for these shardings and batch shape."""
+                  skip_nonfinite: bool = False, with_eval: bool = True):
+  """AOT-compiles the train and eval steps for these shardings and batch shape (the eval step
+  is None without `with_eval`: sizing a job needs only the train step)."""
   data = batch_sharding(mesh)
   batch = {k: jax.ShapeDtypeStruct(batch_shape, jnp.int32, sharding=data)
            for k in ("tokens", "segment_ids", "positions")}
@@ -220,6 +224,8 @@ def compile_steps(model, tx, lr_fn, mesh, state, state_shardings, batch_shape, *
     train = jax.jit(make_train_step(model, tx, lr_fn, skip_nonfinite=skip_nonfinite),
                     in_shardings=(state_shardings, data), out_shardings=(state_shardings, None),
                     donate_argnums=0).lower(state, batch).compile()
+    if not with_eval:
+      return train, None
     evaluate = jax.jit(make_eval_step(model),
                        in_shardings=(state_shardings.params, state_shardings.model_state, data)
                        ).lower(state.params, state.model_state, batch).compile()
