@@ -56,8 +56,8 @@ test-kernels-latest:
 	if [ $$rc -eq 5 ]; then echo "pytest: no kernel tests were selected (exit 5), treated as success"; rc=0; fi; \
 	exit $$rc
 
-# The kernels (and, later, train steps) through the accelerators' own compilers, compile-only:
-# libtpu for TPU v5e/v5p/v6e and the CUDA plugin for an H100 (pallas_kernels/targets.py). Needs
+# The kernels and the train step (aot_check --target) through the accelerators' own compilers,
+# compile-only: libtpu for TPU v4/v5e/v5p/v6e and the CUDA plugin for H100s (targets.py). Needs
 # Python >= 3.12 and a JAX whose libtpu the registry serves (jax 0.12.1 asks for a libtpu it
 # does not have), so the pair is pinned here; skipped, saying why, when either is missing.
 COMPILE_JAX ?= 0.12.0.1
