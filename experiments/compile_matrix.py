@@ -3,6 +3,7 @@
   python -m experiments.compile_matrix                       # every case on every target
   python -m experiments.compile_matrix --targets=tpu:v5e:1x1 --families=attention \\
       --out=/tmp/compile_matrix.json
+  python -m experiments.compile_matrix --compare=BEFORE.json,AFTER.json   # two runs' --out
 
 Needs Python >= 3.12 with jax[tpu,cuda12] (`make test-compile` builds `.venv-compile`). Each
 case is forward and backward compiled together (jax.grad of a sum) for one device of the
@@ -243,6 +244,37 @@ def triton_report(family: str, case: str) -> dict[str, Any]:
   return dict(kernels=kernels, spills=not status.startswith("compiled"))
 
 
+def compare(before_path: str, after_path: str) -> list[str]:
+  """Markdown rows comparing two results files (--out) per column: how many cases each
+  compiled, refused or failed, and the compile seconds of the cases both compiled."""
+  import json  # pylint: disable=g-import-not-at-top
+  runs, commits = [], []
+  for path in (before_path, after_path):
+    with open(path, encoding="utf-8") as f:
+      results = json.load(f)
+    runs.append({(r["family"], r["case"], r["target"], r["implementation"]): r
+                 for r in results["rows"]})
+    commits.append(results.get("provenance", {}).get("git", {}).get("commit", "?")[:7])
+  lines = [f"| column | {commits[0]}: compiled / refused / failed | {commits[1]}: compiled / "
+           f"refused / failed | cases compiled in both | seconds {commits[0]} | seconds "
+           f"{commits[1]} |", "|---|---|---|---:|---:|---:|"]
+  columns = sorted({k[2:] for run in runs for k in run})
+  for target, implementation in columns:
+    counts, both = [], []
+    for run in runs:
+      statuses = [r["status"] for k, r in run.items() if k[2:] == (target, implementation)]
+      counts.append(" / ".join(str(statuses.count(s)) for s in ("compiled", "refused", "failed"))
+                    if statuses else "not in the run")
+    for key, r in runs[1].items():
+      old = runs[0].get(key)
+      if key[2:] == (target, implementation) and r["status"] == "compiled" and (
+          old and old["status"] == "compiled"):
+        both.append((old["seconds"], r["seconds"]))
+    lines.append(f"| {target} {implementation} | {counts[0]} | {counts[1]} | {len(both)} | "
+                 f"{sum(b for b, _ in both):.0f} | {sum(a for _, a in both):.0f} |")
+  return lines
+
+
 def all_cases(families=tuple(FAMILIES)):
   return [(f, c) for f in families for c in FAMILIES[f]]
 
@@ -253,21 +285,30 @@ _TARGETS = None
 _FAMILIES = None
 _OUT = None
 _PTXAS = None
+_COMPARE = None
 
 
 def define_flags():
-  global _TARGETS, _FAMILIES, _OUT, _PTXAS  # pylint: disable=global-statement
+  global _TARGETS, _FAMILIES, _OUT, _PTXAS, _COMPARE  # pylint: disable=global-statement
   _TARGETS = flags.DEFINE_list("targets", [], "Restrict to these targets (default: all columns).")
   _FAMILIES = flags.DEFINE_list("families", list(FAMILIES), "Kernel families.")
   _OUT = flags.DEFINE_string("out", "", "Optional JSON file for the table and its provenance.")
   _PTXAS = flags.DEFINE_bool("ptxas", False, "Also print ptxas's registers and spills per Mosaic "
                              "GPU kernel, and XLA's shared memory and ptxas's spill verdict per "
                              "Triton kernel, of every case (H100).")
+  _COMPARE = flags.DEFINE_list("compare", [], "BEFORE.json,AFTER.json (--out files): print "
+                               "each column's outcomes and compile seconds side by side; "
+                               "compiles nothing.")
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if _COMPARE.value:
+    if len(_COMPARE.value) != 2:
+      raise SystemExit(f"--compare takes BEFORE.json,AFTER.json, got {_COMPARE.value}")
+    print("\n".join(compare(*_COMPARE.value)))
+    return
   unknown = sorted(set(_FAMILIES.value) - set(FAMILIES))
   if unknown:
     raise SystemExit(f"--families: unknown {unknown}; known: {sorted(FAMILIES)}")

@@ -85,8 +85,8 @@ class TpuVmem:
 # Physical VMEM per TensorCore (JAX's tpu_info; ../shared/reference/tpu_vmem.md): v4 16 MiB,
 # v5e and v6e 128 MiB, v5p 64 MiB (the conservative reading of conflicting sources). Default
 # scope: 16 MiB, 32 MiB on v6e. effjax asks for at most 48 MiB past v4 (v4: its whole 16 MiB,
-# the default scope): the kernels' estimates are checked by the real compiler up to there; at
-# 96 MiB the Monarch kernel's GPT-2 up projection ran out of v5e's and v6e's 128 MiB (WORKSPACE).
+# the default scope): the kernels' estimates are checked by the real compiler up to there;
+# given more, Monarch's GPT-2 up projection ran out of the whole 128 MiB of v5e and v6e.
 TPU_VMEM = {
     "TPU v4": TpuVmem("v4", 16 << 20, 16 << 20),
     "TPU v5 lite": TpuVmem("v5e", 16 << 20, 48 << 20),
