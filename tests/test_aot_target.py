@@ -209,3 +209,20 @@ def test_the_layers_kernels_are_the_targets_not_this_hosts(name, overrides, kern
   text = aot_check.size_for_target(cfg, target).compiled.as_text()
   # (Pallas's interpreters lower to plain XLA ops: the custom call is the compiled kernel)
   assert call in text and (kernel is None or kernel in text), (name, overrides)
+
+
+def test_a_scanned_model_gets_no_step_flops_or_mfu_bound():
+  """The TPU cost analysis counts a scanned layer loop once: its flops and roofline time are
+  not a step's, so neither they nor an MFU bound are printed as one (an unrolled compile of
+  the same model reports more flops than the scanned one by about its layer count)."""
+  target = _target("tpu:v5e:2x2")
+  flops = {}
+  for scanned in (False, True):
+    sizing = aot_check.size_for_target(
+        _config(**{"mesh.data": 4, "model.scan_layers": scanned}), target)
+    flops[scanned] = sizing.cost["flops"]
+    rows = dict(aot_check.target_rows(sizing, target))
+    mfu = [k for k in rows if k.startswith("MFU bound")]
+    assert (not mfu) == scanned, rows
+  assert flops[False] > 1.5 * flops[True]  # the test model's 2 layers, counted once when scanned
+  assert "not a step's figure" in str(rows)
