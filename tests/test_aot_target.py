@@ -214,7 +214,7 @@ def test_the_layers_kernels_are_the_targets_not_this_hosts(name, overrides, kern
 def test_a_scanned_model_gets_no_step_flops_or_mfu_bound():
   """The TPU cost analysis counts a scanned layer loop once: its flops and roofline time are
   not a step's, so neither they nor an MFU bound are printed as one (an unrolled compile of
-  the same model reports more flops than the scanned one by about its layer count)."""
+  the same model reports more flops than the scanned one)."""
   target = _target("tpu:v5e:2x2")
   flops = {}
   for scanned in (False, True):
@@ -224,5 +224,6 @@ def test_a_scanned_model_gets_no_step_flops_or_mfu_bound():
     rows = dict(aot_check.target_rows(sizing, target))
     mfu = [k for k in rows if k.startswith("MFU bound")]
     assert (not mfu) == scanned, rows
-  assert flops[False] > 1.5 * flops[True]  # the test model's 2 layers, counted once when scanned
+  # the test model's 2 layers, one counted when scanned (the head and embeddings are the rest)
+  assert flops[False] > 1.25 * flops[True]
   assert "not a step's figure" in str(rows)
