@@ -423,6 +423,7 @@ def flash_attention(q, k, v, *, causal: bool = False, sliding_window: int | None
                    sm_scale=sm_scale, implementation=impl, block_sizes=block_sizes,
                    interpret=interpret, itemsize=q.dtype.itemsize)
   for fwd in (True, False):  # refuse blocks the platform cannot tile or hold before tracing
+    kernel_dims(call, q.shape[1], k.shape[1], q.shape[3], fwd)  # the block rules
     if impl in ("tpu", "gpu") and block_sizes is None:
       call = _fit_memory(call, q.shape, k.shape, fwd)
     elif impl in ("tpu", "gpu"):
