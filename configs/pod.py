@@ -20,7 +20,7 @@ Every variant computes in bfloat16 with float32 master weights and Adam moments
 (model.param_dtype), scans over its layers (model.scan_layers: one layer is compiled instead of
 22-32, which more than halves compile time; 1b on tpu:v5p:4x4x4 compiles in 60 s scanned,
 136 s unrolled) with each layer rematerialised (model.remat="dots_no_batch": matmul outputs
-kept, the rest recomputed; llama3_8b_sst: "full") and runs effjax's Pallas flash attention
+kept, the rest recomputed) and runs effjax's Pallas flash attention
 (model.attention_impl="pallas": Mosaic TPU on a TPU, Mosaic GPU on an H100; never the [L, L]
 scores of the xla path at these lengths).
 
@@ -29,25 +29,24 @@ target's compiler, compile-only; the figures are in WORKSPACE.md):
 
   1b, 1b_sst, 1b_monarch                       tpu:v5p:4x4x4 (64 chips x 95 GiB HBM):
                                                data 4 x fsdp 16, batch 4 x 2048 per chip
-  llama3_8b, llama3_8b_monarch                 tpu:v5p:4x4x4: data 4 x fsdp 16,
+  llama3_8b, llama3_8b_sst, llama3_8b_monarch  tpu:v5p:4x4x4: data 4 x fsdp 16,
                                                batch 1 x 8192 per chip
-  llama3_8b_sst                                tpu:v5p:4x4x4: fsdp 64, remat "full" (its
-                                               frozen bases are sharded over fsdp on one
-                                               side only), batch 1 x 8192 per chip
   mixtral_8x7b                                 tpu:v5p:4x4x4: fsdp 16 x expert 4 (2 experts
                                                per chip; 8 x 8 is not a product of whole torus
                                                axes of a 4x4x4 slice), batch 2 x 4096 per chip
 
 `data` is -1 everywhere (it takes the devices the other axes leave), so a config runs on any
 device count its fixed axes divide. Every degree, the batch and the kernels are overridable
-(--config.mesh.fsdp=..., --config.mesh.expert=..., --config.train.global_batch_size=...), e.g.
-for one 8-GPU H100 node (gpu:h100:8 = 8 x 80 GB):
+(--config.mesh.fsdp=..., --config.mesh.expert=..., --config.train.global_batch_size=...).
+`sized_for(variant, target)` gives the overrides for a v6e 8x8 slice (64 chips x 32 GiB) and
+one 8-GPU H100 node (8 x 80 GB), e.g.
 
   python -m experiments.aot_check --config=configs/pod.py:llama3_8b --target=gpu:h100:8 \\
       --config.mesh.fsdp=8 --config.train.global_batch_size=8
 
-(--config.model.attention_impl=cudnn works there too). mixtral_8x7b does not fit one 8 x H100
-node: its float32 state alone is 80.94 GiB per GPU with mesh.expert=8.
+(--config.model.attention_impl=cudnn works there too); `python -m experiments.pod_matrix
+--list` prints every such command. mixtral_8x7b does not fit one 8 x H100 node: its float32
+state alone is 80.94 GiB per GPU with mesh.expert=8.
 
 On a TPU slice each degree must be a product of whole torus axes (4x4x4 takes 4 x 16, not
 8 x 8). model.moe.gmm_impl="pallas" compiles for TPU only with mesh.expert > 1 (the kernel
@@ -65,6 +64,39 @@ TARGETS = {"1b": "tpu:v5p:4x4x4", "llama3_8b": "tpu:v5p:4x4x4",
            "mixtral_8x7b": "tpu:v5p:4x4x4"}
 TARGETS.update({f"{base}_{method}": TARGETS[base] for base in ("1b", "llama3_8b")
                 for method in ("sst", "monarch")})
+
+# The overrides that size each model for the other targets experiments/pod_matrix.py compiles
+# for (its defaults are the v5p 4x4x4 slice's); the SST / Monarch variants take their model's.
+SIZED_FOR_TARGETS = ("tpu:v5p:4x4x4", "tpu:v6e:8x8", "gpu:h100:8")
+_SIZED_FOR = {
+    "1b": {"tpu:v6e:8x8": {"mesh.fsdp": 8},
+           "gpu:h100:8": {"mesh.fsdp": 8, "train.global_batch_size": 32}},
+    "llama3_8b": {"tpu:v6e:8x8": {"mesh.fsdp": 64, "model.remat": "full"},
+                  "gpu:h100:8": {"mesh.fsdp": 8, "train.global_batch_size": 8}},
+    # batch 128 needs 35.66 GiB per chip there even with full remat: half the batch
+    "mixtral_8x7b": {"tpu:v6e:8x8": {"mesh.fsdp": 8, "mesh.expert": 8, "model.remat": "full",
+                                     "train.global_batch_size": 64},
+                     "gpu:h100:8": {"mesh.fsdp": 1, "mesh.expert": 8,
+                                    "train.global_batch_size": 8}},
+}
+
+
+def sized_for(variant: str, target: str) -> dict[str, object]:
+  """--config.KEY=VALUE overrides that size `variant` for `target` (one of SIZED_FOR_TARGETS)."""
+  if variant not in VARIANTS or target not in SIZED_FOR_TARGETS:
+    raise ValueError(f"no sizing of {variant!r} for {target!r}: variants {', '.join(VARIANTS)}; "
+                     f"targets {', '.join(SIZED_FOR_TARGETS)}")
+  return dict(_SIZED_FOR[_base_of(variant)].get(target, {}))
+
+
+def short(target: str) -> str:
+  """tpu:v5p:4x4x4 -> v5p, gpu:h100:8 -> h100."""
+  return target.split(":")[1]
+
+
+def _base_of(variant: str) -> str:
+  return next(b for b in ("1b", "llama3_8b", "mixtral_8x7b") if variant.startswith(b))
+
 
 NUM_STEPS = 100_000
 
@@ -125,17 +157,11 @@ def get_config(variant: str = "1b"):
   if variant not in VARIANTS:
     raise ValueError(f"unknown variant {variant!r} of configs/pod.py; choose one of "
                      f"{', '.join(VARIANTS)}")
-  base = next(b for b in ("1b", "llama3_8b", "mixtral_8x7b") if variant.startswith(b))
+  base = _base_of(variant)
   method = variant[len(base) + 1:]  # "", "sst" or "monarch"
   c = _base(base)
   if method == "sst":
     _sst(c)
-    if base == "llama3_8b":
-      # SST's full bases U [in, k], V [out, k] and the active columns shard only the axis that
-      # is `embed` (fsdp); the `mlp` / `heads` side stays whole on each chip, so at fsdp 16 the
-      # step needs 95.44 GiB of the 95 GiB. fsdp 64 with full remat: 76.2 GiB (78%).
-      c.mesh.update(data=-1, fsdp=64)
-      c.model.remat = "full"
   elif method == "monarch":
     _monarch(c)
   return c

@@ -19,7 +19,8 @@ from typing import Any
 
 import jax
 
-_PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "numpy")
+_PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "numpy", "libtpu",
+             "jax-cuda12-plugin")  # the last two: compile-only targets (None where absent)
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

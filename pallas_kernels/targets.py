@@ -38,6 +38,13 @@ from typing import Any
 # (or set them) before anything calls jax.devices().
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
+# XLA:GPU turns large sorts (an MoE step's routing sort at pod batch sizes) into CUB radix sorts
+# and asks the CUDA runtime for their scratch size while compiling, which stops a compile-only
+# build ("cudaErrorInvalidDevice"). Compile-only, XLA's own sort is kept; on a GPU the program
+# may use CUB, whose scratch these memory figures then leave out. A value the user set wins.
+if "xla_gpu_enable_cub_radix_sort" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                             " --xla_gpu_enable_cub_radix_sort=false").strip()
 
 # TPU generations: libtpu's topology prefix, HBM per chip and peak bf16 dense TFLOP/s per chip
 # (Google Cloud's TPU system-architecture pages: v4 32 GiB / 275, v5e 16 GiB / 197,

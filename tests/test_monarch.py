@@ -224,18 +224,21 @@ def test_gradients_equal_dense_gradients_mapped_through_the_factors():
 
 
 def test_sharded_over_four_devices_gives_the_same_output():
-  mesh = build_mesh(MeshConfig(data=1, tensor=4), jax.devices()[:4])
+  """Blocks over tensor, each factor's rows over fsdp (FSDP: no factor is whole on a chip)."""
+  mesh = build_mesh(MeshConfig(data=1, fsdp=2, tensor=2), jax.devices()[:4])
   layer = MonarchLinear(48, nblocks=4, use_bias=True, out_axis="mlp")
   x = jax.random.normal(jax.random.key(1), (8, 40))
   boxed = layer.init(jax.random.key(0), x)["params"]
   params = nn.meta.unbox(boxed)
   reference = layer.apply({"params": params}, x)
   shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, LOGICAL_RULES)
-  assert shardings["w1"].spec == P("tensor", None, None)
-  assert shardings["w2"].spec == P("tensor", None, None)
+  assert shardings["w1"].spec == P("tensor", "fsdp", None)
+  assert shardings["w2"].spec == P("tensor", "fsdp", None)
   sharded = jax.device_put(params, shardings)
   assert len(sharded["w1"].addressable_shards) == 4
-  assert sharded["w1"].addressable_shards[0].data.shape[0] == 1  # one block per device
+  for name in ("w1", "w2"):  # two of the four blocks, half of each one's rows
+    k, rows, cols = params[name].shape
+    assert sharded[name].addressable_shards[0].data.shape == (k // 2, rows // 2, cols)
   with step_lib.sharding_context(mesh):
     out = jax.jit(lambda p, x: layer.apply({"params": p}, x))(sharded, x)
   out = jax.block_until_ready(out)

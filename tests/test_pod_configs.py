@@ -38,10 +38,25 @@ def test_variant_validates_with_pod_settings(variant):
   assert cfg.mesh.data == -1  # fills whatever the fixed axes leave
 
 
+def _sized(variant, target):
+  """The variant with pod.sized_for's overrides for `target` (none for its default target)."""
+  c = pod.get_config(variant)
+  for dotted, value in pod.sized_for(variant, target).items():
+    *sections, field = dotted.split(".")
+    node = c
+    for section in sections:
+      node = node[section]
+    node[field] = value
+  return config_lib.from_config_dict(c)
+
+
+@pytest.mark.parametrize("target", pod.SIZED_FOR_TARGETS)
 @pytest.mark.parametrize("variant", pod.VARIANTS)
-def test_default_mesh_lays_out_on_its_target(variant):
-  cfg = _cfg(variant)
-  platform, _, topology = pod.TARGETS[variant].split(":")
+def test_mesh_lays_out_on_each_target_it_is_sized_for(variant, target):
+  if target == pod.TARGETS[variant]:
+    assert pod.sized_for(variant, target) == {}  # the defaults are that target's
+  cfg = _sized(variant, target)
+  platform, _, topology = target.split(":")
   dims = [int(d) for d in topology.split("x")]
   degrees = resolve_degrees(cfg.mesh, math.prod(dims))
   if platform == "tpu":  # each degree a product of whole torus axes (4x4x4: 1, 4, 16, 64)
@@ -50,6 +65,13 @@ def test_default_mesh_lays_out_on_its_target(variant):
     assert set(degrees.values()) <= whole, degrees
   batch_ways = degrees["data"] * degrees["fsdp"] * degrees["expert"]
   assert cfg.train.global_batch_size % batch_ways == 0
+  if cfg.model.ffn == "moe":
+    assert cfg.model.moe.num_experts % degrees["expert"] == 0
+
+
+def test_sized_for_names_what_it_does_not_know():
+  with pytest.raises(ValueError, match=r"no sizing of 'llama3_8b' for 'tpu:v5e:2x2'"):
+    pod.sized_for("llama3_8b", "tpu:v5e:2x2")
 
 
 @pytest.mark.parametrize("variant,low,high", [
@@ -83,9 +105,6 @@ def test_method_variant_is_its_base_but_the_method(variant, base):
   method, plain = pod.get_config(variant).to_dict(), pod.get_config(base).to_dict()
   linear = method["model"].pop("linear")
   plain["model"].pop("linear")
-  for c in (method, plain):  # how it is laid out may differ (llama3_8b_sst: fsdp 64, full remat)
-    c.pop("mesh")
-    c["model"].pop("remat")
   if variant.endswith("_sst"):
     assert linear["kind"] == "sst" and linear["rank"] == plain["model"]["d_model"] // 8
     assert method["optim"].pop("rewarm_steps") > 0
@@ -106,3 +125,23 @@ def test_unknown_variant_names_the_known_ones():
     pod.get_config("70b")
   for variant in pod.VARIANTS:
     assert variant in str(e.value)
+
+
+def test_the_pod_matrix_sizes_every_variant_on_every_target_with_its_overrides():
+  from experiments import pod_matrix  # pylint: disable=g-import-not-at-top
+  rows = pod_matrix.rows()
+  names = [r["name"] for r in rows]
+  assert len(names) == len(set(names))
+  main = {(r["variant"], r["target"]): r for r in rows[:len(pod.VARIANTS) *
+                                                       len(pod.SIZED_FOR_TARGETS)]}
+  assert set(main) == {(v, t) for v in pod.VARIANTS for t in pod.SIZED_FOR_TARGETS}
+  row = main[("llama3_8b", "gpu:h100:8")]
+  cmd = pod_matrix.command(row, "out.json")
+  assert cmd[1:3] == ["-m", "experiments.aot_check"]
+  assert "--config=configs/pod.py:llama3_8b" in cmd and "--target=gpu:h100:8" in cmd
+  assert "--config.mesh.fsdp=8" in cmd and "--json=out.json" in cmd
+  # each change row differs from its main row by exactly what its name says
+  for name, variant, target, extra in pod_matrix.CHANGES:
+    changed = next(r for r in rows if r["name"] == name)
+    if target in pod.SIZED_FOR_TARGETS:
+      assert changed["overrides"] == {**main[(variant, target)]["overrides"], **extra}

@@ -289,3 +289,31 @@ def test_repro_sst_chooses_the_learning_rate_on_the_sweep_seeds_only():
   out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                        check=True, cwd=os.path.dirname(os.path.dirname(__file__)))
   assert out.stdout.split() == ["0.01", "[0,", "1]", "[0]", "1.5", "0.003"]
+
+
+def test_bases_and_active_columns_are_sharded_on_both_sides_and_give_the_same_output():
+  """U [in, k] and V [out, k]: the side named `embed` goes over fsdp, and where that side is
+  `mlp` / `heads` (tensor), k goes over fsdp instead, so no base is whole on every chip."""
+  from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  from effjax.config import MeshConfig  # pylint: disable=g-import-not-at-top
+  from effjax.parallel import LOGICAL_RULES, build_mesh  # pylint: disable=g-import-not-at-top
+  from effjax.train import step as step_lib  # pylint: disable=g-import-not-at-top
+  mesh = build_mesh(MeshConfig(data=1, fsdp=2, tensor=2), jax.devices()[:4])
+  layer = SSTLinear(24, 4, "embed", "mlp")
+  x = jax.random.normal(jax.random.key(1), (8, 16))
+  boxed = layer.init(jax.random.key(0), x)
+  specs = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, LOGICAL_RULES)
+  for name in ("u", "u_cols"):
+    where = specs[SST_COLLECTION if name == "u" else "params"][name]
+    assert where.spec == P("fsdp", None), name
+  for name in ("v", "v_cols"):
+    where = specs[SST_COLLECTION if name == "v" else "params"][name]
+    assert where.spec == P("tensor", "fsdp"), name
+  variables = nn.meta.unbox(boxed)
+  reference = layer.apply(variables, x)
+  sharded = jax.device_put(variables, specs)
+  v = sharded[SST_COLLECTION]["v"]
+  assert v.addressable_shards[0].data.shape == (24 // 2, v.shape[1] // 2)
+  with step_lib.sharding_context(mesh):
+    out = jax.jit(layer.apply)(sharded, x)
+  np.testing.assert_allclose(out, reference, rtol=1e-5, atol=1e-6)

@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 BLOCKS = "blocks"  # logical name of the block axis of both factors (sharded over `tensor`)
+BLOCK_ROWS = "block_rows"  # their second axis (sharded over `fsdp`)
 
 
 def monarch_shapes(in_features: int, out_features: int, nblocks: int, *,
@@ -276,8 +277,8 @@ class MonarchLinear(nn.Module):
   """y = Monarch(x) [+ bias]: any in/out size, `nblocks` blocks, the paper's initialisation.
 
   The block axis of both factors carries the logical name "blocks" (mapped to the `tensor`
-  mesh axis), so the two batched matmuls split over tensor-parallel devices; the within-block
-  axes are replicated. `out_axis` names the bias. `impl` picks the multiply
+  mesh axis), so the two batched matmuls split over tensor-parallel devices; their second axis
+  is "block_rows" (over `fsdp`, gathered for the multiply as any FSDP weight). `out_axis` names the bias. `impl` picks the multiply
   (MONARCH_MULTIPLIES: "xla", the copy-free XLA layout, or "pallas", the fused kernel); the
   parameters are the same for both.
   """
@@ -302,7 +303,7 @@ class MonarchLinear(nn.Module):
       bound = 1.0 / math.sqrt(shape[-1])
       return jax.random.uniform(key, shape, dtype, -bound, bound)
 
-    names = (BLOCKS, None, None)
+    names = (BLOCKS, BLOCK_ROWS, None)
     w1 = self.param("w1", nn.with_logical_partitioning(factor_init, names), w1_shape,
                     self.param_dtype)
     w2 = self.param("w2", nn.with_logical_partitioning(factor_init, names), w2_shape,

@@ -38,6 +38,7 @@ import jax.numpy as jnp
 from effjax.layers.frozen_base import FrozenBaseLinear, checked_shape, dense_init
 
 SST_COLLECTION = "sst"
+SPECTRAL = "spectral"  # logical name of the k axis of the bases and active columns (over fsdp)
 SAMPLINGS = ("mixed", "sigma", "uniform", "top")
 PARAM_NAMES = ("sigma", "u_cols", "v_cols")
 
@@ -145,8 +146,8 @@ class SSTLinear(FrozenBaseLinear):
       return nn.with_logical_partitioning(make, names)
 
     r = self.rank
-    u = self.variable(SST_COLLECTION, "u", const("u", (self.in_axis, None), (n_in, k))).value
-    v = self.variable(SST_COLLECTION, "v", const("v", (self.out_axis, None), (n_out, k))).value
+    u = self.variable(SST_COLLECTION, "u", const("u", (self.in_axis, SPECTRAL), (n_in, k))).value
+    v = self.variable(SST_COLLECTION, "v", const("v", (self.out_axis, SPECTRAL), (n_out, k))).value
     idx = self.variable(SST_COLLECTION, "idx", const("idx", (None,), (r,), jnp.int32)).value
     if self.is_initializing():
       init["seen"] = jnp.zeros((k,), jnp.float32).at[init["idx"]].set(1.0)
@@ -156,8 +157,8 @@ class SSTLinear(FrozenBaseLinear):
     if self.is_initializing():
       init["u_cols"], init["v_cols"] = init["u"][:, init["idx"]], init["v"][:, init["idx"]]
     sigma = self.param("sigma", const("sigma", (None,), (k,)))
-    u_cols = self.param("u_cols", const("u_cols", (self.in_axis, None), (n_in, r)))
-    v_cols = self.param("v_cols", const("v_cols", (self.out_axis, None), (n_out, r)))
+    u_cols = self.param("u_cols", const("u_cols", (self.in_axis, SPECTRAL), (n_in, r)))
+    v_cols = self.param("v_cols", const("v_cols", (self.out_axis, SPECTRAL), (n_out, r)))
     assert sigma.shape == (k,) and u_cols.shape == (n_in, self.rank), (sigma.shape, u_cols.shape)
     dt = self.dtype
     return sst_matmul(x.astype(dt), u_cols.astype(dt), v_cols.astype(dt), sigma.astype(dt),

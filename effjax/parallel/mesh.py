@@ -31,6 +31,11 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("expert", "expert"),
     ("blocks", "tensor"),  # Monarch block axis (both factors)
     ("embed", "fsdp"),
+    # SST's bases and active columns ([n, k]) and Monarch's factors ([blocks, rows, cols]):
+    # their second axis goes over fsdp too, so no such weight is whole on every chip (a mesh
+    # axis is used once per array: a base whose first axis is `embed` keeps it there)
+    ("spectral", "fsdp"),
+    ("block_rows", "fsdp"),
     ("norm", None),
     ("layers", None),
     # KV cache [B, S, K, H] (effjax/layers/attention.py): rows like activations, kv heads over
