@@ -1,6 +1,7 @@
 """configs/pod.py's configs sized by each target's own compiler, compile-only: one table.
 
   python -m experiments.pod_matrix --out=experiments/results/pod_matrix_COMMIT.json
+  python -m experiments.pod_matrix --table=main        # or changes (CHANGES), or all
   python -m experiments.pod_matrix --rows=llama3_8b    # rows whose name contains a pattern
   python -m experiments.pod_matrix --list              # the rows and their commands
 
@@ -31,6 +32,8 @@ from configs import pod  # noqa: E402  pylint: disable=g-import-not-at-top
 
 _OUT = flags.DEFINE_string("out", "", "JSON file for the rows and their provenance.")
 _ROWS = flags.DEFINE_list("rows", [], "Only rows whose name contains one of these.")
+_TABLE = flags.DEFINE_enum("table", "all", ["all", "main", "changes"], "The main table (every "
+                           "variant on every target), the CHANGES rows, or both.")
 _LIST = flags.DEFINE_bool("list", False, "Print the rows' commands and exit.")
 _TIMEOUT = flags.DEFINE_integer("timeout", 1800, "Seconds one row may compile.")
 
@@ -57,13 +60,13 @@ CHANGES = (
 )
 
 
-def rows() -> list[dict]:
+def rows(table: str = "all") -> list[dict]:
   out = []
-  for variant in pod.VARIANTS:
+  for variant in pod.VARIANTS if table != "changes" else ():
     for target in pod.SIZED_FOR_TARGETS:
       out.append({"name": f"{variant} @ {pod.short(target)}", "variant": variant,
                   "target": target, "overrides": pod.sized_for(variant, target)})
-  for name, variant, target, extra in CHANGES:
+  for name, variant, target, extra in CHANGES if table != "main" else ():
     sized = pod.sized_for(variant, target) if target in pod.SIZED_FOR_TARGETS else {}
     out.append({"name": name, "variant": variant, "target": target,
                 "overrides": {**sized, **extra}})
@@ -119,7 +122,8 @@ def markdown(results: list[dict]) -> str:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  chosen = [r for r in rows() if not _ROWS.value or any(p in r["name"] for p in _ROWS.value)]
+  chosen = [r for r in rows(_TABLE.value)
+            if not _ROWS.value or any(p in r["name"] for p in _ROWS.value)]
   if not chosen:
     raise SystemExit(f"--rows={','.join(_ROWS.value)} matches no row; --list shows them")
   if _LIST.value:
@@ -135,10 +139,11 @@ def main(argv):
           + (f": {_gib(result['needed_bytes'])} GiB needed per chip"
              if result["status"] == "fits" else f": {result.get('refused') or result['error']}")
           + f" ({result.get('compile_seconds', '?')} s)", flush=True)
+    if _OUT.value:  # after every row: an interrupted matrix keeps what it compiled
+      from effjax import provenance  # pylint: disable=g-import-not-at-top
+      provenance.write_json(_OUT.value, {"rows": results,
+                                         "complete": len(results) == len(chosen)})
   print(markdown(results))
-  if _OUT.value:
-    from effjax import provenance  # pylint: disable=g-import-not-at-top
-    provenance.write_json(_OUT.value, {"rows": results})
 
 
 if __name__ == "__main__":

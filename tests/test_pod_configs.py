@@ -132,6 +132,8 @@ def test_the_pod_matrix_sizes_every_variant_on_every_target_with_its_overrides()
   rows = pod_matrix.rows()
   names = [r["name"] for r in rows]
   assert len(names) == len(set(names))
+  assert rows == pod_matrix.rows("main") + pod_matrix.rows("changes")
+  assert len(pod_matrix.rows("changes")) == len(pod_matrix.CHANGES)
   main = {(r["variant"], r["target"]): r for r in rows[:len(pod.VARIANTS) *
                                                        len(pod.SIZED_FOR_TARGETS)]}
   assert set(main) == {(v, t) for v in pod.VARIANTS for t in pod.SIZED_FOR_TARGETS}
