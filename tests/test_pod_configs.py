@@ -143,7 +143,10 @@ def test_the_pod_matrix_sizes_every_variant_on_every_target_with_its_overrides()
   assert "--config=configs/pod.py:llama3_8b" in cmd and "--target=gpu:h100:8" in cmd
   assert "--config.mesh.fsdp=8" in cmd and "--json=out.json" in cmd
   # each change row differs from its main row by exactly what its name says
+  assert set(pod_matrix.MEMORY_ONLY) <= set(names)
   for name, variant, target, extra in pod_matrix.CHANGES:
     changed = next(r for r in rows if r["name"] == name)
+    assert ("--step_cost=false" in pod_matrix.command(changed, "o.json")) == (
+        name in pod_matrix.MEMORY_ONLY)
     if target in pod.SIZED_FOR_TARGETS:
       assert changed["overrides"] == {**main[(variant, target)]["overrides"], **extra}
