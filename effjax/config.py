@@ -7,6 +7,7 @@ devices is made at construction, so a bad value fails before anything is compile
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any, Mapping
 
 ATTENTION_IMPLS = ("xla", "cudnn", "pallas")
@@ -524,6 +525,18 @@ class TrainConfig:
   # stops there. N > 0: such an update is skipped (state unchanged, counted in the metric
   # skipped_nonfinite) and the run stops only after N skipped steps in a row.
   max_skipped_nonfinite: int = 0
+  # "START:END" writes a jax.profiler trace of steps START, ..., END - 1 (a Python slice of the
+  # loop's step numbers, which start at 1; so END <= num_steps + 1) to WORKDIR/profile/, on
+  # process 0 only. "" = no trace. A run resumed after START traces only the steps left.
+  profile_steps: str = ""
+
+  @property
+  def profile_range(self) -> tuple[int, int] | None:
+    """(START, END) of profile_steps, or None when no trace is asked for."""
+    if not self.profile_steps:
+      return None
+    match = re.fullmatch(r"(\d+):(\d+)", self.profile_steps)
+    return (int(match.group(1)), int(match.group(2))) if match else None
 
   def __post_init__(self):
     _positive("train.global_batch_size", self.global_batch_size)
@@ -541,6 +554,25 @@ class TrainConfig:
     _require(self.keep_checkpoints >= 2,
              f"train.keep_checkpoints must be >= 2 so a corrupt latest checkpoint has a "
              f"fallback, got {self.keep_checkpoints}")
+    self._check_profile_steps()
+
+  def _check_profile_steps(self) -> None:
+    value = self.profile_steps
+    _require(isinstance(value, str), f"train.profile_steps must be a string 'START:END', got "
+             f"{value!r}")
+    if not value:
+      return
+    _require(self.profile_range is not None,
+             f"train.profile_steps={value!r} is not 'START:END' (two integers, e.g. '10:15' "
+             "traces steps 10 to 14)")
+    start, end = self.profile_range
+    _require(start >= 1, f"train.profile_steps={value!r}: START must be >= 1 (steps are "
+             f"numbered from 1), got {start}")
+    _require(end > start, f"train.profile_steps={value!r}: END must be > START (END is "
+             f"excluded, like a Python slice), got {start}:{end}")
+    _require(end <= self.num_steps + 1,
+             f"train.profile_steps={value!r}: END must be <= train.num_steps + 1 = "
+             f"{self.num_steps + 1} (END is excluded), got {end}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,8 +6,10 @@
 For each variant it times (a) the real loop, `train_and_evaluate` with evaluation off (data
 pipeline, host-to-device transfer, metric fetches, progress lines) over the last `--steps`
 steps of a 2 x `--steps` run, and (b) the bare compiled train step called `--steps` times on one
-resident batch after `--steps` warm-up calls. loop/bare > 1 is the loop's overhead. On a GPU it
-also prints model FLOPs utilisation against the device's dense bf16 peak.
+resident batch after `--steps` warm-up calls. loop/bare > 1 is the loop's overhead. Model
+TFLOP/s are per device (effjax's structure-aware `flops_per_token`); on a device whose peak is
+known (effjax/train/throughput.py: the dense peak for the model's matmul dtype) it also prints
+model FLOPs utilisation, as the training loop logs it.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ import jax
 from configs import lm
 from effjax import config as config_lib
 from effjax.models.decoder_lm import count_params, flops_per_token
+from effjax.train import throughput
 from effjax.train.loop import train_and_evaluate
 from experiments.runs import compiled_step_on_one_batch
 from effjax.train.metrics import read_metrics
@@ -33,21 +36,6 @@ _BATCH = flags.DEFINE_integer("batch", 0, "Global batch size override (0: the co
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 0, "Sequence length override (0: the config's).")
 _DATA_DIR = flags.DEFINE_string("data_dir", "", "TFDS data dir (default: the TFDS default).")
 _OUT = flags.DEFINE_string("out", "", "Optional JSON file for the results.")
-
-# Dense bf16 peak FLOP/s by device kind, from the vendors' data sheets.
-PEAK_FLOPS = {"H100 80GB HBM3": 989e12, "NVIDIA H100 80GB HBM3": 989e12, "H100": 989e12,
-              "NVIDIA H200": 989e12, "H200": 989e12, "NVIDIA A100-SXM4-80GB": 312e12}
-
-
-def _peak_flops(device) -> float | None:
-  if device.platform != "gpu":
-    return None
-  kind = device.device_kind
-  for name, peak in PEAK_FLOPS.items():
-    if name in kind:
-      return peak
-  return None
-
 
 def _config(variant: str) -> config_lib.ExperimentConfig:
   c = lm.get_config(variant)
@@ -87,36 +75,43 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
   device = jax.devices()[0]
-  peak = _peak_flops(device)
-  rows = []
+  rows, peaks = [], {}
   for variant in _VARIANTS.value:
     cfg = _config(variant)
     bare, n_params = time_bare_step(cfg)
     loop = time_loop(cfg)
     tokens = cfg.train.global_batch_size * cfg.data.seq_len
-    flops = flops_per_token(cfg.model, cfg.data.seq_len)["train"] * tokens
+    # per device: the step runs on all of them (mesh.data=-1)
+    flops = flops_per_token(cfg.model, cfg.data.seq_len)["train"] * tokens / jax.device_count()
     row = dict(variant=variant, params=n_params, batch=cfg.train.global_batch_size,
                seq_len=cfg.data.seq_len, dtype=cfg.model.dtype, bare_step_s=bare,
                bare_tokens_per_s=tokens / bare, loop_step_s=loop, loop_tokens_per_s=tokens / loop,
-               loop_over_bare=loop / bare, model_tflops_per_s=flops / bare / 1e12)
+               loop_over_bare=loop / bare, model_tflops_per_device=flops / bare / 1e12)
+    peak, about = throughput.device_peak_flops(device, cfg.model.dtype)
+    peaks[cfg.model.dtype] = (peak, about)
     if peak:
       row.update(mfu_bare=flops / bare / peak, mfu_loop=flops / loop / peak)
     rows.append(row)
+  with_mfu = any("mfu_bare" in r for r in rows)
 
   print(f"\ndevice: {jax.device_count()} x {device.device_kind} ({device.platform}), "
         f"jax {jax.__version__}, {_STEPS.value} timed steps")
+  for dtype, (peak, about) in peaks.items():
+    print(f"MFU of {dtype} models: against {about}" if peak else f"no MFU for {dtype} models: "
+          f"{about}")
   header = ["variant", "params", "batch x len", "dtype", "bare s/step", "bare tok/s",
-            "loop s/step", "loop tok/s", "loop/bare", "model TF/s"] + (
-                ["MFU bare", "MFU loop"] if peak else [])
+            "loop s/step", "loop tok/s", "loop/bare", "model TF/s/device"] + (
+                ["MFU bare", "MFU loop"] if with_mfu else [])
   print("| " + " | ".join(header) + " |")
   print("|" + "---|" * len(header))
   for r in rows:
     cells = [r["variant"], f"{r['params'] / 1e6:.2f}M", f"{r['batch']} x {r['seq_len']}",
              r["dtype"], f"{r['bare_step_s']:.4f}", f"{r['bare_tokens_per_s']:,.0f}",
              f"{r['loop_step_s']:.4f}", f"{r['loop_tokens_per_s']:,.0f}",
-             f"{r['loop_over_bare']:.3f}", f"{r['model_tflops_per_s']:.3f}"]
-    if peak:
-      cells += [f"{r['mfu_bare']:.1%}", f"{r['mfu_loop']:.1%}"]
+             f"{r['loop_over_bare']:.3f}", f"{r['model_tflops_per_device']:.3f}"]
+    if with_mfu:
+      cells += ([f"{r['mfu_bare']:.1%}", f"{r['mfu_loop']:.1%}"] if "mfu_bare" in r
+                else ["-", "-"])
     print("| " + " | ".join(cells) + " |")
   if _OUT.value:
     from effjax import provenance  # pylint: disable=g-import-not-at-top

@@ -84,6 +84,7 @@ def test_dataclasses_are_frozen():
 @pytest.mark.parametrize("override, message", [
     ("--config.model.d_model=130", "config error: model.d_model=130 is not divisible"),
     ("--config.model.d_modle=3", "d_modle"),
+    ("--config.train.profile_steps=5:3", "config error: train.profile_steps='5:3': END must be"),
 ])
 def test_command_line_rejects_bad_config_before_work(override, message, tmp_path):
   import os

@@ -26,7 +26,7 @@ from effjax.models.decoder_lm import DecoderLM
 from effjax.optim import lowrank
 from effjax.parallel import build_mesh
 from effjax.train import checkpoint as ckpt
-from effjax.train import evaluation, guards, plugins, surgery
+from effjax.train import evaluation, guards, plugins, profiling, surgery
 from effjax.train import metrics as metrics_lib
 from effjax.train import step as step_lib
 from effjax.train import workdir as workdir_lib
@@ -81,10 +81,12 @@ class _Run:
     self.checkpointer = ckpt.Checkpointer(os.path.join(workdir, "checkpoints"),
                                           keep=cfg.train.keep_checkpoints,
                                           async_save=cfg.train.async_checkpointing)
-    self.writer = None
+    self.writer = self.profiler = None
     self.train_step = self.eval_step = self.state_shardings = None  # of the current phase
 
   def close(self) -> None:
+    if self.profiler is not None:  # a run ending while tracing still writes its trace
+      self.profiler.close()
     self.checkpointer.close()
     if self.writer is not None:
       self.writer.close()
@@ -137,11 +139,15 @@ class _Run:
       last.update(evaluation.evaluate_and_log(self.eval_step, state, cfg, self.mesh, 0,
                                                  self.writer))
     log = metrics_lib.StepLog(tcfg, self.writer, cfg.data.seq_len,
-                              guards.NonFiniteGuard(tcfg.max_skipped_nonfinite, self.checkpointer))
+                              guards.NonFiniteGuard(tcfg.max_skipped_nonfinite, self.checkpointer),
+                              num_devices=self.mesh.size, peak_flops=metrics_lib.mfu_peak(
+                                  self.mesh.devices.flat[0], cfg.model.dtype))
+    log.set_model(self.structure(step)[0])
+    self.profiler = profiling.StepProfiler(tcfg, self.workdir, step, log.excluding_time)
     multi_process = jax.process_count() > 1
     while step < tcfg.num_steps:
       batch = next(self.data)
-      with log.inflight.naming(f"train step {step + 1}"):
+      with log.inflight.naming(f"train step {step + 1}"), self.profiler.step(step + 1):
         state, metrics = self.train_step(state, batch)
       step += 1
       log.append(step, metrics)
@@ -150,6 +156,7 @@ class _Run:
       phase = self.methods.phase_starting_at(step)
       if phase is not None:
         state = log.excluding_time(lambda: self._change_phase(phase, state, batch))
+        log.set_model(self.structure(step)[0])  # MFU counts the new model's FLOPs
       final = step == tcfg.num_steps
       stop = (stop_flag.requested or (should_stop is not None and should_stop(step))
               or (multi_process and guards.preemption_agreed(step)))
@@ -164,6 +171,7 @@ class _Run:
           with ckpt.saving(self.checkpointer, step):
             self.checkpointer.save(step, state, self.data.get_state(), self.identity)
         log.restart_clock()
+      self.profiler.after(step, state, last=stop)
       if stop:
         logging.warning("Stopped at step %d after saving a checkpoint.", step)
         break

@@ -19,7 +19,7 @@ import jax
 from effjax import config as config_lib
 from effjax.models.decoder_lm import count_params, flops_per_token
 from effjax.moe.accounting import inactive_expert_params
-from effjax.train import inflight
+from effjax.train import inflight, throughput
 
 
 class MetricsWriter:
@@ -110,24 +110,48 @@ def log_model(writer: MetricsWriter, step: int, model_cfg, params, cfg) -> None:
     writer.write(step, {"active_params": active})
 
 
+def mfu_peak(device, dtype: str) -> float | None:
+  """The peak FLOP/s per device that MFU is measured against (None: no MFU); says which, or why
+  there is none, in one line."""
+  peak, about = throughput.device_peak_flops(device, dtype)
+  if peak:
+    logging.info("MFU is measured against %s.", about)
+  else:
+    logging.info("MFU is left out of the step logs: %s.", about)
+  return peak
+
+
 class StepLog:
   """The train steps' device metrics, fetched only when flushed (no host sync per step); every
-  fetched step goes through `guard.check` (the non-finite guard) before anything is saved."""
+  fetched step goes through `guard.check` (the non-finite guard) before anything is saved.
 
-  def __init__(self, tcfg, writer: MetricsWriter, seq_len: int, guard):
+  Throughput per flush interval: tokens_per_sec (global), tokens_per_sec_per_device,
+  model_tflops_per_device (the model's training FLOPs, `flops_per_token(...)["train"]` of the
+  model that made each step, over `num_devices`) and, when `peak_flops` is known, mfu.
+  """
+
+  def __init__(self, tcfg, writer: MetricsWriter, seq_len: int, guard, *, num_devices: int = 1,
+               peak_flops: float | None = None):
     self.tcfg, self.writer, self.guard = tcfg, writer, guard
+    self.seq_len, self.num_devices, self.peak_flops = seq_len, num_devices, peak_flops
     self.tokens_per_step = tcfg.global_batch_size * seq_len
+    self.flops_per_token = 0.0  # set_model
     self.pending = []  # (step, device metrics) not yet fetched
     self.inflight = inflight.InFlight("training")
     self.restart_clock()
 
+  def set_model(self, model_cfg) -> None:
+    """The model that makes the next steps (again after a phase changes it)."""
+    self.flops_per_token = flops_per_token(model_cfg, self.seq_len)["train"]
+
   def restart_clock(self) -> None:
-    self.t0, self.steps = time.perf_counter(), 0
+    self.t0, self.steps, self.flops = time.perf_counter(), 0, 0.0
 
   def append(self, step: int, metrics) -> None:
     self.pending.append((step, metrics))
     self.inflight.add(f"train step {step}", metrics)  # waits for step - limit: no long queue
     self.steps += 1
+    self.flops += self.tokens_per_step * self.flops_per_token  # an interval may span a phase
 
   def excluding_time(self, fn):
     """fn() with its wall time (a conversion, a compilation) not counted as step time."""
@@ -151,11 +175,19 @@ class StepLog:
                if k != "nonfinite"}
     if self.tcfg.max_skipped_nonfinite:
       metrics["skipped_nonfinite"] = self.guard.skipped_total
-    metrics["tokens_per_sec"] = self.steps * self.tokens_per_step / max(elapsed, 1e-9)
+    elapsed = max(elapsed, 1e-9)
+    metrics["tokens_per_sec"] = self.steps * self.tokens_per_step / elapsed
     metrics["step_time_sec"] = elapsed / max(self.steps, 1)
+    metrics["tokens_per_sec_per_device"] = metrics["tokens_per_sec"] / self.num_devices
+    model_flops_per_device = self.flops / elapsed / self.num_devices
+    metrics["model_tflops_per_device"] = model_flops_per_device / 1e12
+    mfu = ""
+    if self.peak_flops:
+      metrics["mfu"] = model_flops_per_device / self.peak_flops
+      mfu = f" | MFU {metrics['mfu']:.1%}"
     eta = (self.tcfg.num_steps - step) * metrics["step_time_sec"]
-    logging.info("step %d/%d | loss %.4f | %.0f tok/s | %.3f s/step | eta %s", step,
+    logging.info("step %d/%d | loss %.4f | %.0f tok/s | %.3f s/step%s | eta %s", step,
                  self.tcfg.num_steps, metrics["train_loss"], metrics["tokens_per_sec"],
-                 metrics["step_time_sec"], format_duration(eta))
+                 metrics["step_time_sec"], mfu, format_duration(eta))
     self.writer.write(step, metrics)
     return metrics
