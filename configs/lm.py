@@ -1,6 +1,9 @@
 """Decoder LM configs. Select a variant with --config=configs/lm.py:VARIANT.
 
   tiny   the CPU default: about 1M parameters, finishes in a few minutes on 2 cores.
+  tiny_spm  tiny with a SentencePiece tokenizer and the vocabulary sized from it
+         (model.vocab_size=0). Give the model file: --config.data.tokenizer=sentencepiece:PATH
+         (train one: python -m experiments.train_tokenizer); see README "Train on your own text".
   small  about GPT-2 small (12 x 768; 83M parameters, GPT-2 small has 85M outside its
          embeddings), for one GPU.
   test   a few-second model for the test suite.
@@ -21,6 +24,10 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   c = _defaults()
   if variant == "tiny":
     pass  # the dataclass defaults are the tiny CPU run
+  elif variant == "tiny_spm":
+    # no path: a run without --config.data.tokenizer=sentencepiece:PATH stops in one line
+    c.data.tokenizer = "sentencepiece:"
+    c.model.vocab_size = 0
   elif variant == "small":
     c.model.update(d_model=768, num_layers=12, num_heads=12, num_kv_heads=4, d_ff=2304,
                    vocab_size=384, dtype="bfloat16", remat="dots_no_batch")
@@ -35,5 +42,6 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     c.train.update(global_batch_size=8, num_steps=8, log_every=2, eval_every=4,
                    checkpoint_every=2, async_checkpointing=False)
   else:
-    raise ValueError(f"unknown variant {variant!r} of configs/lm.py; choose tiny, small or test")
+    raise ValueError(f"unknown variant {variant!r} of configs/lm.py; choose tiny, tiny_spm, "
+                     "small or test")
   return c

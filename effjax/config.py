@@ -299,6 +299,8 @@ class HyperbolicConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
+  # 0 = the tokenizer's vocabulary rounded up to a multiple of 128 (config.resolve); the
+  # default 384 is that for the byte tokenizer's 259
   vocab_size: int = 384
   d_model: int = 128
   num_layers: int = 4
@@ -323,7 +325,10 @@ class ModelConfig:
   hyperbolic: HyperbolicConfig = HyperbolicConfig()
 
   def __post_init__(self):
-    for name in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "d_ff"):
+    _require(isinstance(self.vocab_size, int) and self.vocab_size >= 0,
+             f"model.vocab_size must be an integer >= 0 (0 = the tokenizer's size rounded up "
+             f"to a multiple of 128), got {self.vocab_size!r}")
+    for name in ("d_model", "num_layers", "num_heads", "num_kv_heads", "d_ff"):
       _positive(f"model.{name}", getattr(self, name))
     _positive("model.rope_theta", self.rope_theta)
     _positive("model.norm_eps", self.norm_eps)
@@ -430,10 +435,25 @@ class ModelConfig:
                     else [(d, self.d_ff), (d, self.d_ff), (self.d_ff, d)])}
 
 
+# data.files: the formats a user's own files may have (effjax/data/own_files.py)
+OWN_FILE_SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".parquet")
+
+
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
   dataset: str = "python_stdlib"  # the bundled offline corpus, or a TFDS name in array_record
+  # Your own text instead of `dataset`: comma-separated globs of .txt (one document per file),
+  # .jsonl / .jsonl.gz (one JSON object per line, the document under text_key) and .parquet
+  # (the text_key column) files, prepared once into array_record under data_dir
+  # (effjax/data/own_files.py). Relative globs are relative to the current directory.
+  files: str = ""
   text_key: str = "text"
+  # data.files: percent of the documents in the validation split, chosen by a hash of each
+  # document's text (the rest is the train split)
+  validation_percent: int = 5
+  # "byte", "sentencepiece:PATH" (a .model) or "hf:PATH" (a tokenizer.json); see
+  # effjax/data/tokenizer.py. A run copies the file into its workdir.
+  tokenizer: str = "byte"
   data_dir: str = ""  # "" means the TFDS default directory
   seq_len: int = 256
   train_split: str = "train"
@@ -466,6 +486,38 @@ class DataConfig:
              f"data.select_percent={self.select_percent} slices data.train_split, which is "
              f"already a slice ({self.train_split!r})")
     _require(bool(self.dataset), "data.dataset must name a dataset")
+    _require(isinstance(self.validation_percent, int) and 1 <= self.validation_percent <= 50,
+             f"data.validation_percent must be an integer in [1, 50], got "
+             f"{self.validation_percent!r}")
+    _require(bool(self.files) or self.validation_percent == DataConfig.validation_percent,
+             f"data.validation_percent={self.validation_percent} splits data.files, which is "
+             f"not set (data.dataset={self.dataset!r} has its own splits)")
+    _require(not self.files or self.dataset == DataConfig.dataset,
+             f"data.files={self.files!r} and data.dataset={self.dataset!r} name two "
+             "datasets; set one of them")
+    _require(bool(self.text_key), "data.text_key must name the documents' field")
+    from effjax.data import tokenizer  # pylint: disable=g-import-not-at-top
+    tokenizer.parse_spec(self.tokenizer)
+
+  def file_globs(self) -> list[str]:
+    return [g.strip() for g in self.files.split(",") if g.strip()]
+
+  def file_paths(self) -> list[str]:
+    """The files data.files names: absolute, sorted, each once. ValueError naming the glob
+    that matches nothing or the file of an unknown format."""
+    import glob  # pylint: disable=g-import-not-at-top
+    import os  # pylint: disable=g-import-not-at-top
+    paths = set()
+    for pattern in self.file_globs():
+      found = [p for p in glob.glob(os.path.expanduser(pattern), recursive=True)
+               if not os.path.isdir(p)]
+      _require(bool(found), f"data.files: {pattern!r} matches no file")
+      for path in found:
+        _require(path.endswith(OWN_FILE_SUFFIXES),
+                 f"data.files: {path} is not one of the formats {list(OWN_FILE_SUFFIXES)}")
+        paths.add(os.path.abspath(path))
+    _require(bool(paths), f"data.files={self.files!r} names no glob")
+    return sorted(paths)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -601,7 +653,7 @@ class ExperimentConfig:
   mesh: MeshConfig = MeshConfig()
 
   def __post_init__(self):
-    if self.data.dataset == "python_stdlib":
+    if self.data.tokenizer == "byte" and self.model.vocab_size:  # file tokenizers: resolve()
       from effjax.data import tokenizer  # pylint: disable=g-import-not-at-top
       _require(self.model.vocab_size >= tokenizer.VOCAB_SIZE,
                f"model.vocab_size={self.model.vocab_size} is smaller than the byte tokenizer's "
@@ -659,9 +711,45 @@ def from_dict(cls, values: Mapping[str, Any], prefix: str = ""):
 
 
 def from_config_dict(config) -> ExperimentConfig:
-  """ConfigDict (or plain dict) -> ExperimentConfig, with every check applied."""
+  """ConfigDict (or plain dict) -> ExperimentConfig, with every check applied and its files
+  resolved (see resolve)."""
   values = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-  return from_dict(ExperimentConfig, values)
+  return resolve(from_dict(ExperimentConfig, values))
+
+
+def resolve(cfg: ExperimentConfig, base_dir: str = "", *,
+            check_files: bool = True) -> ExperimentConfig:
+  """The checks that read files, and what they decide: data.files' globs must match files
+  (made absolute, relative to the current directory), data.tokenizer's file must load (made
+  absolute, relative to `base_dir`, default the current directory: a run's config.json names
+  its copy relative to the run's directory), and model.vocab_size=0 becomes the tokenizer's
+  size rounded up to a multiple of 128; an explicit size below the tokenizer's is refused.
+  `check_files=False` leaves data.files unchecked (a finished run samples without its data).
+  Idempotent."""
+  import os  # pylint: disable=g-import-not-at-top
+  from effjax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+  data, model = cfg.data, cfg.model
+  if data.files:
+    if check_files:
+      data.file_paths()  # every glob matches a file of a known format
+    files = ",".join(os.path.abspath(os.path.expanduser(g)) for g in data.file_globs())
+    data = dataclasses.replace(data, files=files)
+  if data.tokenizer != "byte":
+    data = dataclasses.replace(data, tokenizer=tokenizer_lib.resolve_path(data.tokenizer,
+                                                                          base_dir))
+  tok = tokenizer_lib.load(data.tokenizer)
+  if not model.vocab_size:
+    model = dataclasses.replace(model, vocab_size=tokenizer_lib.padded_vocab_size(
+        tok.vocab_size))
+  tokens = (f"the byte tokenizer's {tok.vocab_size} tokens" if tok.kind == "byte"
+            else f"the {tok.vocab_size} tokens of data.tokenizer={data.tokenizer!r}")
+  _require(model.vocab_size >= tok.vocab_size,
+           f"model.vocab_size={model.vocab_size} is smaller than {tokens}; set "
+           f"model.vocab_size=0 to take the tokenizer's size rounded up to a multiple of 128 "
+           f"({tokenizer_lib.padded_vocab_size(tok.vocab_size)})")
+  if data is cfg.data and model is cfg.model:
+    return cfg
+  return dataclasses.replace(cfg, data=data, model=model)
 
 
 def to_dict(config) -> dict[str, Any]:

@@ -14,6 +14,11 @@ class DatasetUnavailableError(RunError, FileNotFoundError):
   """The dataset is unknown, not prepared, or its directory is unusable."""
 
 
+class DataFileError(RunError, ValueError):
+  """A file of data.files that cannot be read as the documents it should hold (unreadable, not
+  UTF-8, a bad JSON line, a missing field), or documents that leave a split empty."""
+
+
 class WorkdirError(RunError):
   """The workdir cannot be used: not a directory, not writable, locked, or would lose work."""
 

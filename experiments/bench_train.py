@@ -2,6 +2,8 @@
 
   python -m experiments.bench_train                       # tiny and small, config shapes
   python -m experiments.bench_train --variants=small --batch=4 --seq_len=256   # small on a CPU
+  python -m experiments.bench_train --variants=tiny \
+      --tokenizers=byte,sentencepiece:my_tokenizer.model      # a row per tokenizer
 
 For each variant it times (a) the real loop, `train_and_evaluate` with evaluation off (data
 pipeline, host-to-device transfer, metric fetches, progress lines) over the last `--steps`
@@ -10,6 +12,11 @@ resident batch after `--steps` warm-up calls. loop/bare > 1 is the loop's overhe
 TFLOP/s are per device (effjax's structure-aware `flops_per_token`); on a device whose peak is
 known (effjax/train/throughput.py: the dense peak for the model's matmul dtype) it also prints
 model FLOPs utilisation, as the training loop logs it.
+
+`--tokenizers` times each variant once per tokenizer (data.tokenizer values; a file
+tokenizer sizes the model's vocabulary from itself, model.vocab_size=0), so one run shows
+what tokenising in the input pipeline costs the loop: its loop/bare next to the byte row's.
+`--files` trains on your own files (data.files) instead of the bundled corpus.
 """
 from __future__ import annotations
 
@@ -35,10 +42,19 @@ _STEPS = flags.DEFINE_integer("steps", 20, "Timed steps (as many again are warm-
 _BATCH = flags.DEFINE_integer("batch", 0, "Global batch size override (0: the config's).")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 0, "Sequence length override (0: the config's).")
 _DATA_DIR = flags.DEFINE_string("data_dir", "", "TFDS data dir (default: the TFDS default).")
+_TOKENIZERS = flags.DEFINE_list(
+    "tokenizers", ["byte"], "data.tokenizer values to time each variant with (byte, "
+    "sentencepiece:PATH, hf:PATH); a row per variant and tokenizer.")
+_FILES = flags.DEFINE_string("files", "", "data.files globs to train on (default: the "
+                             "bundled corpus).")
 _OUT = flags.DEFINE_string("out", "", "Optional JSON file for the results.")
 
-def _config(variant: str) -> config_lib.ExperimentConfig:
+def _config(variant: str, tokenizer: str = "byte") -> config_lib.ExperimentConfig:
   c = lm.get_config(variant)
+  c.data.tokenizer = tokenizer
+  if tokenizer != "byte":
+    c.model.vocab_size = 0  # the tokenizer's size, rounded up to a multiple of 128
+  c.data.files = _FILES.value
   if _BATCH.value:
     c.train.global_batch_size = _BATCH.value
   if _SEQ_LEN.value:
@@ -76,15 +92,16 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   device = jax.devices()[0]
   rows, peaks = [], {}
-  for variant in _VARIANTS.value:
-    cfg = _config(variant)
+  for variant, tokenizer in ((v, t) for v in _VARIANTS.value for t in _TOKENIZERS.value):
+    cfg = _config(variant, tokenizer)
     bare, n_params = time_bare_step(cfg)
     loop = time_loop(cfg)
     tokens = cfg.train.global_batch_size * cfg.data.seq_len
     # per device: the step runs on all of them (mesh.data=-1)
     flops = flops_per_token(cfg.model, cfg.data.seq_len)["train"] * tokens / jax.device_count()
-    row = dict(variant=variant, params=n_params, batch=cfg.train.global_batch_size,
-               seq_len=cfg.data.seq_len, dtype=cfg.model.dtype, bare_step_s=bare,
+    row = dict(variant=variant, tokenizer=tokenizer.split(":", 1)[0], params=n_params,
+               batch=cfg.train.global_batch_size, seq_len=cfg.data.seq_len,
+               dtype=cfg.model.dtype, bare_step_s=bare,
                bare_tokens_per_s=tokens / bare, loop_step_s=loop, loop_tokens_per_s=tokens / loop,
                loop_over_bare=loop / bare, model_tflops_per_device=flops / bare / 1e12)
     peak, about = throughput.device_peak_flops(device, cfg.model.dtype)
@@ -99,14 +116,15 @@ def main(argv):
   for dtype, (peak, about) in peaks.items():
     print(f"MFU of {dtype} models: against {about}" if peak else f"no MFU for {dtype} models: "
           f"{about}")
-  header = ["variant", "params", "batch x len", "dtype", "bare s/step", "bare tok/s",
-            "loop s/step", "loop tok/s", "loop/bare", "model TF/s/device"] + (
+  header = ["variant", "tokenizer", "params", "batch x len", "dtype", "bare s/step",
+            "bare tok/s", "loop s/step", "loop tok/s", "loop/bare", "model TF/s/device"] + (
                 ["MFU bare", "MFU loop"] if with_mfu else [])
   print("| " + " | ".join(header) + " |")
   print("|" + "---|" * len(header))
   for r in rows:
-    cells = [r["variant"], f"{r['params'] / 1e6:.2f}M", f"{r['batch']} x {r['seq_len']}",
-             r["dtype"], f"{r['bare_step_s']:.4f}", f"{r['bare_tokens_per_s']:,.0f}",
+    cells = [r["variant"], r["tokenizer"], f"{r['params'] / 1e6:.2f}M",
+             f"{r['batch']} x {r['seq_len']}", r["dtype"], f"{r['bare_step_s']:.4f}",
+             f"{r['bare_tokens_per_s']:,.0f}",
              f"{r['loop_step_s']:.4f}", f"{r['loop_tokens_per_s']:,.0f}",
              f"{r['loop_over_bare']:.3f}", f"{r['model_tflops_per_device']:.3f}"]
     if with_mfu:

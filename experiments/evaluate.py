@@ -4,10 +4,11 @@
   python -m experiments.evaluate --workdir=runs/tiny --split=train --max_batches=64 --step=400
 
 The run's config is read from WORKDIR/config.json and its checkpoint (`--step`, default the
-newest) restored onto that config's mesh. Every batch of the split is evaluated, the last
-partial one included (effjax/train/evaluation.py), unless --max_batches=N picks N batches spread
-evenly over it. The result is printed and written as JSON (default
-WORKDIR/eval_SPLIT_stepN.json) with the provenance of the code that computed it.
+newest) restored onto that config's mesh; text is tokenised by the run's tokenizer (the
+workdir's copy) and bits/byte counts the bytes its tokens stand for. Every batch of the split
+is evaluated, the last partial one included (effjax/train/evaluation.py), unless
+--max_batches=N picks N batches spread evenly over it. The result is printed and written as
+JSON (default WORKDIR/eval_SPLIT_stepN.json) with the provenance of the code that computed it.
 """
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ def evaluate_run(workdir: str, *, split: str = "", max_batches: int = 0,
   SystemExit before the checkpoint is read."""
   import dataclasses  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
+  from effjax.data import tokenizer  # pylint: disable=g-import-not-at-top
   from effjax.models.decoder_lm import DecoderLM  # pylint: disable=g-import-not-at-top
   from effjax.train import checkpoint, evaluation, inflight  # pylint: disable=g-import-not-at-top
   from effjax.train import step as step_lib  # pylint: disable=g-import-not-at-top
@@ -52,8 +54,9 @@ def evaluate_run(workdir: str, *, split: str = "", max_batches: int = 0,
     cfg, model_cfg, found, state, mesh = checkpoint.load_run(workdir, step)
     if data_dir is not None:
       cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, data_dir=data_dir))
+    byte_counts = tokenizer.load(cfg.data.tokenizer).byte_counts  # the run's own copy
     with step_lib.sharding_context(mesh):
-      eval_step = jax.jit(step_lib.make_eval_step(DecoderLM(model_cfg)))
+      eval_step = jax.jit(step_lib.make_eval_step(DecoderLM(model_cfg), byte_counts))
       result = evaluation.evaluate(eval_step, state.params, state.model_state, cfg, mesh,
                                    split=split, max_batches=max_batches, step=found)
   except (ValueError, FileNotFoundError, inflight.StepFailedError) as e:

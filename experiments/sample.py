@@ -6,9 +6,10 @@
   python -m experiments.sample --workdir=runs/tiny --prompt_file=start.py --temperature=0
 
 The run's config is read from WORKDIR/config.json and the checkpoint (`--step`, default the
-newest) restored onto that config's mesh. Prompts are byte-tokenised ([BOS, bytes]) and decoded
-together as one batch; generation stops at EOS or after --max_new_tokens. The continuation is
-printed after its prompt, with the decoding rate (generated tokens per second of the compiled
+newest) restored onto that config's mesh. Prompts are tokenised by the run's tokenizer (its
+data.tokenizer, read from the workdir's own copy: [BOS, ids]) and decoded together as one
+batch; generation stops at EOS or after --max_new_tokens. The continuation is printed after
+its prompt, with the decoding rate (generated tokens per second of the compiled
 generate call, compilation excluded). --temperature=0 is greedy.
 """
 from __future__ import annotations
@@ -44,7 +45,11 @@ def sample(workdir: str, prompts: list[str], *, max_new_tokens: int = 200,
   except (ValueError, FileNotFoundError) as e:
     raise SystemExit(str(e)) from None
   length = max_length or cfg.data.seq_len
-  longest = max(len(tokenizer.encode(t)) - 1 for t in prompts)  # [BOS, bytes]
+  try:
+    tok = tokenizer.load(cfg.data.tokenizer)
+  except ValueError as e:
+    raise SystemExit(str(e)) from None
+  longest = max(len(tok.encode(t)) - 1 for t in prompts)  # [BOS, ids]
   if longest + max_new_tokens > length:
     raise SystemExit(f"the longest prompt ({longest} tokens) plus --max_new_tokens="
                      f"{max_new_tokens} is {longest + max_new_tokens}, beyond the cache's "
@@ -62,7 +67,8 @@ def sample(workdir: str, prompts: list[str], *, max_new_tokens: int = 200,
     if not model_cfg.linear.uses("lora"):
       raise SystemExit("--merge_lora: the run has no LoRA layer")
     model_cfg, params, model_state = decode.merge_lora(model_cfg, params, model_state)
-  sampler = decode.Sampler(model_cfg, params, model_state, mesh, max_length=length)
+  sampler = decode.Sampler(model_cfg, params, model_state, mesh, max_length=length,
+                           tokenizer=tok)
   texts, stats = sampler.generate_text(prompts, max_new_tokens=max_new_tokens,
                                        sampling=sampling, seed=seed)
   echo(f"{workdir} step {found}; mesh {dict(mesh.shape)}; temperature {temperature}, top_k "

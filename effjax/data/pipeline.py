@@ -1,9 +1,12 @@
-"""Input pipeline: TFDS array_record source -> grain -> packed byte sequences -> global arrays.
+"""Input pipeline: TFDS array_record source -> grain -> packed token sequences -> global arrays.
 
-Each process reads only its share of a split (`tfds.split_for_jax_process`). Documents are
-tokenised as [BOS, bytes..., EOS], concatenated and cut into rows of `seq_len + 1` tokens with
-segment ids and positions, so the model can keep packed documents apart. The training iterator
-is checkpointable: its state is a small JSON-able dict saved with every checkpoint.
+The source is the bundled corpus, a prepared TFDS dataset, or the user's own files
+(`data.files`, effjax/data/own_files.py). Each process reads only its share of a split
+(`tfds.split_for_jax_process`). Documents are tokenised by `data.tokenizer` as [BOS, ids...,
+EOS] inside grain's map, which its prefetch threads run ahead of the training step,
+concatenated and cut into rows of `seq_len + 1` tokens with segment ids and positions, so the
+model can keep packed documents apart. The training iterator is checkpointable: its state is a
+small JSON-able dict saved with every checkpoint.
 """
 from __future__ import annotations
 
@@ -29,16 +32,13 @@ def get_builder(config: DataConfig):
   data_dir = config.data_dir or None
   if data_dir and os.path.exists(data_dir) and not os.path.isdir(data_dir):
     raise DatasetUnavailableError(f"data.data_dir={data_dir!r} is a file, not a directory")
+  if config.files:
+    from effjax.data import own_files  # pylint: disable=g-import-not-at-top
+    return _prepared(lambda: own_files.builder(config, data_dir))
   if config.dataset == BUILTIN:
     from effjax.data import stdlib_corpus  # pylint: disable=g-import-not-at-top
-    builder = stdlib_corpus.PythonStdlib(data_dir=data_dir, file_format="array_record")
-    if not builder.is_prepared():
-      if jax.process_index() == 0:
-        _prepare_once(builder, lambda: stdlib_corpus.PythonStdlib(
-            data_dir=data_dir, file_format="array_record"))
-      _sync("effjax_prepare_data")
-      builder = stdlib_corpus.PythonStdlib(data_dir=data_dir, file_format="array_record")
-    return builder
+    return _prepared(lambda: stdlib_corpus.PythonStdlib(data_dir=data_dir,
+                                                        file_format="array_record"))
   try:
     builder = tfds.builder(config.dataset, data_dir=data_dir)
   except Exception as e:  # tfds raises several kinds for an unknown name
@@ -56,6 +56,18 @@ def get_builder(config: DataConfig):
         f"data.dataset={config.dataset!r} under {builder.data_dir} is stored as "
         f"{builder.info.file_format.value}; random access needs array_record. Prepare it again "
         "with file_format='array_record'.")
+  return builder
+
+
+def _prepared(make_builder):
+  """The builder `make_builder()` returns, prepared on first use: by process 0, while the
+  others wait for it."""
+  builder = make_builder()
+  if not builder.is_prepared():
+    if jax.process_index() == 0:
+      _prepare_once(builder, make_builder)
+    _sync("effjax_prepare_data")
+    builder = make_builder()
   return builder
 
 
@@ -92,8 +104,8 @@ def data_source(config: DataConfig, split: str, shard: tuple[int, int] | None = 
   builder = get_builder(config)
   base = split.split("[", 1)[0]
   if base not in builder.info.splits:
-    raise ValueError(f"split {split!r} not in {config.dataset!r}; it has "
-                     f"{sorted(builder.info.splits)}")
+    name = "data.files" if config.files else repr(config.dataset)
+    raise ValueError(f"split {split!r} not in {name}; it has {sorted(builder.info.splits)}")
   index, count = shard if shard is not None else (jax.process_index(), jax.process_count())
   return builder.as_data_source(
       split=tfds.split_for_jax_process(split, process_index=index, process_count=count))
@@ -114,6 +126,11 @@ def selection_split(config: DataConfig) -> str:
     raise ValueError("data.select_percent=0: there is no held-out selection slice; set it "
                      "to the percent of the training split to hold out (e.g. 5)")
   return f"{config.train_split}[{100 - config.select_percent}%:]"
+
+
+def text_feature(config: DataConfig) -> str:
+  """The feature holding the documents: own files are prepared with it under "text"."""
+  return "text" if config.files else config.text_key
 
 
 def _text_of(example, key: str):
@@ -139,8 +156,10 @@ def packed_rows(config: DataConfig, split: str, *, seed: int, train: bool,
   ds = grain.MapDataset.source(data_source(config, split, shard))
   if train:  # a new shuffle every epoch, forever
     ds = ds.seed(seed).shuffle().repeat(None)
-  key = config.text_key
-  ds = ds.map(lambda ex: {"tokens": tokenizer.encode(_text_of(ex, key))}).to_iter_dataset()
+  key, encode = text_feature(config), tokenizer.load(config.tokenizer).encode
+  # grain's prefetch threads run this map ahead of the consumer: tokenising stays off the
+  # training step's path
+  ds = ds.map(lambda ex: {"tokens": encode(_text_of(ex, key))}).to_iter_dataset()
   ds = grain.experimental.ConcatThenSplitIterDataset(
       ds, length_struct={"tokens": config.seq_len + 1})
   ds = ds.map(lambda ex: {"tokens": ex["tokens"], "segment_ids": ex["tokens_segment_ids"],
@@ -220,21 +239,27 @@ def eval_batches(config: DataConfig, mesh, *, global_batch_size: int,
 
 
 def unigram_baseline_bpb(config: DataConfig) -> float:
-  """Bits per byte of the evaluation split under the training split's byte unigram model.
+  """Bits per byte of the evaluation split under the training split's unigram model over the
+  same tokens (data.tokenizer's).
 
-  Counted like the model's eval_bpb: the cost of every byte and EOS token, divided by the
-  number of bytes. Add-one smoothing keeps unseen bytes finite.
+  Counted like the model's eval_bpb: the cost of every token after BOS (EOS included),
+  divided by the bytes those tokens stand for (tokenizer.ByteCounts). Add-one smoothing keeps
+  unseen tokens finite.
   """
-  def counts(split):
-    c = np.zeros(tokenizer.VOCAB_SIZE, np.int64)
-    for example in data_source(config, split):
-      c += np.bincount(tokenizer.encode(_text_of(example, config.text_key))[1:],
-                       minlength=tokenizer.VOCAB_SIZE)
-    return c
+  tok = tokenizer.load(config.tokenizer)
+  key = text_feature(config)
 
-  train = counts(training_split(config)).astype(np.float64) + 1.0
-  train[[tokenizer.BOS, tokenizer.PAD]] = 0.0  # never predicted
+  def counts(split):
+    c, n_bytes = np.zeros(tok.vocab_size, np.int64), 0
+    for example in data_source(config, split):
+      ids = tok.encode(_text_of(example, key))
+      c += np.bincount(ids[1:], minlength=tok.vocab_size)
+      n_bytes += tok.byte_counts.count(ids)
+    return c, n_bytes
+
+  train = counts(training_split(config))[0].astype(np.float64) + 1.0
+  never_predicted = sorted({tok.bos_id, tok.pad_id} - {tok.eos_id})
+  train[never_predicted] = 0.0
   log2p = np.log2(np.where(train > 0, train, 1.0) / train.sum())
-  held_out = counts(config.eval_split)
-  n_bytes = held_out[:256].sum()
+  held_out, n_bytes = counts(config.eval_split)
   return float(-(held_out * log2p).sum() / max(n_bytes, 1)) if n_bytes else math.nan

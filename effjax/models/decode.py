@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from effjax.config import ModelConfig
-from effjax.data import tokenizer
+from effjax.data import tokenizer as tokenizer_lib
 from effjax.layers.attention import CACHE_COLLECTION
 from effjax.layers.lora import LORA_COLLECTION, lora_dense_weight, lora_scale
 from effjax.models.decoder_lm import DecoderLM
@@ -186,8 +186,8 @@ def _row_keys(rng, step, rows: int):
 
 
 def generate(model, params, model_state, prompt_BP, lengths_B, rng, max_new_tokens, *,
-             max_length: int, sampling: SamplingConfig, eos_id: int | None = tokenizer.EOS,
-             pad_id: int = tokenizer.PAD, cache_sharding=None):
+             max_length: int, sampling: SamplingConfig, eos_id: int | None = tokenizer_lib.EOS,
+             pad_id: int = tokenizer_lib.PAD, cache_sharding=None):
   """(tokens [B, S], generated [B]): row b's continuation is
   tokens[b, lengths[b] : lengths[b] + generated[b]] (ending with EOS when one was drawn).
 
@@ -233,12 +233,22 @@ def _bucket(n: int, cap: int) -> int:
   return min(cap, max(8, 1 << (max(n, 1) - 1).bit_length()))
 
 
-class Sampler:
-  """Compiled generation for one model on one mesh, any prompts up to `max_length` tokens."""
+_RUN_EOS = object()  # Sampler.generate's default: the tokenizer's EOS
 
-  def __init__(self, model_cfg: ModelConfig, params, model_state, mesh, *, max_length: int):
+
+class Sampler:
+  """Compiled generation for one model on one mesh, any prompts up to `max_length` tokens;
+  text goes through `tokenizer` (default the byte tokenizer; a run's is
+  `tokenizer.load(cfg.data.tokenizer)` of its read_run_config)."""
+
+  def __init__(self, model_cfg: ModelConfig, params, model_state, mesh, *, max_length: int,
+               tokenizer: tokenizer_lib.Tokenizer | None = None):
     if not isinstance(max_length, int) or max_length < 2:
       raise ValueError(f"max_length must be an integer >= 2, got {max_length!r}")
+    self.tokenizer = tokenizer or tokenizer_lib.ByteTokenizer()
+    if self.tokenizer.vocab_size > model_cfg.vocab_size:
+      raise ValueError(f"the tokenizer's {self.tokenizer.vocab_size} tokens do not fit the "
+                       f"model's vocab_size={model_cfg.vocab_size}")
     self.config = decode_config(model_cfg)
     self.model = DecoderLM(self.config)
     self.params, self.model_state = params, model_state
@@ -255,6 +265,7 @@ class Sampler:
       _, cache_sharding = cache_shardings(self.model, rows, self.max_length, self.mesh)
     return jax.jit(functools.partial(generate, self.model, max_length=self.max_length,
                                      sampling=sampling, eos_id=eos_id,
+                                     pad_id=self.tokenizer.pad_id,
                                      cache_sharding=cache_sharding))
 
   def check(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> None:
@@ -274,15 +285,17 @@ class Sampler:
 
   def generate(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
                sampling: SamplingConfig = SamplingConfig(), seed: int = 0,
-               eos_id: int | None = tokenizer.EOS) -> tuple[list[np.ndarray], dict[str, float]]:
+               eos_id=_RUN_EOS) -> tuple[list[np.ndarray], dict[str, float]]:
     """(continuations as int32 arrays, {"tokens", "seconds", "tokens_per_sec",
-    "compile_seconds"}); the timing is of the compiled call alone."""
+    "compile_seconds"}); the timing is of the compiled call alone. Generation stops at
+    `eos_id` (default the tokenizer's EOS; None: never)."""
     self.check(prompts, max_new_tokens)
+    eos_id = self.tokenizer.eos_id if eos_id is _RUN_EOS else eos_id
     rows = self._pad_rows(len(prompts))
     block = _bucket(max(len(p) for p in prompts), self.max_length)
-    prompt_BP = np.full((rows, block), tokenizer.PAD, np.int32)
+    prompt_BP = np.full((rows, block), self.tokenizer.pad_id, np.int32)
     lengths_B = np.ones((rows,), np.int32)  # padding rows: a one-token prompt, output dropped
-    prompt_BP[:, 0] = tokenizer.BOS
+    prompt_BP[:, 0] = self.tokenizer.bos_id
     for i, p in enumerate(prompts):
       prompt_BP[i, :len(p)] = np.asarray(p, np.int32)
       lengths_B[i] = len(p)
@@ -313,11 +326,12 @@ class Sampler:
                   "compile_seconds": compile_seconds}
 
   def generate_text(self, prompts: Sequence[str], **kwargs) -> tuple[list[str], dict]:
-    """Byte-tokenised prompts ([BOS, bytes]); continuations decoded, EOS and any invalid
-    UTF-8 replaced rather than raised on."""
+    """Prompts tokenised as [BOS, ids] by the sampler's tokenizer; continuations decoded as
+    they continue their prompts, EOS dropped and any invalid UTF-8 replaced rather than
+    raised on."""
     for i, text in enumerate(prompts):
       if not text:
         raise ValueError(f"prompt {i} is empty")
-    ids = [tokenizer.encode(t)[:-1] for t in prompts]
+    ids = [self.tokenizer.encode(t)[:-1] for t in prompts]
     outs, stats = self.generate(ids, **kwargs)
-    return [tokenizer.decode(o) for o in outs], stats
+    return [self.tokenizer.decode_continuation(p, o) for p, o in zip(ids, outs)], stats

@@ -265,13 +265,15 @@ def restore_source_params(source: str, abstract_state, keep: int):
 
 
 def read_run_config(workdir: str):
-  """The ExperimentConfig a training run wrote to WORKDIR/config.json."""
+  """The ExperimentConfig a training run wrote to WORKDIR/config.json, its tokenizer read
+  from the run's own copy."""
   from effjax import config as config_lib  # pylint: disable=g-import-not-at-top
   path = os.path.join(workdir, "config.json")
   if not os.path.isfile(path):
     raise FileNotFoundError(f"{workdir!r} holds no training run: there is no {path}")
   with open(path, encoding="utf-8") as f:
-    return config_lib.from_dict(config_lib.ExperimentConfig, json.load(f))
+    cfg = config_lib.from_dict(config_lib.ExperimentConfig, json.load(f))
+  return config_lib.resolve(cfg, base_dir=workdir, check_files=False)
 
 
 def load_checkpoint(cfg, workdir: str, step: int | None = None, *, devices=None):
@@ -319,3 +321,15 @@ def load_run(workdir: str, step: int | None = None, *, devices=None):
   cfg = read_run_config(workdir)
   found, state, mesh = load_checkpoint(cfg, workdir, step, devices=devices)
   return cfg, plugins.enabled(cfg).model_config_at(found), found, state, mesh
+
+
+def load_sampler(workdir: str, step: int | None = None, *, max_length: int = 0, devices=None):
+  """A decode.Sampler of the run in `workdir` (its newest readable checkpoint, or `step`) that
+  reads and writes text with the run's own tokenizer: `.generate_text(prompts,
+  max_new_tokens=N)`. `max_length` is the KV cache's (0 = the run's seq_len)."""
+  from effjax.data import tokenizer  # pylint: disable=g-import-not-at-top
+  from effjax.models import decode  # pylint: disable=g-import-not-at-top
+  cfg, model_cfg, _, state, mesh = load_run(workdir, step, devices=devices)
+  return decode.Sampler(model_cfg, state.params, state.model_state, mesh,
+                        max_length=max_length or cfg.data.seq_len,
+                        tokenizer=tokenizer.load(cfg.data.tokenizer))

@@ -67,6 +67,11 @@ class _OwnLinesOnly(std_logging.Filter):
     return record.levelno >= std_logging.WARNING or record.pathname.startswith(_OWN_CODE)
 
 
+def quiet_libraries() -> None:
+  """Progress lines from effjax's own code only; libraries speak only to warn."""
+  logging.get_absl_handler().addFilter(_OwnLinesOnly())
+
+
 def resolve_config_path(value: str) -> str:
   """FILE[:VARIANT] with FILE made absolute: as given, else inside the effjax checkout."""
   path, sep, variant = value.partition(":")
@@ -92,28 +97,42 @@ def _resolve_config_args(argv: list[str]) -> list[str]:
   return out
 
 
+def flags_parser(doc: str, module):
+  """absl's flag parser for an entry point taking --config: --help prints `doc` and `module`'s
+  flags and exits 0, --config=FILE:VARIANT is found in this checkout when not in the current
+  directory, and a bad --config or override ends in one line."""
+  def parse(argv):
+    if any(a in ("-h", "--help", "--helpshort", "--helpfull", "-?") for a in argv[1:]):
+      print(doc)
+      print(flags.FLAGS.module_help(module))
+      raise SystemExit(0)
+    argv = [argv[0]] + _resolve_config_args(list(argv[1:]))
+    if ROOT not in sys.path:  # config files import their siblings as `configs.*`
+      sys.path.insert(0, ROOT)
+    try:
+      return flags.FLAGS(argv)
+    except flags.Error as e:
+      if "Error whilst parsing config file" in str(e):  # the config file itself raised
+        lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+        raise SystemExit(f"config error: {lines[-1]}") from None
+      message = " ".join(str(e).split())
+      raise SystemExit(f"error: {message} (run with --help for the flags)") from None
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+      while e.args and isinstance(e.args[0], BaseException):  # ml_collections nests a KeyError
+        e = e.args[0]
+      message = " ".join(str(e.args[0] if e.args else e).split())
+      raise SystemExit(f"config error: bad override: {message}") from None
+  return parse
+
+
 def parse_flags(argv):
   """absl's parser, but --help exits 0 and a bad --config or override ends in one line."""
-  if any(a in ("-h", "--help", "--helpshort", "--helpfull", "-?") for a in argv[1:]):
-    print(__doc__)
-    print(flags.FLAGS.module_help(sys.modules[__name__]))
-    raise SystemExit(0)
-  argv = [argv[0]] + _resolve_config_args(list(argv[1:]))
-  if ROOT not in sys.path:  # config files import their siblings as `configs.*`
-    sys.path.insert(0, ROOT)
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:
-    if "Error whilst parsing config file" in str(e):  # the config file itself raised
-      lines = [l.strip() for l in str(e).splitlines() if l.strip()]
-      raise SystemExit(f"config error: {lines[-1]}") from None
-    message = " ".join(str(e).split())
-    raise SystemExit(f"error: {message} (run with --help for the flags)") from None
-  except (AttributeError, KeyError, TypeError, ValueError) as e:
-    while e.args and isinstance(e.args[0], BaseException):  # ml_collections nests a KeyError
-      e = e.args[0]
-    message = " ".join(str(e.args[0] if e.args else e).split())
-    raise SystemExit(f"config error: bad override: {message}") from None
+  return flags_parser(__doc__, sys.modules[__name__])(argv)
+
+
+def config_value():
+  """The --config ConfigDict after overrides (for other entry points taking --config)."""
+  return _CONFIG.value
 
 
 def _one_line(error: BaseException) -> str:
@@ -128,7 +147,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not _WORKDIR.value:
     raise SystemExit("error: --workdir is required (checkpoints, metrics and config go there)")
-  logging.get_absl_handler().addFilter(_OwnLinesOnly())
+  quiet_libraries()
   try:  # every config check runs here, before any data, device or compilation
     cfg = config_lib.from_config_dict(_CONFIG.value)
     dist = distributed.DistributedConfig(_DISTRIBUTED.value, _COORDINATOR.value,

@@ -19,8 +19,9 @@ from typing import Callable
 from absl import logging
 import jax
 
+from effjax import config as config_lib
 from effjax.config import ExperimentConfig
-from effjax.data import pipeline
+from effjax.data import pipeline, tokenizer
 from effjax.errors import ConfigError, WorkdirError
 from effjax.models.decoder_lm import DecoderLM
 from effjax.optim import lowrank
@@ -48,6 +49,11 @@ def train_and_evaluate(cfg: ExperimentConfig, workdir: str, *, devices=None,
   lock = workdir_lib.RunLock(workdir)
   try:
     lock.acquire()
+    try:  # the tokenizer file and the vocabulary it sets; no-ops for a resolved config
+      cfg = config_lib.resolve(cfg)
+    except ValueError as e:
+      raise ConfigError(str(e)) from None
+    cfg = workdir_lib.install_tokenizer(workdir, cfg)
     run = _Run(cfg, workdir, devices)
     try:
       return run.train(should_stop, start_over, stop_flag)
@@ -73,6 +79,9 @@ class _Run:
     self.tx, self.lr_fn = lowrank.optimizer_for(cfg)  # AdamW unless a low-rank method is set
     self.methods = plugins.enabled(cfg)
     self.identity = ckpt.config_identity(cfg)
+    self.tokenizer = tokenizer.load(cfg.data.tokenizer)
+    if self.tokenizer.note:
+      logging.warning("%s", self.tokenizer.note)
     self._structures = {}  # model config -> (model, abstract state, shardings)
     self._compiled_transforms = {}  # (transform function, phase) -> compiled
     self.data = pipeline.train_batches(cfg.data, self.mesh, seed=cfg.train.seed,
@@ -133,8 +142,10 @@ class _Run:
     last = {}
     if step == 0 and tcfg.eval_every:
       baseline = pipeline.unigram_baseline_bpb(cfg.data)
-      logging.info("unigram baseline of %s: %.4f bits/byte (train-split byte frequencies on "
-                   "the %s split)", cfg.data.dataset, baseline, cfg.data.eval_split)
+      logging.info("unigram baseline of %s: %.4f bits/byte (train-split %s frequencies on "
+                   "the %s split)", "data.files" if cfg.data.files else cfg.data.dataset,
+                   baseline, "byte" if self.tokenizer.kind == "byte" else "token",
+                   cfg.data.eval_split)
       self.writer.write(0, {"unigram_baseline_bpb": baseline})
       last.update(evaluation.evaluate_and_log(self.eval_step, state, cfg, self.mesh, 0,
                                                  self.writer))
@@ -210,7 +221,8 @@ class _Run:
     batch_shape = (self.tcfg.global_batch_size, self.cfg.data.seq_len + 1)
     self.train_step, self.eval_step = step_lib.compile_steps(
         model, self.tx, self.lr_fn, self.mesh, abstract, shardings, batch_shape,
-        skip_nonfinite=self.tcfg.max_skipped_nonfinite > 0)
+        skip_nonfinite=self.tcfg.max_skipped_nonfinite > 0,
+        byte_counts=self.tokenizer.byte_counts)
     guards.check_memory(self.train_step, self.cfg)
 
   def _transform(self, fn, state):

@@ -195,12 +195,22 @@ def make_train_step(model, tx, lr_fn, *, skip_nonfinite: bool = False):
   return train_step
 
 
-def make_eval_step(model):
+def make_eval_step(model, byte_counts: tokenizer.ByteCounts | None = None):
+  """The eval step; `byte_counts` (the run's tokenizer's, default the byte tokenizer's) says
+  how many bytes of text each target stands for, so bits/byte compares across tokenizers."""
+  counts = byte_counts or tokenizer.ByteTokenizer.byte_counts
+  lengths = np.asarray(counts.lengths, np.float32)
+  prefix = np.asarray(counts.prefix, np.float32) if counts.prefix.any() else None
+
   def eval_step(params, model_state, batch):
     """Sums over the batch; divide after accumulating over the whole evaluation."""
     nll, weights, targets, _ = token_losses(model, params, batch, model_state=model_state)
+    target_bytes = jnp.asarray(lengths)[targets]
+    if prefix is not None:  # a document's first token: its leading marker is no byte
+      after_bos = batch["tokens"][:, :-1] == counts.bos_id
+      target_bytes = target_bytes - jnp.where(after_bos, jnp.asarray(prefix)[targets], 0.0)
     return {"nll_sum": jnp.sum(nll * weights), "tokens": jnp.sum(weights),
-            "bytes": jnp.sum(weights * (targets < tokenizer.BOS))}
+            "bytes": jnp.sum(weights * target_bytes)}
 
   return eval_step
 
@@ -214,9 +224,11 @@ def eval_summary(sums) -> dict[str, float]:
 
 
 def compile_steps(model, tx, lr_fn, mesh, state, state_shardings, batch_shape, *,
-                  skip_nonfinite: bool = False, with_eval: bool = True):
+                  skip_nonfinite: bool = False, with_eval: bool = True,
+                  byte_counts: tokenizer.ByteCounts | None = None):
   """AOT-compiles the train and eval steps for these shardings and batch shape (the eval step
-  is None without `with_eval`: sizing a job needs only the train step)."""
+  is None without `with_eval`: sizing a job needs only the train step; `byte_counts` as in
+  make_eval_step)."""
   data = batch_sharding(mesh)
   batch = {k: jax.ShapeDtypeStruct(batch_shape, jnp.int32, sharding=data)
            for k in ("tokens", "segment_ids", "positions")}
@@ -226,7 +238,7 @@ def compile_steps(model, tx, lr_fn, mesh, state, state_shardings, batch_shape, *
                     donate_argnums=0).lower(state, batch).compile()
     if not with_eval:
       return train, None
-    evaluate = jax.jit(make_eval_step(model),
+    evaluate = jax.jit(make_eval_step(model, byte_counts),
                        in_shardings=(state_shardings.params, state_shardings.model_state, data)
                        ).lower(state.params, state.model_state, batch).compile()
   return train, evaluate

@@ -3,13 +3,17 @@ silently restarted or overwritten.
 
 Layout: `checkpoints/`, `metrics.jsonl`, `config.json` (written atomically), `tensorboard/`,
 `corrupt_checkpoints/` (unreadable checkpoints moved aside), `run.lock` (held while a run is
-alive; records its host and pid).
+alive; records its host and pid), and the run's copy of its tokenizer file, `tokenizer.model`
+(SentencePiece) or `tokenizer.json` (Hugging Face), which config.json names relative to the
+workdir, so the directory is self-contained.
 """
 from __future__ import annotations
 
 import dataclasses
+import filecmp
 import json
 import os
+import shutil
 import time
 from typing import Any
 
@@ -76,6 +80,60 @@ class RunLock:
     if self._held:
       self._lock.release()
       self._held = False
+
+
+def _has_checkpoints(workdir: str) -> bool:
+  directory = os.path.join(workdir, "checkpoints")
+  return os.path.isdir(directory) and any(n.isdigit() for n in os.listdir(directory))
+
+
+def install_tokenizer(workdir: str, cfg):
+  """`cfg` reading its tokenizer from the workdir's own copy, made now (process 0).
+
+  A workdir with checkpoints keeps the tokenizer it was trained with: a different file or
+  kind is refused by name, before any compilation. Without checkpoints the copy is
+  (re)written, and a copy of the other kind is removed."""
+  from effjax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+  kind, source = tokenizer_lib.parse_spec(cfg.data.tokenizer)
+  copies = {k: os.path.join(os.path.abspath(workdir), name)
+            for k, name in tokenizer_lib.WORKDIR_FILES.items()}
+  present = {k: p for k, p in copies.items() if os.path.exists(p)}
+  target = copies.get(kind)
+  if _has_checkpoints(workdir):
+    trained = next(iter(present), "byte")
+    same = (trained == kind and (kind == "byte" or os.path.abspath(source) == target
+                                 or filecmp.cmp(source, target, shallow=False)))
+    if not same:
+      was = "the byte tokenizer" if trained == "byte" else present[trained]
+      raise WorkdirError(
+          f"data.tokenizer={cfg.data.tokenizer!r} is not the tokenizer the checkpoints of "
+          f"--workdir={workdir} were trained with ({was}); resume with that one, or use a new "
+          "workdir")
+  elif jax.process_index() == 0:
+    for other, path in present.items():
+      if other != kind:
+        os.remove(path)
+    if target is not None and os.path.abspath(source) != target:
+      tmp = f"{target}.tmp.{os.getpid()}"
+      shutil.copyfile(source, tmp)
+      os.replace(tmp, target)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices("effjax_install_tokenizer")
+  if target is None:
+    return cfg
+  return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data,
+                                                           tokenizer=f"{kind}:{target}"))
+
+
+def _workdir_relative(resolved: dict, workdir: str) -> dict:
+  """config.json names the workdir's tokenizer copy by its name alone (read_run_config
+  resolves it against the workdir), so the directory can move."""
+  spec = resolved.get("data", {}).get("tokenizer", "byte")
+  kind, _, path = spec.partition(":")
+  if path and os.path.dirname(path) == os.path.abspath(workdir):
+    resolved["data"]["tokenizer"] = f"{kind}:{os.path.basename(path)}"
+  return resolved
 
 
 def flat_config(cfg) -> dict[str, Any]:
@@ -150,7 +208,7 @@ def write_config(workdir: str, cfg, *, fresh: bool, start_step: int) -> None:
   config.json left by a run that never saved; an unreadable one is kept under another name."""
   if jax.process_index() != 0:
     return
-  resolved = config_lib.to_dict(cfg)
+  resolved = _workdir_relative(config_lib.to_dict(cfg), workdir)
   path = os.path.join(workdir, CONFIG_FILE)
   if os.path.exists(path) and not fresh:
     try:
