@@ -8,7 +8,7 @@
 Each row is `experiments.aot_check --target=... --json=...` in its own subprocess (a fresh
 compiler per row; a refusal is a row, not a stop): every variant of configs/pod.py at the mesh
 `pod.SIZED_FOR` gives it on a v5p 4x4x4 slice, a v6e 8x8 slice and 8 H100s, then what changes
-with remat, expert parallelism, the Pallas kernels and scanned layers (CHANGES). Needs
+with remat, expert parallelism and the Pallas kernels (CHANGES). Needs
 jax[tpu] and jax[cuda12] (`make test-compile` builds .venv-compile). Every figure is the
 compiler's estimate, not a measurement; --out writes them with their provenance, and
 `python -m experiments.reproduce --results=... --rerun --keys=needed_bytes,state_bytes,flops`
@@ -39,7 +39,7 @@ _TIMEOUT = flags.DEFINE_integer("timeout", 1800, "Seconds one row may compile.")
 
 GIB = 2.0 ** 30
 
-# What changes with remat, expert parallelism, the Pallas kernels and scanning, each against a
+# What changes with remat, expert parallelism and the Pallas kernels, each against a
 # row of the main table: (name, variant, target, overrides beyond SIZED_FOR's). Rows in
 # MEMORY_ONLY skip the scanned step's cost (aot_check --step_cost=false: two more compiles of
 # a 46.7B model), so their step time and MFU bound are not reported.
@@ -48,8 +48,6 @@ CHANGES = (
     ("llama3_8b @ v5p, remat full", "llama3_8b", "tpu:v5p:4x4x4", {"model.remat": "full"}),
     ("llama3_8b @ v5p, xla attention", "llama3_8b", "tpu:v5p:4x4x4",
      {"model.attention_impl": "xla"}),
-    ("llama3_8b @ v5p, unrolled layers", "llama3_8b", "tpu:v5p:4x4x4",
-     {"model.scan_layers": False}),
     ("llama3_8b @ h100, cudnn attention", "llama3_8b", "gpu:h100:8",
      {"model.attention_impl": "cudnn"}),
     ("mixtral_8x7b @ v5p, ragged_dot gmm", "mixtral_8x7b", "tpu:v5p:4x4x4",
