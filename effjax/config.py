@@ -577,6 +577,11 @@ class TrainConfig:
   # stops there. N > 0: such an update is skipped (state unchanged, counted in the metric
   # skipped_nonfinite) and the run stops only after N skipped steps in a row.
   max_skipped_nonfinite: int = 0
+  # k > 1: each step's global batch is run as k microbatches inside the one compiled step (a
+  # scan: activations of one microbatch at a time), gradients summed in float32, one update;
+  # global_batch_size / k rows must split over the data-parallel shards (effjax/train/step.py:
+  # accumulated_gradients says what an MoE combines per microbatch)
+  grad_accum_steps: int = 1
   # "START:END" writes a jax.profiler trace of steps START, ..., END - 1 (a Python slice of the
   # loop's step numbers, which start at 1; so END <= num_steps + 1) to WORKDIR/profile/, on
   # process 0 only. "" = no trace. A run resumed after START traces only the steps left.
@@ -606,6 +611,11 @@ class TrainConfig:
     _require(self.keep_checkpoints >= 2,
              f"train.keep_checkpoints must be >= 2 so a corrupt latest checkpoint has a "
              f"fallback, got {self.keep_checkpoints}")
+    _require(isinstance(self.grad_accum_steps, int) and self.grad_accum_steps >= 1,
+             f"train.grad_accum_steps must be an integer >= 1, got {self.grad_accum_steps!r}")
+    _require(self.global_batch_size % self.grad_accum_steps == 0,
+             f"train.global_batch_size={self.global_batch_size} is not divisible by "
+             f"train.grad_accum_steps={self.grad_accum_steps}")
     self._check_profile_steps()
 
   def _check_profile_steps(self) -> None:

@@ -162,7 +162,8 @@ def _compile_step(cfg, devices, hbm_bytes: int | None = None):
   # The trainer's step as the loop compiles it (skip_nonfinite included); no eval step.
   train, _ = step_lib.compile_steps(model, tx, lr_fn, mesh, abstract, shardings, batch_shape,
                                     skip_nonfinite=cfg.train.max_skipped_nonfinite > 0,
-                                    with_eval=False)
+                                    with_eval=False,
+                                    grad_accum_steps=cfg.train.grad_accum_steps)
   return mesh, abstract, train
 
 

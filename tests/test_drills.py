@@ -1,7 +1,7 @@
 """Kill drills on the real command line: a run killed at awkward moments (mid-step, during an
 async checkpoint write, at its rename, during an evaluation), stopped by SIGTERM and by Ctrl-C,
-and resumed each time, logs exactly what one uninterrupted run logs: every train loss, learning
-rate and eval value, bit for bit.
+and resumed each time (also with train.grad_accum_steps=2), logs exactly what one
+uninterrupted run logs: every train loss, learning rate and eval value, bit for bit.
 
 The load drill runs the whole-split evaluation beside two CPU-bound processes, which made it
 abort in XLA before the in-flight bound (issue 41; effjax/train/inflight.py).
@@ -25,13 +25,14 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS, EVERY_CKPT, EVERY_EVAL = 40, 5, 10
 
 
-def _launch(workdir, tfds_dir):
+def _launch(workdir, tfds_dir, grad_accum_steps=1):
   """The real entry point; its log goes to WORKDIR.log (a pipe could fill and block it)."""
   cmd = [sys.executable, "-m", "experiments.train", "--config=configs/lm.py:test",
          f"--workdir={workdir}", f"--config.data.data_dir={tfds_dir}",
          f"--config.train.num_steps={STEPS}", "--config.train.log_every=1",
          f"--config.train.checkpoint_every={EVERY_CKPT}",
-         f"--config.train.eval_every={EVERY_EVAL}", "--config.train.async_checkpointing=True"]
+         f"--config.train.eval_every={EVERY_EVAL}", "--config.train.async_checkpointing=True",
+         f"--config.train.grad_accum_steps={grad_accum_steps}"]
   env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
   log = open(workdir + ".log", "a")
   return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -86,15 +87,17 @@ def _trigger(point, workdir):
 
 
 @pytest.mark.slow
-def test_kill_drill_reproduces_the_uninterrupted_run_bit_for_bit(tfds_dir, tmp_path):
+@pytest.mark.parametrize("grad_accum_steps", [1, 2])
+def test_kill_drill_reproduces_the_uninterrupted_run_bit_for_bit(grad_accum_steps, tfds_dir,
+                                                                  tmp_path):
   straight = str(tmp_path / "straight")
-  proc = _launch(straight, tfds_dir)
+  proc = _launch(straight, tfds_dir, grad_accum_steps)
   assert proc.wait(timeout=600) == 0, _log(straight)[-3000:]
 
   drill = str(tmp_path / "drill")
   record = []
   for point in ("async_save", "eval", "mid_step", "rename", "sigterm", "async_save", "sigint"):
-    proc = _launch(drill, tfds_dir)
+    proc = _launch(drill, tfds_dir, grad_accum_steps)
     try:
       _wait(proc, drill, _trigger(point, drill), point)
       on_disk = sorted(_checkpoint_entries(drill))
@@ -108,7 +111,7 @@ def test_kill_drill_reproduces_the_uninterrupted_run_bit_for_bit(tfds_dir, tmp_p
     if sig != signal.SIGKILL:  # a clean stop saves where it stopped and exits 0
       assert code == 0, _log(drill)[-3000:]
       assert str(_logged_step(drill)) in _checkpoint_entries(drill)
-  proc = _launch(drill, tfds_dir)
+  proc = _launch(drill, tfds_dir, grad_accum_steps)
   assert proc.wait(timeout=600) == 0, _log(drill)[-3000:]
   print(json.dumps(record, indent=1))
 

@@ -72,6 +72,8 @@ class _Run:
     try:  # fails early on a bad mesh or batch
       self.mesh = build_mesh(cfg.mesh, devices)
       pipeline.per_process_batch_size(cfg.train.global_batch_size, self.mesh)
+      step_lib.check_microbatches(cfg.train.global_batch_size, cfg.train.grad_accum_steps,
+                                  self.mesh)
     except ValueError as e:
       raise ConfigError(str(e)) from e
     logging.info("mesh %s over %d devices (%s)", dict(self.mesh.shape), self.mesh.size,
@@ -222,7 +224,7 @@ class _Run:
     self.train_step, self.eval_step = step_lib.compile_steps(
         model, self.tx, self.lr_fn, self.mesh, abstract, shardings, batch_shape,
         skip_nonfinite=self.tcfg.max_skipped_nonfinite > 0,
-        byte_counts=self.tokenizer.byte_counts)
+        byte_counts=self.tokenizer.byte_counts, grad_accum_steps=self.tcfg.grad_accum_steps)
     guards.check_memory(self.train_step, self.cfg)
 
   def _transform(self, fn, state):

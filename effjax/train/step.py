@@ -14,7 +14,8 @@ import optax
 
 from effjax.data import tokenizer
 from effjax.optim import lowrank
-from effjax.parallel import LOGICAL_RULES, logical_sharding, sharding_context  # noqa: F401
+from effjax.parallel import (LOGICAL_RULES, data_parallel_size, logical_sharding,  # noqa: F401
+                             sharding_context)
 
 
 # Collections a layer writes during apply and the step reads back, never stored in the state:
@@ -157,10 +158,60 @@ def _all_finite(tree) -> jax.Array:
   return jnp.all(jnp.stack(checks)) if checks else jnp.bool_(True)
 
 
-def make_train_step(model, tx, lr_fn, *, skip_nonfinite: bool = False):
+def microbatches(batch, k: int):
+  """Each leaf [B, ...] -> [k, B / k, ...], microbatch i holding rows i, k + i, 2k + i, ...:
+  every device's rows of the batch split evenly among the microbatches, so none moves."""
+  def split(x):
+    return jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1)
+  return jax.tree.map(split, batch)
+
+
+def _mean_over_microbatches(tree):
+  """Stacked [k, ...] float leaves -> their mean; other leaves -> the last microbatch's."""
+  return jax.tree.map(lambda x: jnp.mean(x, axis=0) if jnp.issubdtype(x.dtype, jnp.inexact)
+                      else x[-1], tree)
+
+
+def accumulated_gradients(model, state: TrainState, batch, step_rng, k: int):
+  """(loss, ModelOutputs, grads) of the whole batch from k microbatches run in a scan (one
+  microbatch's activations live at a time). The loss and gradients are the whole batch's:
+  each microbatch's summed cross-entropy is divided by the whole batch's target count and the
+  gradients are summed in float32. What the model computes per microbatch is combined by
+  averaging: auxiliary losses (load balance, z-loss), sown metrics and the updated model state
+  (an MoE's balancing bias moves by the mean of the microbatches' updates, all from the
+  step's starting bias); capacity is counted per microbatch."""
+  segments = batch["segment_ids"]
+  counted = (segments[:, 1:] == segments[:, :-1]) & (segments[:, 1:] != 0)
+  total = jnp.maximum(jnp.sum(counted.astype(jnp.float32)), 1.0)
+
+  def loss_fn(params, micro, rng):
+    nll, weights, _, outputs = token_losses(model, params, micro, rng, train=True,
+                                            model_state=state.model_state, step=state.step)
+    loss = jnp.sum(nll * weights) / total
+    return loss + outputs.aux_loss / k, (loss, outputs)
+
+  def body(carry, xs):
+    grads, loss = carry
+    micro, i = xs
+    (_, (micro_loss, outputs)), micro_grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params, micro, jax.random.fold_in(step_rng, i))
+    grads = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grads, micro_grads)
+    return (grads, loss + micro_loss), outputs
+
+  zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+  (grads, loss), stacked = jax.lax.scan(
+      body, (zeros, jnp.zeros((), jnp.float32)), (microbatches(batch, k), jnp.arange(k)))
+  grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
+  return loss, _mean_over_microbatches(stacked), grads
+
+
+def make_train_step(model, tx, lr_fn, *, skip_nonfinite: bool = False,
+                    grad_accum_steps: int = 1):
   """The jitted-to-be train step. Its "nonfinite" metric flags (NONFINITE_* bits) a NaN/Inf loss,
   gradient or updated state, so the loop never checkpoints one. With `skip_nonfinite` such an
-  update is dropped: the state keeps its old values and only the step advances."""
+  update is dropped: the state keeps its old values and only the step advances. With
+  `grad_accum_steps` k > 1 the batch's gradient is accumulated over k microbatches
+  (accumulated_gradients); the update, clipping and the guard run once."""
   def train_step(state: TrainState, batch):
     step_rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
 
@@ -170,7 +221,11 @@ def make_train_step(model, tx, lr_fn, *, skip_nonfinite: bool = False):
       loss = jnp.sum(nll * weights) / jnp.maximum(jnp.sum(weights), 1.0)
       return loss + outputs.aux_loss, (loss, outputs)
 
-    (_, (loss, outputs)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    if grad_accum_steps == 1:
+      (_, (loss, outputs)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    else:
+      loss, outputs, grads = accumulated_gradients(model, state, batch, step_rng,
+                                                   grad_accum_steps)
     # model_state: SST's clipping weighs its enhanced gradients by sigma[idx] (optim/lowrank.py)
     updates, opt_state = optax.with_extra_args_support(tx).update(
         grads, state.opt_state, state.params, model_state=state.model_state)
@@ -223,17 +278,31 @@ def eval_summary(sums) -> dict[str, float]:
           "eval_bpb": nll / max(n_bytes, 1.0) / math.log(2)}
 
 
+def check_microbatches(global_batch_size: int, grad_accum_steps: int, mesh) -> None:
+  """ValueError, naming the values, unless each of the grad_accum_steps microbatches splits
+  evenly over the mesh's data-parallel shards (and so over the processes)."""
+  shards = math.lcm(data_parallel_size(mesh), jax.process_count())
+  if global_batch_size % (grad_accum_steps * shards):
+    raise ValueError(f"train.global_batch_size={global_batch_size} does not split into "
+                     f"train.grad_accum_steps={grad_accum_steps} microbatches whose rows are a "
+                     f"multiple of the {data_parallel_size(mesh)} data-parallel shards of mesh "
+                     f"{dict(mesh.shape)} and the {jax.process_count()} processes")
+
+
 def compile_steps(model, tx, lr_fn, mesh, state, state_shardings, batch_shape, *,
                   skip_nonfinite: bool = False, with_eval: bool = True,
-                  byte_counts: tokenizer.ByteCounts | None = None):
+                  byte_counts: tokenizer.ByteCounts | None = None, grad_accum_steps: int = 1):
   """AOT-compiles the train and eval steps for these shardings and batch shape (the eval step
   is None without `with_eval`: sizing a job needs only the train step; `byte_counts` as in
-  make_eval_step)."""
+  make_eval_step). ValueError, naming the values, when a microbatch (batch / grad_accum_steps
+  rows) does not split over the mesh's data-parallel shards."""
+  check_microbatches(batch_shape[0], grad_accum_steps, mesh)
   data = batch_sharding(mesh)
   batch = {k: jax.ShapeDtypeStruct(batch_shape, jnp.int32, sharding=data)
            for k in ("tokens", "segment_ids", "positions")}
   with sharding_context(mesh):
-    train = jax.jit(make_train_step(model, tx, lr_fn, skip_nonfinite=skip_nonfinite),
+    train = jax.jit(make_train_step(model, tx, lr_fn, skip_nonfinite=skip_nonfinite,
+                                    grad_accum_steps=grad_accum_steps),
                     in_shardings=(state_shardings, data), out_shardings=(state_shardings, None),
                     donate_argnums=0).lower(state, batch).compile()
     if not with_eval:
