@@ -137,6 +137,9 @@ def main(argv):
       print(f"{r['name']}:\n  {shlex.join(command(r, 'OUT.json')[1:])}")
     return
   results = []
+  if _OUT.value:  # taken before the first row: the results file it writes is not the tree's
+    from effjax import provenance  # pylint: disable=g-import-not-at-top
+    record = provenance.collect()
   for i, row in enumerate(chosen):
     print(f"[{i + 1}/{len(chosen)}] {row['name']} ...", flush=True)
     result = run_row(row)
@@ -146,9 +149,9 @@ def main(argv):
              if result["status"] == "fits" else f": {result.get('refused') or result['error']}")
           + f" ({result.get('compile_seconds', '?')} s)", flush=True)
     if _OUT.value:  # after every row: an interrupted matrix keeps what it compiled
-      from effjax import provenance  # pylint: disable=g-import-not-at-top
-      provenance.write_json(_OUT.value, {"rows": results,
-                                         "complete": len(results) == len(chosen)})
+      with open(_OUT.value, "w", encoding="utf-8") as f:
+        json.dump({"rows": results, "complete": len(results) == len(chosen),
+                   "provenance": record}, f, indent=1, default=str)
   print(markdown(results))
 
 
