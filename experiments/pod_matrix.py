@@ -30,12 +30,19 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, _ROOT)
 from configs import pod  # noqa: E402  pylint: disable=g-import-not-at-top
 
-_OUT = flags.DEFINE_string("out", "", "JSON file for the rows and their provenance.")
-_ROWS = flags.DEFINE_list("rows", [], "Only rows whose name contains one of these.")
-_TABLE = flags.DEFINE_enum("table", "all", ["all", "main", "changes"], "The main table (every "
-                           "variant on every target), the CHANGES rows, or both.")
-_LIST = flags.DEFINE_bool("list", False, "Print the rows' commands and exit.")
-_TIMEOUT = flags.DEFINE_integer("timeout", 1800, "Seconds one row may compile.")
+# absl flags, defined only when run as a script (tests import this module beside others that
+# define --out)
+_OUT = _ROWS = _TABLE = _LIST = _TIMEOUT = None
+
+
+def define_flags() -> None:
+  global _OUT, _ROWS, _TABLE, _LIST, _TIMEOUT  # pylint: disable=global-statement
+  _OUT = flags.DEFINE_string("out", "", "JSON file for the rows and their provenance.")
+  _ROWS = flags.DEFINE_list("rows", [], "Only rows whose name contains one of these.")
+  _TABLE = flags.DEFINE_enum("table", "all", ["all", "main", "changes"], "The main table "
+                             "(every variant on every target), the CHANGES rows, or both.")
+  _LIST = flags.DEFINE_bool("list", False, "Print the rows' commands and exit.")
+  _TIMEOUT = flags.DEFINE_integer("timeout", 1800, "Seconds one row may compile.")
 
 GIB = 2.0 ** 30
 
@@ -156,4 +163,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)
